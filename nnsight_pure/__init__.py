@@ -1,0 +1,45 @@
+"""nnsight_pure: nnsight's intervention API on an immutable graph core.
+
+``import nnsight_pure as nnsight`` and write nnsight 0.4 code::
+
+    model = nnsight.NNsight(torch_module)
+    with model.trace(x):
+        hidden = model.layer1.output.save()
+        model.layer2.output = model.layer2.output * 0
+    print(hidden.value)
+
+Every operation inside the block adds a node to an immutable `Graph`; the
+interpreter runs the graph once when the block exits.
+"""
+
+from .arguments import Ref as Ref
+from .envoy import Envoy as Envoy
+from .errors import OutOfOrderError as OutOfOrderError
+from .errors import TraceError as TraceError
+from .errors import UnexecutedInterventionWarning as UnexecutedInterventionWarning
+from .graph import Graph as Graph
+from .graph import Node as Node
+from .graph import SourceLoc as SourceLoc
+from .models.nnsight import NNsight as NNsight
+from .printing import format_graph as format_graph
+from .proxy import Proxy as Proxy
+from .results import Results as Results
+from .contexts.tracer import Tracer as Tracer
+from .contexts.invoker import Invoker as Invoker
+
+__all__ = [
+    "Envoy",
+    "Graph",
+    "Invoker",
+    "NNsight",
+    "Node",
+    "OutOfOrderError",
+    "Proxy",
+    "Ref",
+    "Results",
+    "SourceLoc",
+    "TraceError",
+    "Tracer",
+    "UnexecutedInterventionWarning",
+    "format_graph",
+]

@@ -1,0 +1,250 @@
+"""Envoy: the mirror of one module of the wrapped model.
+
+``model.transformer.h[0].mlp`` walks envoys. Inside a trace an envoy's
+``.output``, ``.input`` and ``.inputs`` are proxies of that module's values
+(assign to them to replace the values), calling it records an ad-hoc module
+call, and tensor attributes (``.weight``) read a clone. Outside a trace an
+envoy is a thin view of its torch module. Envoys never change the torch
+module's structure except to attach a module the user assigns.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .contexts import active
+from .contexts.tracer import Tracer
+from .errors import TraceError
+from .ops import AccessKind, ApplyModule, Call, ModuleAttr
+from .printing import module_expr
+from .proxy import Proxy
+from .models.handle import ModelHandle
+
+
+def _join(parent: str, name: str) -> str:
+    return f"{parent}.{name}" if parent else name
+
+
+class Envoy:
+    """A module of the wrapped model, as seen by traces."""
+
+    def __init__(self, handle: ModelHandle, module: torch.nn.Module, path: str, alias_path: str) -> None:
+        object.__setattr__(self, "_handle", handle)
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_path", path)
+        object.__setattr__(self, "_alias_path", alias_path)
+        object.__setattr__(self, "_children", {})
+
+    _handle: ModelHandle
+    _module: torch.nn.Module
+    _path: str
+    _alias_path: str
+    _children: dict[str, Envoy]
+
+    # --- where this module sits ---------------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        """nnsight's path of this module: ``""`` for the root, ``".layer1"``, ``".h.0"``."""
+        return f".{self._alias_path}" if self._alias_path else ""
+
+    def _tracer(self) -> Tracer | None:
+        for context in reversed(active.open_contexts()):
+            if isinstance(context, Tracer) and context.handle is self._handle:
+                return context
+        return None
+
+    def _require_tracer(self, what: str) -> Tracer:
+        tracer = self._tracer()
+        if tracer is None:
+            raise TraceError(
+                f"{module_expr(self._alias_path)}.{what} exists only inside a trace of this model: "
+                "open `with model.trace(...):` first"
+            )
+        return tracer
+
+    # --- module values ------------------------------------------------------------------
+
+    def _read(self, kind: AccessKind) -> Proxy:
+        if isinstance(self._module, torch.nn.ModuleList):
+            # A ModuleList is never called itself: stand for its children's values.
+            parts = tuple(child._read(kind) for child in self)
+            return self._require_tracer(kind)._current().record(Call(list), (parts,))
+        return self._require_tracer(kind).access(self._path, kind)
+
+    def _write(self, kind: AccessKind, value: object) -> None:
+        if isinstance(self._module, torch.nn.ModuleList):
+            raise TraceError(
+                f"{module_expr(self._alias_path)} is a ModuleList, which the model never calls: "
+                f"set the .{kind} of each of its children instead"
+            )
+        self._require_tracer(kind).write(self._path, kind, value)
+
+    @property
+    def output(self) -> Proxy:
+        """The module's output (at its first call)."""
+        return self._read("output")
+
+    @output.setter
+    def output(self, value: object) -> None:
+        self._write("output", value)
+
+    @property
+    def inputs(self) -> Proxy:
+        """The module's inputs as ``(args, kwargs)``, as a forward-pre-hook sees them."""
+        return self._read("inputs")
+
+    @inputs.setter
+    def inputs(self, value: object) -> None:
+        self._write("inputs", value)
+
+    @property
+    def input(self) -> Proxy:
+        """The module's first positional argument."""
+        return self._read("input")
+
+    @input.setter
+    def input(self, value: object) -> None:
+        self._write("input", value)
+
+    def __call__(self, *args: Any, hook: bool = False, **kwargs: Any) -> Any:
+        """Run this module on ``args``: inside a trace, records an ad-hoc call
+        (``hook=True`` makes it a real, hooked call); outside, just runs it."""
+        tracer = self._tracer()
+        if tracer is None:
+            return self._module(*args, **kwargs)
+        return tracer._current().record(ApplyModule(self._path, hook), args, kwargs)
+
+    # --- children and attributes --------------------------------------------------------
+
+    def _child(self, attribute: str) -> Envoy | None:
+        name = self._handle.real_name(self._module, self._path, attribute)
+        if name is None:
+            return None
+        module = self._module._modules[name]
+        if module is None:
+            return None
+        envoy = self._children.get(name)
+        if envoy is None or envoy._module is not module:
+            alias = self._handle.alias(self._path, name)
+            cls = _envoy_class(module)
+            envoy = cls(self._handle, module, _join(self._path, name), _join(self._alias_path, alias))
+            self._children[name] = envoy
+        return envoy
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        child = self._child(name)
+        if child is not None:
+            return child
+        try:
+            value = getattr(self._module, name)
+        except AttributeError:
+            children = ", ".join(self._handle.alias(self._path, n) for n in self._module._modules) or "none"
+            raise AttributeError(
+                f"{module_expr(self._alias_path)} ({type(self._module).__name__}) has no submodule "
+                f"or attribute {name!r}; its submodules are: {children}"
+            ) from None
+        if isinstance(value, torch.Tensor):
+            tracer = self._tracer()
+            if tracer is not None:
+                return tracer._current().record(ModuleAttr(self._path, name))
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_") or isinstance(getattr(type(self), name, None), property):
+            object.__setattr__(self, name, value)
+        else:
+            # Attaching a module (or setting any attribute) goes to the torch module.
+            setattr(self._module, name, value)
+
+    def __getitem__(self, key: int | str) -> Envoy:
+        names = list(self._module._modules)
+        if isinstance(key, str):
+            name = key
+        else:
+            try:
+                name = names[key]
+            except IndexError:
+                raise IndexError(
+                    f"{module_expr(self._alias_path)} has {len(names)} submodules; index {key} is out of range"
+                ) from None
+        child = self._child(self._handle.alias(self._path, name))
+        if child is None:
+            raise KeyError(f"{module_expr(self._alias_path)} has no submodule {key!r}")
+        return child
+
+    def __len__(self) -> int:
+        return len(self._module._modules)
+
+    def __iter__(self) -> Iterator[Envoy]:
+        for index in range(len(self._module._modules)):
+            yield self[index]
+
+    def __dir__(self) -> list[str]:
+        names = [self._handle.alias(self._path, n) for n in self._module._modules]
+        return sorted(set(super().__dir__()) | set(names))
+
+    # --- tree helpers -------------------------------------------------------------------
+
+    def modules(self, include_fn: Callable[[Envoy], bool] | None = None) -> list[Envoy]:
+        """This envoy and all below it, pre-order (optionally filtered)."""
+        found = [envoy for _, envoy in self.named_modules()]
+        return [envoy for envoy in found if include_fn is None or include_fn(envoy)]
+
+    def named_modules(self) -> list[tuple[str, Envoy]]:
+        """``(path, envoy)`` for this envoy and all below it, pre-order."""
+        result: list[tuple[str, Envoy]] = [(self._alias_path, self)]
+        for child in self:
+            result.extend(child.named_modules())
+        return result
+
+    def to(self, *args: Any, **kwargs: Any) -> Envoy:
+        """Move the module (``torch.nn.Module.to``); returns this envoy."""
+        self._module.to(*args, **kwargs)
+        return self
+
+    def __repr__(self) -> str:
+        return _envoy_repr(self)
+
+
+_RESERVED = ("output", "input", "inputs")
+
+
+def _envoy_class(module: torch.nn.Module) -> type[Envoy]:
+    """`Envoy`, or a subclass in which child modules named like an access
+    (``output``, ...) win, the access moving to ``nns_<name>`` (as nnsight does)."""
+    clashes = [name for name in _RESERVED if name in module._modules]
+    if not clashes:
+        return Envoy
+    warnings.warn(
+        f"{type(module).__name__} has submodule(s) named {clashes}; on its envoy they are the "
+        f"submodules, and the module's own values are at {['nns_' + n for n in clashes]}",
+        stacklevel=4,
+    )
+    namespace: dict[str, Any] = {}
+    for name in clashes:
+        namespace[f"nns_{name}"] = Envoy.__dict__[name]
+        namespace[name] = property(lambda self, _name=name: self._child(_name))
+    return type("PreservingEnvoy", (Envoy,), namespace)
+
+
+def _envoy_repr(envoy: Envoy) -> str:
+    """torch's module repr, but with the envoys' names (aliases)."""
+    module = envoy._module
+    if not envoy._handle.renames or not module._modules:
+        return repr(module)
+    lines = []
+    extra = module.extra_repr()
+    if extra:
+        lines.extend(extra.split("\n"))
+    for child in envoy:
+        name = child._alias_path.rsplit(".", 1)[-1]
+        child_text = repr(child).replace("\n", "\n  ")
+        lines.append(f"({name}): {child_text}")
+    body = "\n  ".join(lines)
+    return f"{module._get_name()}(\n  {body}\n)"

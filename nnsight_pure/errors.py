@@ -1,0 +1,26 @@
+"""The exceptions and warnings nnsight_pure raises of its own.
+
+Errors from the user's code or the model keep their own type (an
+``IndexError`` stays an ``IndexError``); nnsight_pure only adds a note naming
+the user's line. The classes here cover misuse that has no natural builtin.
+"""
+
+from __future__ import annotations
+
+
+class TraceError(RuntimeError):
+    """A trace was used in a way that cannot work (a proxy that escaped its
+    trace, an access outside any trace, nested invokers, ...)."""
+
+
+class OutOfOrderError(RuntimeError):
+    """A write to a module value ran after the model had moved past that value.
+
+    nnsight 0.4 silently ignored such writes; here they fail, naming the line
+    of the write and the access that made the model move on.
+    """
+
+
+class UnexecutedInterventionWarning(UserWarning):
+    """Part of the intervention never ran because a module access was never
+    reached (a module that was not called, or not that many times)."""

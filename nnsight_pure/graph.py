@@ -1,0 +1,183 @@
+"""Ref, Node and Graph: the immutable program a trace builds, and pure functions on it.
+
+A `Graph` is a persistent vector of `Node`s in creation (program) order. A
+node's id is its position, and every `Ref` in a node's arguments points to an
+earlier node, so a graph is topologically sorted by construction. Graphs are
+values: equality and hashing are structural, `add` returns a new graph that
+shares structure with the old one, and nothing here ever changes a graph that
+exists. Source locations ride along for error messages but are not part of a
+graph's identity.
+
+This module is pure: no torch hooks, no I/O.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
+
+import attrs
+from pyrsistent import pmap, pvector
+
+from .arguments import Ref as Ref
+from .arguments import refs_in, structural_key
+from .ops import Op, Save
+
+if TYPE_CHECKING:
+    from pyrsistent.typing import PMap, PVector
+
+
+@attrs.frozen
+class SourceLoc:
+    """Where in the user's code a node was made (for error messages)."""
+
+    filename: str
+    lineno: int
+    function: str
+
+    def __str__(self) -> str:
+        return f'File "{self.filename}", line {self.lineno}, in {self.function}'
+
+
+def _args_key(args: PVector[object]) -> object:
+    return tuple(structural_key(arg) for arg in args)
+
+
+def _kwargs_key(kwargs: PMap[str, object]) -> object:
+    return frozenset((name, structural_key(value)) for name, value in kwargs.items())
+
+
+_NO_KWARGS: PMap[str, object] = pmap()
+
+
+@attrs.frozen(cache_hash=True)
+class Node:
+    """One operation of a graph: ``op`` applied to ``args`` and ``kwargs``.
+
+    Arguments are constants and `Ref`s to earlier nodes, possibly nested in
+    tuples and the constant wrappers of `nnsight_pure.arguments`.
+    """
+
+    ref: Ref
+    op: Op
+    args: PVector[object] = attrs.field(eq=_args_key)
+    kwargs: PMap[str, object] = attrs.field(eq=_kwargs_key)
+    source: SourceLoc | None = attrs.field(default=None, eq=False)
+
+
+def _nodes(nodes: Iterable[Node]) -> PVector[Node]:
+    return pvector(nodes)
+
+
+@attrs.frozen(cache_hash=True, repr=False)
+class Graph:
+    """An immutable intervention program: nodes in program order.
+
+    Build one with `Graph()` and `add`; every builder returns a new graph and
+    leaves the one it was given unchanged.
+    """
+
+    nodes: PVector[Node] = attrs.field(factory=pvector, converter=_nodes)
+
+    def add(
+        self,
+        op: Op,
+        args: Sequence[object] = (),
+        kwargs: Mapping[str, object] | None = None,
+        source: SourceLoc | None = None,
+    ) -> tuple[Graph, Ref]:
+        """Return a new graph with one more node, and the new node's `Ref`.
+
+        Every `Ref` inside ``args`` and ``kwargs`` must point to a node of
+        this graph (`check_graph` verifies it). The input graph is unchanged.
+        """
+        ref = Ref(len(self.nodes))
+        node = Node(
+            ref,
+            op,
+            pvector(args),
+            _NO_KWARGS if not kwargs else pmap(kwargs),
+            source,
+        )
+        return Graph(self.nodes.append(node)), ref
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self.nodes)
+
+    def __getitem__(self, ref: Ref) -> Node:
+        return self.nodes[ref.index]
+
+    def __repr__(self) -> str:
+        from .printing import format_graph
+
+        return format_graph(self)
+
+
+def add(
+    graph: Graph,
+    op: Op,
+    args: Sequence[object] = (),
+    kwargs: Mapping[str, object] | None = None,
+    source: SourceLoc | None = None,
+) -> tuple[Graph, Ref]:
+    """Return ``graph`` grown by one node, and that node's `Ref` (see `Graph.add`)."""
+    return graph.add(op, args, kwargs, source)
+
+
+def node_refs(node: Node) -> Iterator[Ref]:
+    """Every `Ref` a node's arguments mention (its data dependencies)."""
+    for arg in node.args:
+        yield from refs_in(arg)
+    for name in sorted(node.kwargs):
+        yield from refs_in(node.kwargs[name])
+
+
+def users(graph: Graph) -> list[list[int]]:
+    """For each node, the indexes of the nodes that use its value, in order."""
+    result: list[list[int]] = [[] for _ in graph.nodes]
+    for node in graph.nodes:
+        seen: set[int] = set()
+        for ref in node_refs(node):
+            if ref.index not in seen:
+                seen.add(ref.index)
+                result[ref.index].append(node.ref.index)
+    return result
+
+
+def saved_refs(graph: Graph) -> frozenset[int]:
+    """Indexes of the nodes whose values are saved (outlive the run)."""
+    return frozenset(
+        ref.index
+        for node in graph.nodes
+        if isinstance(node.op, Save)
+        for ref in node_refs(node)
+    )
+
+
+def last_uses(graph: Graph) -> list[int]:
+    """For each node, the index of the last node that uses its value (itself if none)."""
+    last = list(range(len(graph.nodes)))
+    for node in graph.nodes:
+        for ref in node_refs(node):
+            if node.ref.index > last[ref.index]:
+                last[ref.index] = node.ref.index
+    return last
+
+
+class GraphError(ValueError):
+    """A graph breaks one of its structural invariants."""
+
+
+def check_graph(graph: Graph) -> None:
+    """Raise `GraphError` unless every node sits at its own index and only
+    refers to earlier nodes (the invariants every graph value keeps)."""
+    for position, node in enumerate(graph.nodes):
+        if node.ref.index != position:
+            raise GraphError(f"node at position {position} has ref {node.ref!r}")
+        for ref in node_refs(node):
+            if not 0 <= ref.index < position:
+                raise GraphError(
+                    f"node %{position} refers to {ref!r}, which is not an earlier node"
+                )

@@ -1,0 +1,344 @@
+"""Running a graph over one model run: the hook-driven fold.
+
+The graph runs in program order. Its plan is folded by a generator (the
+*program*) that suspends whenever a node needs a module value that the model
+has not produced yet, and is resumed by the hooks when it has. Everything
+mutable lives in one `_Run` object made for one run: the environment, the
+call counters, values kept for later reads, and the value a hook hands back.
+
+Semantics (docs/interpreter.md explains them with examples):
+
+* A module access waits for its call; everything written after it waits too.
+* Reading a call that already happened still gives its value (the run keeps
+  it because the plan says a later node reads it).
+* Writing to a call the model has moved past raises `OutOfOrderError`.
+* Every value dies after its last use unless it is saved.
+* Hooks exist only on the modules the plan needs, only during the run, and
+  are removed whatever happens.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from contextlib import ExitStack
+from typing import Any, Callable, Generator, Sequence
+
+import torch
+
+from .batching import BatchGroups, merge_rows, narrow_rows
+from .errors import OutOfOrderError, UnexecutedInterventionWarning
+from .graph import Graph, SourceLoc
+from .hooks import install_hooks
+from .plan import EXEC, GET, SAVE, SET, STOP, EventKey, Plan, Site, Step, plan_for
+from .printing import format_node, module_expr
+from .results import Results
+from .source import add_note, describe, short
+
+_UNSET: Any = object()
+"""Marks an environment slot whose node has not run (or whose value died)."""
+
+
+class EarlyStop(BaseException):
+    """Raised through the model to end a run early; caught by `run_graph`.
+
+    A `BaseException`, so that model code catching ``Exception`` cannot
+    swallow it.
+    """
+
+
+Program = Generator[EventKey, tuple[Any, bool], None]
+"""The generator that folds a plan: yields the event it waits for, receives
+``(value, is_current)``: the hook's value and whether that hook is running now."""
+
+
+class _Run:
+    """The mutable state of one run (never shared between runs)."""
+
+    def __init__(self, plan: Plan, root: torch.nn.Module, groups: BatchGroups) -> None:
+        self.plan = plan
+        self.root = root
+        self.groups = groups
+        self.env: list[Any] = [_UNSET] * len(plan.steps)
+        self.pc = 0
+        self.waiting: EventKey | None = None
+        self.current: EventKey | None = None
+        self.activation: Any = None
+        self.swapped = False
+        self.kept: dict[EventKey, Any] = {}
+        self.readers = dict(plan.readers)
+        self.calls: dict[tuple[str, Site], int] = {}
+        self.running = False
+        self.done = False
+        self.thread = threading.get_ident()
+        self._modules: dict[str, torch.nn.Module] = {}
+        self.program: Program = self._fold()
+
+    # --- the program ----------------------------------------------------------------
+
+    def _fold(self) -> Program:
+        env = self.env
+        step: Step | None = None
+        try:
+            for step in self.plan.steps:
+                self.pc = step.index
+                code = step.code
+                if code == EXEC:
+                    if step.guard is not None and step.guard[0] != self.current:
+                        raise self._out_of_order(step, step.guard[1])
+                    args, kwargs = step.resolve(env)
+                    assert step.run is not None
+                    env[step.index] = step.run(self, args, kwargs)
+                elif code == GET:
+                    assert step.key is not None
+                    value, _ = yield step.key
+                    env[step.index] = narrow_rows(_extract(value, step), self.groups, step.invoke)
+                elif code == SET:
+                    assert step.key is not None
+                    _, is_current = yield step.key
+                    if not is_current:
+                        raise self._out_of_order(step, None)
+                    args, _ = step.resolve(env)
+                    self._swap(step, args[0])
+                    env[step.index] = None
+                elif code == SAVE:
+                    env[step.index] = None
+                elif code == STOP:
+                    raise EarlyStop()
+                for index in step.frees:
+                    env[index] = _UNSET
+        except (EarlyStop, GeneratorExit):
+            raise
+        except BaseException as error:
+            if step is not None and not isinstance(error, OutOfOrderError):
+                add_note(error, _node_note(step))
+            raise
+
+    def _swap(self, step: Step, new: Any) -> None:
+        """Make the running hook hand ``new`` back to the model (this invoke's rows)."""
+        what = f"{module_expr(step.key[0] if step.key else '')}.{step.kind}"
+        if step.kind == "output":
+            self.activation = merge_rows(self.activation, new, self.groups, step.invoke, what)
+        elif step.kind == "inputs":
+            args, kwargs = _as_inputs(new, what)
+            self.activation = merge_rows(self.activation, (args, kwargs), self.groups, step.invoke, what)
+        else:
+            args, kwargs = self.activation
+            if not args:
+                raise TypeError(f"{what}: the module was called without positional arguments")
+            first = merge_rows(args[0], new, self.groups, step.invoke, what)
+            self.activation = ((first,) + tuple(args[1:]), kwargs)
+        self.swapped = True
+
+    def _out_of_order(self, step: Step, access_index: int | None) -> OutOfOrderError:
+        graph_steps = self.plan.steps
+        write = graph_steps[step.index].node
+        target = graph_steps[access_index].node if access_index is not None else write
+        now = f"while the model is at {_event_text(self.current)}" if self.current else "after the model run"
+        message = (
+            f"this write runs too late: the model has already moved past "
+            f"{_event_text(graph_steps[target.ref.index].key)}, so it would have no effect.\n"
+            f"  the write, {describe(write.source)}\n"
+            f"  node: {format_node(write)} ({now})"
+        )
+        if access_index is not None:
+            message += f"\n  it writes into the value read at {short(target.source)}: {format_node(target)}"
+        message += (
+            "\nAccess modules in the order the model calls them: make this write before "
+            "any access to a later module (or .clone() the value to edit a copy)."
+        )
+        return OutOfOrderError(message)
+
+    # --- the driver -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run the program up to its first module access (the pre-model part)."""
+        self.running = True
+        try:
+            self.waiting = next(self.program)
+        except StopIteration:
+            self.done = True
+        finally:
+            self.running = False
+
+    def _resume(self) -> None:
+        """Feed the program values for as long as the one it waits for exists."""
+        while not self.done:
+            key = self.waiting
+            assert key is not None
+            if key == self.current:
+                message = (self.activation, True)
+            elif key in self.kept:
+                message = (self.kept[key], False)
+            else:
+                return
+            left = self.readers[key] - 1
+            self.readers[key] = left
+            if left <= 0:
+                self.kept.pop(key, None)
+            self.running = True
+            try:
+                self.waiting = self.program.send(message)
+            except StopIteration:
+                self.done = True
+            finally:
+                self.running = False
+
+    def on_event(self, path: str, site: Site, value: Any) -> Any:
+        """A hook fired: count the call, feed the program, return the (possibly
+        replaced) value, or ``None`` to leave the model's value as it is."""
+        if threading.get_ident() != self.thread:
+            return None  # another thread's run of the same model
+        site_key = (path, site)
+        call = self.calls.get(site_key, 0)
+        self.calls[site_key] = call + 1
+        key = (path, site, call)
+        if self.done or key not in self.plan.event_keys:
+            return None
+        if self.running:
+            # A hooked module call made by the program itself: keep its value
+            # for a later read; the program cannot be resumed re-entrantly.
+            self.kept[key] = value
+            return None
+        outer = (self.current, self.activation, self.swapped)
+        self.current, self.activation, self.swapped = key, value, False
+        try:
+            if self.waiting == key:
+                self._resume()
+            if self.readers.get(key, 0) > 0:
+                # Later nodes read this call again: keep its final value for them.
+                self.kept[key] = self.activation
+            return self.activation if self.swapped else None
+        finally:
+            self.current, self.activation, self.swapped = outer
+
+    def module(self, path: str) -> torch.nn.Module:
+        """The submodule at ``path`` (looked up once per run)."""
+        module = self._modules.get(path)
+        if module is None:
+            module = self.root.get_submodule(path)
+            self._modules[path] = module
+        return module
+
+    def finish(self, stopped: bool, graph: Graph) -> Results:
+        """Close the program and collect the saved values."""
+        blocked_at = None
+        if not self.done and not stopped:
+            blocked_at = self.pc
+            _warn_unexecuted_writes(self.plan, graph, self.pc)
+        self.program.close()
+        values = {i: self.env[i] for i in self.plan.saved if self.env[i] is not _UNSET}
+        return Results(values=values, stopped=stopped, blocked_at=blocked_at)
+
+
+def _extract(value: Any, step: Step) -> Any:
+    """The part of a hook's value that an access reads."""
+    if step.kind == "input":
+        args, kwargs = value
+        if not args:
+            raise TypeError(
+                f"{module_expr(step.key[0] if step.key else '')}.input is the first positional "
+                "argument, but the module was called with keyword arguments only; use .inputs"
+            )
+        return args[0]
+    return value
+
+
+def _as_inputs(value: Any, what: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and isinstance(value[0], (tuple, list))
+        and isinstance(value[1], dict)
+    ):
+        return tuple(value[0]), dict(value[1])
+    raise TypeError(f"{what} must be set to (args, kwargs): a tuple of a tuple and a dict")
+
+
+def _event_text(key: EventKey | None) -> str:
+    if key is None:
+        return "the start of the run"
+    path, site, call = key
+    which = "output" if site == "post" else "input"
+    nth = f" (call {call})" if call else ""
+    return f"{module_expr(path)}.{which}{nth}"
+
+
+def _node_note(step: Step) -> str:
+    return (
+        "nnsight_pure: raised while running the intervention\n"
+        f"  {describe(step.node.source)}\n"
+        f"  node: {format_node(step.node)}"
+    )
+
+
+def _warn_unexecuted_writes(plan: Plan, graph: Graph, blocked_at: int) -> None:
+    pending = sorted(index for index in plan.writes if index >= blocked_at)
+    if not pending:
+        return
+    blocker = graph.nodes[blocked_at]
+    first = graph.nodes[pending[0]]
+    warnings.warn(
+        f"{len(pending)} write(s) never ran, e.g. `{format_node(first)}` at {short(first.source)}: "
+        f"the run was still waiting for `{format_node(blocker)}` (made at {short(blocker.source)}) "
+        "when the model returned; that module was not called (that many times).",
+        UnexecutedInterventionWarning,
+        stacklevel=4,
+    )
+
+
+class Interleaver:
+    """A context manager that installs the run's hooks on enter and removes them on exit.
+
+    Handed to `NNsight.interleave`, the overridable point where a model class
+    decides how its method runs with the hooks in place.
+    """
+
+    def __init__(self, run: _Run) -> None:
+        self._run = run
+        self._stack = ExitStack()
+
+    def __enter__(self) -> Interleaver:
+        with ExitStack() as stack:
+            install_hooks(self._run.root, self._run.plan.hook_sites, self._run.on_event, stack)
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+
+Interleave = Callable[..., Any]
+
+
+def run_graph(
+    graph: Graph,
+    root: torch.nn.Module,
+    interleave: Interleave,
+    fn: Callable[..., Any],
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    groups: BatchGroups,
+    where: SourceLoc | None = None,
+) -> Results:
+    """Run ``graph`` over one call of ``fn(*args, **kwargs)`` on ``root``.
+
+    ``interleave(interleaver, *args, fn=fn, **kwargs)`` runs the model with the
+    hooks in place (the model class's `interleave`). Returns the saved values.
+    Errors propagate with a note naming the user's line; no hook outlives the call.
+    """
+    plan = plan_for(graph)
+    run = _Run(plan, root, groups)
+    stopped = False
+    try:
+        run.start()
+        if not run.done:
+            interleave(Interleaver(run), *args, fn=fn, **kwargs)
+    except EarlyStop:
+        stopped = True
+    except BaseException as error:
+        if not getattr(error, "__notes__", None):
+            add_note(error, f"nnsight_pure: raised by the model during the trace opened at\n  {describe(where)}")
+        run.program.close()
+        raise
+    return run.finish(stopped, graph)

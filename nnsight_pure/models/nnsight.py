@@ -1,0 +1,189 @@
+"""NNsight: wrap any torch module to trace and intervene on it (nnsight 0.4's API).
+
+The wrapper holds no per-trace state: `trace` returns a new `Tracer` each
+time, and the torch module is only ever touched by the interpreter's hooks,
+for the length of one run.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, ClassVar, Mapping
+
+import torch
+import torch.utils._pytree as pytree
+
+from ..batching import batch_size_of, default_batch
+from ..contexts.tracer import Tracer
+from ..envoy import Envoy, _envoy_class
+from ..interpreter import Interleaver
+from ..source import user_location
+from .handle import ModelHandle
+
+
+class NNsight:
+    """A traceable view of ``model``: ``with NNsight(model).trace(x): ...``.
+
+    Attribute access reaches the module tree as envoys (``model.layer1``).
+    ``rename`` shows modules under aliases (``{"layer1": "first"}``), at the
+    envoy level only: the torch module is never changed.
+
+    Subclasses adapt it to a model family by overriding `_prepare_input`
+    (normalise one invoke's inputs), `_batch` (fold invokes into one batch),
+    `_execute` (run the model) and `interleave` (run a method with the hooks
+    in place); ``__methods__`` maps a public name to a wrapper method to trace
+    (``{"generate": "_generate"}`` makes ``model.generate(...)`` a trace).
+    """
+
+    __methods__: ClassVar[dict[str, str]] = {}
+
+    _model: torch.nn.Module
+    _handle: ModelHandle
+    _envoy: Envoy
+
+    def __init__(self, model: torch.nn.Module, rename: Mapping[str, str] | None = None) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"NNsight wraps a torch.nn.Module; got {type(model).__name__}")
+        handle = ModelHandle(model, rename)
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_handle", handle)
+        object.__setattr__(self, "_envoy", _envoy_class(model)(handle, model, "", ""))
+
+    # --- tracing ----------------------------------------------------------------------
+
+    def trace(
+        self,
+        *inputs: Any,
+        trace: bool = True,
+        scan: bool = False,
+        method: str | None = None,
+        invoker_kwargs: dict[str, Any] | None = None,
+        backend: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Open a trace: ``with model.trace(x) as tracer: ...`` runs the model once on exit.
+
+        Positional ``inputs`` open one invoke at once (kept open for the whole
+        block); without them, add invokes with ``tracer.invoke(...)``. Other
+        keyword arguments go to the model's method at run time. With
+        ``trace=False`` the model runs at once and its output is returned.
+
+        Returns a `Tracer` (or, with ``trace=False``, the model's output).
+        """
+        if scan or kwargs.pop("validate", False):
+            raise NotImplementedError(
+                "scan/validate (fake-tensor shapes at trace time) are not available yet"
+            )
+        kwargs.pop("debug", None)  # nnsight 0.4's flag: source lines are always recorded
+        if backend is not None:
+            raise NotImplementedError(
+                "backends (remote NDIF execution) are not supported: nnsight_pure runs locally"
+            )
+        tracer = Tracer(self, method, kwargs, user_location())
+        if inputs:
+            tracer._open_implicit_invoker(inputs, dict(invoker_kwargs or {}))
+        elif invoker_kwargs:
+            raise TypeError("invoker_kwargs needs positional inputs to go with")
+        if not trace:
+            if not inputs:
+                raise ValueError("trace=False runs the model at once, so it needs inputs")
+            with tracer:
+                output = self._envoy.output.save()
+            return output.value
+        return tracer
+
+    def interleave(self, interleaver: Interleaver, *args: Any, fn: Callable[..., Any] | str | None = None, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` (default `_execute`) with the trace's hooks in place.
+
+        Override to prepare the model first (load weights, say); keep the call
+        inside ``with interleaver:``.
+        """
+        function = self._method_fn(fn)
+        with interleaver:
+            return function(*args, **kwargs)
+
+    def _method_fn(self, method: Callable[..., Any] | str | None) -> Callable[..., Any]:
+        if method is None:
+            return self._execute
+        if isinstance(method, str):
+            function = getattr(self, method, None)
+            if function is None:
+                function = getattr(self._model, method, None)
+            if not callable(function):
+                raise AttributeError(f"{type(self).__name__} has no method {method!r} to trace")
+            return function  # type: ignore[no-any-return]  # checked callable above
+        return method
+
+    # --- the batching contract (override in subclasses) -------------------------------
+
+    def _prepare_input(self, *inputs: Any, **kwargs: Any) -> tuple[tuple[tuple[Any, ...], dict[str, Any]], int]:
+        """Normalise one invoke's inputs: ``((args, kwargs), batch_size)``.
+
+        The default keeps them as given; the batch size is dim 0 of the first tensor.
+        """
+        return (inputs, kwargs), batch_size_of(inputs, kwargs)
+
+    def _batch(
+        self,
+        batched_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Fold one invoke's prepared inputs into the batch (``None`` at first).
+
+        The default concatenates tensors along dim 0 and requires every other
+        argument to be the same in each invoke.
+        """
+        return default_batch(batched_inputs, args, kwargs)
+
+    def _execute(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the model on the batched inputs (moved to the model's device)."""
+        device = self.device
+        if device is not None:
+            args, kwargs = pytree.tree_map(
+                lambda leaf: leaf.to(device) if isinstance(leaf, torch.Tensor) and leaf.device != device else leaf,
+                (args, kwargs),
+            )
+        return self._model(*args, **kwargs)
+
+    # --- the wrapped module -----------------------------------------------------------
+
+    def to(self, *args: Any, **kwargs: Any) -> NNsight:
+        """Move the model (``torch.nn.Module.to``); returns this wrapper."""
+        self._model.to(*args, **kwargs)
+        return self
+
+    @property
+    def device(self) -> torch.device | None:
+        """The device of the model's first parameter (``None`` without parameters)."""
+        for parameter in self._model.parameters():
+            return parameter.device
+        return None
+
+    def get(self, path: str) -> Any:
+        """The envoy (or, inside a trace, proxy) at a dotted path: ``get("layer1.output")``."""
+        value: Any = self._envoy
+        for part in path.split("."):
+            if part:
+                value = getattr(value, part)
+        return value
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        wrapper = type(self).__methods__.get(name)
+        if wrapper is not None:
+            return functools.partial(self.trace, method=wrapper)
+        return getattr(self._envoy, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._envoy, name, value)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._envoy(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return repr(self._envoy)

@@ -1,0 +1,156 @@
+"""The closed set of operation kinds a graph node can hold.
+
+Every kind is a frozen attrs class holding only the *static* description of
+what the node does (which module, which call, which function); the values it
+works on are the node's arguments. The interpreter, the printer and the
+visualizer each dispatch on `Op` with `match`, so a new kind that one of them
+forgets is a type error (mypy's ``exhaustive-match``).
+
+This module is pure: no torch hooks, no I/O.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Literal, Union
+
+import attrs
+
+AccessKind = Literal["output", "input", "inputs"]
+"""Which value of a module call an access refers to.
+
+``output`` is what the module returned, ``inputs`` is ``(args, kwargs)`` as a
+forward-pre-hook sees them, and ``input`` is the first positional argument.
+"""
+
+
+def _callable_key(fn: object) -> object:
+    """Equality key for a callable: itself when hashable, else its identity.
+
+    Functions, builtins and bound methods compare by identity of what they
+    wrap, which is what a graph needs; the rare unhashable callable object
+    falls back to ``id`` so that hashing a graph never fails.
+    """
+    try:
+        hash(fn)
+    except TypeError:
+        return ("unhashable", id(fn))
+    return fn
+
+
+def callable_name(fn: object) -> str:
+    """A short, stable, human-readable name for a callable (no addresses)."""
+    name = getattr(fn, "__name__", None)
+    if isinstance(name, str):
+        return name
+    if inspect.isclass(type(fn)):
+        return type(fn).__name__
+    return "call"  # pragma: no cover - every object has a type
+
+
+@attrs.frozen
+class ModuleGet:
+    """Read a value of one call of a module: its output, input or inputs.
+
+    The node waits until the model makes that call. ``invoke`` selects the
+    rows of one invoke of the batch; ``None`` means the whole batch.
+    """
+
+    path: str
+    kind: AccessKind
+    call: int = 0
+    invoke: int | None = None
+
+
+@attrs.frozen
+class ModuleSet:
+    """Replace a value of one call of a module (args: the new value).
+
+    It must run while that call's hook is active; writing to a call the model
+    has already moved past is an error, not a silent no-op.
+    """
+
+    path: str
+    kind: AccessKind
+    call: int = 0
+    invoke: int | None = None
+
+
+@attrs.frozen
+class ModuleAttr:
+    """Read a tensor attribute of a module (a parameter or buffer) as a clone.
+
+    A clone, so that writing into it inside a trace never changes the model.
+    """
+
+    path: str
+    name: str
+
+
+@attrs.frozen
+class ApplyModule:
+    """Call a submodule ad hoc on values of the trace (args: the call's).
+
+    ``hook=False`` calls ``forward`` directly, so no interventions fire and
+    call counters do not move; ``hook=True`` makes it a real, hooked call.
+    """
+
+    path: str
+    hook: bool = False
+
+
+@attrs.frozen
+class Call:
+    """Call a Python or torch function on the arguments."""
+
+    fn: Callable[..., object] = attrs.field(eq=_callable_key)
+
+    @property
+    def name(self) -> str:
+        return callable_name(self.fn)
+
+
+@attrs.frozen
+class CallMethod:
+    """Call the method ``name`` of the first argument on the others."""
+
+    name: str
+
+
+@attrs.frozen
+class GetAttr:
+    """Read attribute ``name`` of the argument."""
+
+    name: str
+
+
+@attrs.frozen
+class SetAttr:
+    """Set attribute ``name`` of the first argument to the second (in place)."""
+
+    name: str
+
+
+@attrs.frozen
+class Save:
+    """Keep the argument's value after the run (nnsight's ``.save()``)."""
+
+
+@attrs.frozen
+class Stop:
+    """End the run here (early stop); with an argument, once that value exists."""
+
+
+Op = Union[
+    ModuleGet,
+    ModuleSet,
+    ModuleAttr,
+    ApplyModule,
+    Call,
+    CallMethod,
+    GetAttr,
+    SetAttr,
+    Save,
+    Stop,
+]
+"""Every operation kind a node can hold (a closed union)."""

@@ -1,0 +1,279 @@
+"""Compiling a graph into a plan: what the interpreter needs, computed once.
+
+A `Plan` says, for every node, how to run it (a `Step`), which hook event it
+waits for, which values die after it (liveness), and which writes must run
+inside a particular hook (the out-of-order guard). It also lists the hook
+sites the run must install. Plans depend only on the graph, never on the
+model or the inputs, and are cached per graph value, so replaying a graph
+pays no planning.
+
+Pure: building a plan reads the graph and nothing else.
+"""
+
+from __future__ import annotations
+
+import operator
+import threading
+import weakref
+from typing import Any, Callable, Literal, Sequence
+
+import attrs
+
+from .arguments import Ref, is_static, thaw
+from .graph import Graph, Node, check_graph, last_uses, saved_refs
+from .ops import (
+    AccessKind,
+    ApplyModule,
+    Call,
+    CallMethod,
+    GetAttr,
+    ModuleAttr,
+    ModuleGet,
+    ModuleSet,
+    Op,
+    Save,
+    SetAttr,
+    Stop,
+)
+
+Site = Literal["pre", "post"]
+"""Which hook of a module call: ``pre`` (inputs) or ``post`` (output)."""
+
+EventKey = tuple[str, Site, int]
+"""One hook event of a run: (module path, site, call index)."""
+
+
+def site_of(kind: AccessKind) -> Site:
+    """The hook that carries a module value: inputs before the call, output after."""
+    return "post" if kind == "output" else "pre"
+
+
+# Step kinds: the interpreter dispatches on these small ints in its hot loop.
+EXEC, GET, SET, SAVE, STOP = range(5)
+
+Resolver = Callable[[Sequence[Any]], tuple[tuple[Any, ...], dict[str, Any]]]
+
+
+class Step:
+    """How to run one node (plain slotted class: it sits in the hot loop)."""
+
+    __slots__ = ("index", "code", "node", "key", "kind", "invoke", "run", "resolve", "frees", "guard")
+
+    def __init__(
+        self,
+        index: int,
+        code: int,
+        node: Node,
+        resolve: Resolver,
+        *,
+        key: EventKey | None = None,
+        kind: AccessKind = "output",
+        invoke: int | None = None,
+        run: Callable[[Any, tuple[Any, ...], dict[str, Any]], Any] | None = None,
+    ) -> None:
+        self.index = index
+        self.code = code
+        self.node = node
+        self.resolve = resolve
+        self.key = key
+        self.kind = kind
+        self.invoke = invoke
+        self.run = run
+        self.frees: tuple[int, ...] = ()
+        self.guard: tuple[EventKey, int] | None = None
+
+
+@attrs.frozen(eq=False)
+class Plan:
+    """Everything the interpreter needs to run one graph (see module docstring)."""
+
+    steps: tuple[Step, ...]
+    saved: frozenset[int]
+    event_keys: frozenset[EventKey]
+    readers: dict[EventKey, int]
+    hook_sites: tuple[tuple[str, Site], ...]
+    writes: frozenset[int]
+
+
+# --- resolving arguments -------------------------------------------------------------
+
+
+def _resolver(node: Node) -> Resolver:
+    """A function from the run's environment to the node's (args, kwargs).
+
+    Static arguments are thawed once here; flat `Ref`s become list lookups.
+    """
+    args = tuple(node.args)
+    kwargs = dict(node.kwargs)
+    if all(is_static(arg) for arg in args) and all(is_static(v) for v in kwargs.values()):
+        const_args = tuple(thaw(arg, ()) for arg in args)
+        const_kwargs = {name: thaw(value, ()) for name, value in kwargs.items()}
+        return lambda env: (const_args, dict(const_kwargs))
+    if not kwargs and all(type(arg) is Ref or is_static(arg) for arg in args):
+        parts = tuple((arg.index, None) if type(arg) is Ref else (-1, thaw(arg, ())) for arg in args)
+        return lambda env: (tuple(env[i] if i >= 0 else c for i, c in parts), {})
+    return lambda env: (
+        tuple(thaw(arg, env) for arg in args),
+        {name: thaw(value, env) for name, value in kwargs.items()},
+    )
+
+
+# --- what a write can touch ----------------------------------------------------------
+
+_INPLACE_FUNCTIONS = frozenset(
+    {
+        operator.setitem, operator.delitem, operator.iadd, operator.isub, operator.imul,
+        operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow, operator.imatmul,
+        operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+    }
+)
+_NOT_WRITES = frozenset({"requires_grad_", "retain_grad", "share_memory_", "register_hook"})
+
+# Tensor methods whose result shares storage with their receiver: writing into
+# the result writes into the module's value.
+_VIEW_METHODS = frozenset(
+    {
+        "view", "view_as", "reshape", "reshape_as", "narrow", "select", "squeeze", "unsqueeze",
+        "transpose", "t", "permute", "expand", "expand_as", "flatten", "unflatten", "detach",
+        "as_strided", "diagonal", "movedim", "swapaxes", "swapdims", "unfold", "split", "chunk",
+        "unbind", "tensor_split", "contiguous", "__getitem__", "real", "imag", "view_as_real",
+        "T", "mT", "H", "mH", "data",
+    }
+)
+
+
+def is_inplace(node: Node) -> bool:
+    """True when running the node writes into its first argument."""
+    op = node.op
+    if isinstance(op, SetAttr):
+        return True
+    if isinstance(op, Call):
+        if op.fn in _INPLACE_FUNCTIONS:
+            return True
+        name = op.name
+        return name.endswith("_") and not name.startswith("_") and name not in _NOT_WRITES
+    if isinstance(op, CallMethod):
+        name = op.name
+        return name.endswith("_") and not name.startswith("_") and name not in _NOT_WRITES
+    return False
+
+
+def _aliases_argument(node: Node) -> bool:
+    """True when the node's value may share storage with its first argument."""
+    op = node.op
+    if isinstance(op, GetAttr):
+        return True
+    if isinstance(op, CallMethod):
+        return op.name in _VIEW_METHODS
+    if isinstance(op, Call):
+        return op.fn is operator.getitem or op.name in _VIEW_METHODS
+    return False
+
+
+def _written_access(graph: Graph, node: Node) -> Node | None:
+    """The module access whose value an in-place node writes into, if any."""
+    if not node.args or type(node.args[0]) is not Ref:
+        return None
+    target = graph.nodes[node.args[0].index]
+    while True:
+        if isinstance(target.op, ModuleGet):
+            return target
+        if not _aliases_argument(target) or not target.args or type(target.args[0]) is not Ref:
+            return None
+        target = graph.nodes[target.args[0].index]
+
+
+# --- building steps ------------------------------------------------------------------
+
+
+def _exec_fn(op: Op) -> Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]:
+    """How an ordinary node computes its value from (run state, args, kwargs)."""
+    match op:
+        case Call(fn):
+            return lambda state, args, kwargs: fn(*args, **kwargs)
+        case CallMethod(name):
+            return lambda state, args, kwargs: getattr(args[0], name)(*args[1:], **kwargs)
+        case GetAttr(name):
+            return lambda state, args, kwargs: getattr(args[0], name)
+        case SetAttr(name):
+            return lambda state, args, kwargs: setattr(args[0], name, args[1])
+        case ModuleAttr(path, name):
+            return lambda state, args, kwargs: getattr(state.module(path), name).clone()
+        case ApplyModule(path, hook):
+            if hook:
+                return lambda state, args, kwargs: state.module(path)(*args, **kwargs)
+            return lambda state, args, kwargs: state.module(path).forward(*args, **kwargs)
+        case ModuleGet() | ModuleSet() | Save() | Stop():
+            raise AssertionError(f"{type(op).__name__} is not an ordinary node")
+
+
+def _step(graph: Graph, node: Node) -> Step:
+    index = node.ref.index
+    resolve = _resolver(node)
+    match node.op:
+        case ModuleGet(path, kind, call, invoke):
+            return Step(index, GET, node, resolve, key=(path, site_of(kind), call), kind=kind, invoke=invoke)
+        case ModuleSet(path, kind, call, invoke):
+            return Step(index, SET, node, resolve, key=(path, site_of(kind), call), kind=kind, invoke=invoke)
+        case Save():
+            return Step(index, SAVE, node, resolve)
+        case Stop():
+            return Step(index, STOP, node, resolve)
+        case Call() | CallMethod() | GetAttr() | SetAttr() | ModuleAttr() | ApplyModule():
+            step = Step(index, EXEC, node, resolve, run=_exec_fn(node.op))
+            if is_inplace(node):
+                access = _written_access(graph, node)
+                if access is not None:
+                    assert isinstance(access.op, ModuleGet)
+                    op = access.op
+                    step.guard = ((op.path, site_of(op.kind), op.call), access.ref.index)
+            return step
+
+
+def compile_plan(graph: Graph) -> Plan:
+    """Compile ``graph`` into a `Plan` (pure; prefer the cached `plan_for`)."""
+    check_graph(graph)
+    saved = saved_refs(graph)
+    last = last_uses(graph)
+    frees: list[list[int]] = [[] for _ in graph.nodes]
+    for index, user in enumerate(last):
+        if index not in saved:
+            frees[user].append(index)
+    steps = []
+    readers: dict[EventKey, int] = {}
+    sites: set[tuple[str, Site]] = set()
+    writes = set()
+    for node in graph.nodes:
+        step = _step(graph, node)
+        step.frees = tuple(frees[node.ref.index])
+        if step.key is not None:
+            readers[step.key] = readers.get(step.key, 0) + 1
+            sites.add((step.key[0], step.key[1]))
+        if step.code == SET or step.guard is not None:
+            writes.add(step.index)
+        steps.append(step)
+    return Plan(
+        steps=tuple(steps),
+        saved=saved,
+        event_keys=frozenset(readers),
+        readers=readers,
+        hook_sites=tuple(sorted(sites)),
+        writes=frozenset(writes),
+    )
+
+
+_PLANS: weakref.WeakKeyDictionary[Graph, Plan] = weakref.WeakKeyDictionary()
+_PLANS_LOCK = threading.Lock()
+
+
+def plan_for(graph: Graph) -> Plan:
+    """The plan of ``graph``, compiled at most once while the graph (or an
+    equal one) is alive. The cache holds graphs weakly, so it never keeps a
+    graph's tensor constants alive."""
+    with _PLANS_LOCK:
+        plan = _PLANS.get(graph)
+    if plan is None:
+        plan = compile_plan(graph)
+        with _PLANS_LOCK:
+            _PLANS[graph] = plan
+    return plan

@@ -1,0 +1,85 @@
+"""A readable text form of graphs and nodes (``repr(graph)``, error messages).
+
+One line per node, like a jaxpr: ``%3 = add(%2, 1)``. Module paths read as
+the user wrote them (``model.transformer.h.0.output``). The output depends
+only on the graph value, never on memory addresses or hash order. Pure.
+"""
+
+from __future__ import annotations
+
+from .graph import Graph, Node
+from .ops import (
+    ApplyModule,
+    Call,
+    CallMethod,
+    GetAttr,
+    ModuleAttr,
+    ModuleGet,
+    ModuleSet,
+    Op,
+    Save,
+    SetAttr,
+    Stop,
+)
+
+
+def module_expr(path: str) -> str:
+    """How a module path reads in user code: ``model.layer1`` (``model`` for the root)."""
+    return "model" if not path else f"model.{path}"
+
+
+def _selection(call: int, invoke: int | None) -> str:
+    parts = []
+    if call:
+        parts.append(f"call {call}")
+    if invoke is not None:
+        parts.append(f"invoke {invoke}")
+    return f" [{', '.join(parts)}]" if parts else ""
+
+
+def format_args(node: Node, skip: int = 0) -> str:
+    """The node's arguments as call syntax, keyword arguments sorted by name."""
+    parts = [repr(arg) for arg in list(node.args)[skip:]]
+    parts += [f"{name}={node.kwargs[name]!r}" for name in sorted(node.kwargs)]
+    return ", ".join(parts)
+
+
+def format_op(op: Op, node: Node) -> str:
+    """The right-hand side of a node's line."""
+    match op:
+        case ModuleGet(path, kind, call, invoke):
+            return f"{module_expr(path)}.{kind}{_selection(call, invoke)}"
+        case ModuleSet(path, kind, call, invoke):
+            return f"set {module_expr(path)}.{kind}{_selection(call, invoke)} = {format_args(node)}"
+        case ModuleAttr(path, name):
+            return f"{module_expr(path)}.{name}.clone()"
+        case ApplyModule(path, hook):
+            hooked = ", hook=True" if hook else ""
+            return f"{module_expr(path)}({format_args(node)}{hooked})"
+        case Call():
+            return f"{op.name}({format_args(node)})"
+        case CallMethod(name):
+            receiver = repr(node.args[0]) if node.args else "?"
+            return f"{receiver}.{name}({format_args(node, skip=1)})"
+        case GetAttr(name):
+            return f"{format_args(node)}.{name}"
+        case SetAttr(name):
+            value = repr(node.args[1]) if len(node.args) > 1 else "?"
+            return f"setattr {node.args[0]!r}.{name} = {value}"
+        case Save():
+            return f"save {format_args(node)}"
+        case Stop():
+            return f"stop after {format_args(node)}" if node.args else "stop"
+
+
+def format_node(node: Node) -> str:
+    """One node as one line: ``%3 = add(%2, 1)``."""
+    return f"{node.ref!r} = {format_op(node.op, node)}"
+
+
+def format_graph(graph: Graph, *, indent: str = "  ") -> str:
+    """The whole graph, one node per line, inside ``graph { ... }``."""
+    if not len(graph):
+        return "graph {}"
+    body = "\n".join(indent + format_node(node) for node in graph.nodes)
+    return "graph {\n" + body + "\n}"

@@ -1,0 +1,296 @@
+"""Proxy: what user code holds inside a trace, standing for a future value.
+
+Every operation on a proxy (operators, indexing, attribute access, method
+calls, torch functions through ``__torch_function__``) records a node in the
+innermost open context and returns a new proxy. After the trace, a proxy that
+has a value (it was saved) behaves like that value: operators, ``print`` and
+torch functions run on the value at once. Nothing rewrites the caller's local
+variables; ``.value`` gives the value itself.
+
+Attribute access is recorded lazily: ``h.sum`` alone adds nothing, and
+``h.sum(dim=0)`` becomes one method-call node instead of an attribute read
+followed by a call.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+from .contexts import active
+from .ops import Call, CallMethod, GetAttr, Op, Save, SetAttr, Stop
+from .plan import _exec_fn
+from .printing import format_node
+
+if TYPE_CHECKING:
+    from .arguments import Ref
+    from .contexts.base import GraphContext
+
+
+def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn`` on the arguments (the node for calling a traced value)."""
+    return fn(*args, **kwargs)
+
+
+def record(op: Op, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None) -> Any:
+    """Add ``op`` to the innermost open context, or, outside any, compute it
+    at once on the values of the (finished) proxies among the arguments."""
+    context = active.innermost()
+    if context is None:
+        return _compute_now(op, args, kwargs or {})
+    return context.record(op, args, kwargs)
+
+
+def _compute_now(op: Op, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+    values = tuple(to_values(arg) for arg in args)
+    keywords = {name: to_values(value) for name, value in kwargs.items()}
+    if isinstance(op, (Save, Stop)):
+        return args[0] if args else None
+    return _exec_fn(op)(None, values, keywords)
+
+
+def to_values(value: Any) -> Any:
+    """``value`` with every proxy inside it replaced by that proxy's value."""
+    kind = type(value)
+    if kind is Proxy:
+        return value.value
+    if kind is tuple or kind is list:
+        return kind(to_values(item) for item in value)
+    if kind is dict:
+        return {key: to_values(item) for key, item in value.items()}
+    if kind is slice:
+        return slice(to_values(value.start), to_values(value.stop), to_values(value.step))
+    return value
+
+
+def _binary(fn: Callable[[Any, Any], Any]) -> Callable[[Proxy, Any], Any]:
+    def method(self: Proxy, other: Any) -> Any:
+        return record(Call(fn), (self, other))
+
+    method.__name__ = f"__{fn.__name__.strip('_')}__"
+    return method
+
+
+def _reflected(fn: Callable[[Any, Any], Any]) -> Callable[[Proxy, Any], Any]:
+    def method(self: Proxy, other: Any) -> Any:
+        return record(Call(fn), (other, self))
+
+    method.__name__ = f"__r{fn.__name__.strip('_')}__"
+    return method
+
+
+def _unary(fn: Callable[[Any], Any]) -> Callable[[Proxy], Any]:
+    def method(self: Proxy) -> Any:
+        return record(Call(fn), (self,))
+
+    method.__name__ = f"__{fn.__name__.strip('_')}__"
+    return method
+
+
+class Proxy:
+    """A value of a trace: recorded operations now, the real value after the run.
+
+    ``_context`` is the context whose graph holds the node; ``_ref`` is the
+    node (``None`` for a pending attribute access, see `_pending`).
+    """
+
+    __slots__ = ("_context", "_ref", "_pending", "__weakref__")
+
+    _context: GraphContext
+    _ref: Ref | None
+    _pending: tuple[Proxy, str] | None
+
+    def __init__(self, context: GraphContext, ref: Ref | None, pending: tuple[Proxy, str] | None = None) -> None:
+        object.__setattr__(self, "_context", context)
+        object.__setattr__(self, "_ref", ref)
+        object.__setattr__(self, "_pending", pending)
+
+    # --- nnsight's proxy API ---------------------------------------------------------
+
+    def save(self) -> Proxy:
+        """Keep this value after the trace; returns this same proxy."""
+        record(Save(), (self,))
+        return self
+
+    def stop(self) -> None:
+        """End the run as soon as this value has been computed (early stop)."""
+        record(Stop(), (self,))
+
+    @property
+    def value(self) -> Any:
+        """The value after the trace ran; a `ValueError` says why there is none."""
+        if self._pending is not None:
+            receiver, name = self._pending
+            return getattr(receiver.value, name)
+        assert self._ref is not None
+        return self._context.value_of(self._ref)
+
+    @property
+    def node(self) -> str:
+        """This proxy's node as text (for debugging)."""
+        if self._pending is not None:
+            receiver, name = self._pending
+            return f"{receiver.node}.{name} (not recorded until used)"
+        assert self._ref is not None
+        return format_node(self._context.graph.nodes[self._ref.index])
+
+    # --- attribute access and calls ---------------------------------------------------
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        if active.innermost() is None:
+            return getattr(self.value, name)
+        return Proxy(self._context, None, (self, name))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        record(SetAttr(name), (self, value))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._pending is not None:
+            receiver, name = self._pending
+            return record(CallMethod(name), (receiver,) + args, kwargs)
+        return record(Call(call), (self,) + args, kwargs)
+
+    def _materialize(self, context: GraphContext) -> Ref:
+        """Record a pending attribute read in ``context`` (once) and return its node."""
+        assert self._pending is not None
+        receiver, name = self._pending
+        proxy = context.record(GetAttr(name), (receiver,))
+        object.__setattr__(self, "_context", proxy._context)
+        object.__setattr__(self, "_ref", proxy._ref)
+        object.__setattr__(self, "_pending", None)
+        assert self._ref is not None
+        return self._ref
+
+    @classmethod
+    def __torch_function__(
+        cls,
+        func: Callable[..., Any],
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> Any:
+        return record(Call(func), tuple(args), kwargs)
+
+    # --- indexing ---------------------------------------------------------------------
+
+    def __getitem__(self, key: Any) -> Any:
+        return record(Call(operator.getitem), (self, key))
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        record(Call(operator.setitem), (self, key, value))
+
+    def __delitem__(self, key: Any) -> None:
+        record(Call(operator.delitem), (self, key))
+
+    # --- operators --------------------------------------------------------------------
+
+    __add__ = _binary(operator.add)
+    __sub__ = _binary(operator.sub)
+    __mul__ = _binary(operator.mul)
+    __truediv__ = _binary(operator.truediv)
+    __floordiv__ = _binary(operator.floordiv)
+    __mod__ = _binary(operator.mod)
+    __pow__ = _binary(operator.pow)
+    __matmul__ = _binary(operator.matmul)
+    __and__ = _binary(operator.and_)
+    __or__ = _binary(operator.or_)
+    __xor__ = _binary(operator.xor)
+    __lshift__ = _binary(operator.lshift)
+    __rshift__ = _binary(operator.rshift)
+
+    __radd__ = _reflected(operator.add)
+    __rsub__ = _reflected(operator.sub)
+    __rmul__ = _reflected(operator.mul)
+    __rtruediv__ = _reflected(operator.truediv)
+    __rfloordiv__ = _reflected(operator.floordiv)
+    __rmod__ = _reflected(operator.mod)
+    __rpow__ = _reflected(operator.pow)
+    __rmatmul__ = _reflected(operator.matmul)
+    __rand__ = _reflected(operator.and_)
+    __ror__ = _reflected(operator.or_)
+    __rxor__ = _reflected(operator.xor)
+    __rlshift__ = _reflected(operator.lshift)
+    __rrshift__ = _reflected(operator.rshift)
+
+    # In-place operators act in place on the value, as they do on tensors:
+    # ``h += 1`` changes the activation ``h`` stands for.
+    __iadd__ = _binary(operator.iadd)
+    __isub__ = _binary(operator.isub)
+    __imul__ = _binary(operator.imul)
+    __itruediv__ = _binary(operator.itruediv)
+    __ifloordiv__ = _binary(operator.ifloordiv)
+    __imod__ = _binary(operator.imod)
+    __ipow__ = _binary(operator.ipow)
+    __imatmul__ = _binary(operator.imatmul)
+    __iand__ = _binary(operator.iand)
+    __ior__ = _binary(operator.ior)
+    __ixor__ = _binary(operator.ixor)
+
+    __eq__ = _binary(operator.eq)  # type: ignore[assignment]  # returns a proxy, like tensors do
+    __ne__ = _binary(operator.ne)  # type: ignore[assignment]  # returns a proxy, like tensors do
+    __lt__ = _binary(operator.lt)
+    __le__ = _binary(operator.le)
+    __gt__ = _binary(operator.gt)
+    __ge__ = _binary(operator.ge)
+
+    __neg__ = _unary(operator.neg)
+    __pos__ = _unary(operator.pos)
+    __abs__ = _unary(operator.abs)
+    __invert__ = _unary(operator.invert)
+
+    # Proxies hash by identity (``==`` builds a node instead of comparing).
+    __hash__ = object.__hash__
+
+    # --- conversions that need a value now -------------------------------------------
+
+    def _needs_value(self, what: str, advice: str) -> Any:
+        if active.innermost() is not None and not self._context.closed:
+            raise TypeError(
+                f"{what} of a traced value is unknown while tracing (the model has not run "
+                f"yet): {self.node}. {advice}"
+            )
+        return self.value
+
+    def __bool__(self) -> bool:
+        return bool(self._needs_value("the truth value", "Compute it inside the graph (e.g. torch.where) or after the trace."))
+
+    def __len__(self) -> int:
+        return len(self._needs_value("len()", "Use .shape[0] (a traced value) instead."))
+
+    def __iter__(self) -> Any:
+        return iter(self._needs_value("iterating", "Index it instead (out[0], out[1])."))
+
+    def __index__(self) -> int:
+        return operator.index(self._needs_value("the integer value", "Pass it to torch functions as a shape tuple, e.g. torch.zeros((n, 3))."))
+
+    def __int__(self) -> int:
+        return int(self._needs_value("int()", "Keep it a traced value."))
+
+    def __float__(self) -> float:
+        return float(self._needs_value("float()", "Keep it a traced value."))
+
+    def __contains__(self, item: Any) -> bool:
+        return item in self._needs_value("membership (in)", "Compute it inside the graph instead.")
+
+    def __repr__(self) -> str:
+        if self._has_value():
+            return repr(self.value)
+        return f"<Proxy {self.node}>"
+
+    def __str__(self) -> str:
+        if self._has_value():
+            return str(self.value)
+        return self.__repr__()
+
+    def __format__(self, spec: str) -> str:
+        if self._has_value():
+            return format(self.value, spec)
+        return format(self.__repr__(), spec)
+
+    def _has_value(self) -> bool:
+        if self._pending is not None:
+            return self._pending[0]._has_value()
+        assert self._ref is not None
+        return self._context.has_value(self._ref)

@@ -1,0 +1,62 @@
+"""What a run leaves behind: the saved values, and why anything else is missing.
+
+Pure value; the interpreter makes one per run and the shell reads it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import attrs
+
+from .graph import Graph, SourceLoc
+from .printing import format_node
+from .source import short
+
+
+@attrs.frozen(eq=False)
+class Results:
+    """The outcome of running a graph once.
+
+    ``values`` maps node indexes to the saved values that the run produced;
+    ``stopped`` says whether an early stop ended the run; ``blocked_at`` is
+    the index of the module access the run was still waiting for when the
+    model returned (``None`` when the whole graph ran).
+    """
+
+    values: Mapping[int, Any]
+    stopped: bool = False
+    blocked_at: int | None = None
+
+    def has(self, index: int) -> bool:
+        return index in self.values
+
+    def get(self, index: int) -> Any:
+        return self.values[index]
+
+
+def missing_value_message(graph: Graph, index: int, results: Results | None, saved: bool) -> str:
+    """Why node ``index`` has no value after its trace: not saved, stopped, or never reached."""
+    node = graph.nodes[index]
+    what = f"`{format_node(node)}` (made at {short(node.source)})"
+    if not saved:
+        return (
+            f"{what} has no value: it was not saved. Only saved values outlive the "
+            "trace: call .save() on it inside the trace."
+        )
+    if results is None:
+        return f"{what} has no value: its trace never ran (it raised or is still open)."
+    if results.stopped:
+        return f"{what} has no value: the run was stopped early, before it was computed."
+    if results.blocked_at is not None:
+        blocker = graph.nodes[results.blocked_at]
+        return (
+            f"{what} has no value: it was never reached. The run was still waiting for "
+            f"`{format_node(blocker)}` (made at {short(blocker.source)}) when the model "
+            "returned: that module was not called (that many times) in this run."
+        )
+    return f"{what} has no value: it was never computed in this run."  # pragma: no cover
+
+
+def location_note(where: SourceLoc | None) -> str:
+    return short(where)

@@ -1,0 +1,71 @@
+"""Finding the user's own line of code, and attaching it to errors.
+
+Nodes remember where the user made them (`SourceLoc`), so an error at run
+time can name that line instead of a frame deep inside torch or this library.
+Only reads frames and source files; changes nothing.
+"""
+
+from __future__ import annotations
+
+import linecache
+import os
+import sys
+
+import torch
+
+from .graph import SourceLoc
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
+def _is_internal(filename: str) -> bool:
+    return (
+        filename.startswith(_PACKAGE_DIR)
+        or filename.startswith(_TORCH_DIR)
+        or filename.startswith("<frozen ")
+    )
+
+
+def user_location() -> SourceLoc | None:
+    """The innermost frame of the call stack that is the user's code.
+
+    Frames of this package and of torch (whose Python wrappers dispatch
+    ``torch.sum(proxy)`` back to us) are skipped.
+    """
+    frame = sys._getframe(1)
+    while frame is not None and _is_internal(frame.f_code.co_filename):
+        frame = frame.f_back  # type: ignore[assignment]  # None ends the loop
+    if frame is None:
+        return None  # pragma: no cover - there is always a caller
+    return SourceLoc(frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name)
+
+
+def describe(loc: SourceLoc | None) -> str:
+    """A traceback-style description of a location, with its line of code."""
+    if loc is None:
+        return "(unknown location)"
+    line = linecache.getline(loc.filename, loc.lineno).strip()
+    return f"{loc}\n    {line}" if line else str(loc)
+
+
+def short(loc: SourceLoc | None) -> str:
+    """``file.py:12`` for a location."""
+    if loc is None:
+        return "<unknown>"
+    return f"{os.path.basename(loc.filename)}:{loc.lineno}"
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    """Attach a note to an exception without changing its type (PEP 678).
+
+    Python 3.10 has no ``add_note``; there the note is still recorded in
+    ``__notes__`` for tools that read it.
+    """
+    adder = getattr(exc, "add_note", None)
+    if adder is not None:
+        adder(note)
+    else:  # pragma: no cover - Python 3.10
+        notes = list(getattr(exc, "__notes__", []))
+        notes.append(note)
+        setattr(exc, "__notes__", notes)
