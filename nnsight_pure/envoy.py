@@ -215,6 +215,13 @@ class Envoy:
 _RESERVED = ("output", "input", "inputs")
 
 
+def _child_getter(name: str) -> Callable[[Envoy], Envoy | None]:
+    def get(envoy: Envoy) -> Envoy | None:
+        return envoy._child(name)
+
+    return get
+
+
 def _envoy_class(module: torch.nn.Module) -> type[Envoy]:
     """`Envoy`, or a subclass in which child modules named like an access
     (``output``, ...) win, the access moving to ``nns_<name>`` (as nnsight does)."""
@@ -229,7 +236,7 @@ def _envoy_class(module: torch.nn.Module) -> type[Envoy]:
     namespace: dict[str, Any] = {}
     for name in clashes:
         namespace[f"nns_{name}"] = Envoy.__dict__[name]
-        namespace[name] = property(lambda self, _name=name: self._child(_name))
+        namespace[name] = property(_child_getter(name))
     return type("PreservingEnvoy", (Envoy,), namespace)
 
 
@@ -247,4 +254,4 @@ def _envoy_repr(envoy: Envoy) -> str:
         child_text = repr(child).replace("\n", "\n  ")
         lines.append(f"({name}): {child_text}")
     body = "\n  ".join(lines)
-    return f"{module._get_name()}(\n  {body}\n)"
+    return f"{type(module).__name__}(\n  {body}\n)"

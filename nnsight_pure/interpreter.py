@@ -70,6 +70,7 @@ class _Run:
         self.calls: dict[tuple[str, Site], int] = {}
         self.running = False
         self.done = False
+        self.failed: BaseException | None = None
         self.thread = threading.get_ident()
         self._modules: dict[str, torch.nn.Module] = {}
         self.program: Program = self._fold()
@@ -110,6 +111,7 @@ class _Run:
         except (EarlyStop, GeneratorExit):
             raise
         except BaseException as error:
+            self.failed = error
             if step is not None and not isinstance(error, OutOfOrderError):
                 add_note(error, _node_note(step))
             raise
@@ -131,21 +133,24 @@ class _Run:
         self.swapped = True
 
     def _out_of_order(self, step: Step, access_index: int | None) -> OutOfOrderError:
-        graph_steps = self.plan.steps
-        write = graph_steps[step.index].node
-        target = graph_steps[access_index].node if access_index is not None else write
-        now = f"while the model is at {_event_text(self.current)}" if self.current else "after the model run"
+        steps = self.plan.steps
+        write = step.node
+        target = steps[access_index] if access_index is not None else step
+        where_now = f"it is now at {_event_text(self.current)}" if self.current else "it has returned"
         message = (
             f"this write runs too late: the model has already moved past "
-            f"{_event_text(graph_steps[target.ref.index].key)}, so it would have no effect.\n"
-            f"  the write, {describe(write.source)}\n"
-            f"  node: {format_node(write)} ({now})"
+            f"{_event_text(target.key)} ({where_now}), so the write would have no effect.\n"
+            f"  the write: {describe(write.source)}\n"
+            f"  node: {format_node(write)}"
         )
         if access_index is not None:
-            message += f"\n  it writes into the value read at {short(target.source)}: {format_node(target)}"
+            message += (
+                f"\n  it writes into {_event_text(target.key)}, read at {short(target.node.source)}: "
+                f"{format_node(target.node)}"
+            )
         message += (
-            "\nAccess modules in the order the model calls them: make this write before "
-            "any access to a later module (or .clone() the value to edit a copy)."
+            "\nAccess modules in the order the model calls them: make this write before any "
+            "access to a later module (or .clone() the value to edit a copy)."
         )
         return OutOfOrderError(message)
 
@@ -337,7 +342,7 @@ def run_graph(
     except EarlyStop:
         stopped = True
     except BaseException as error:
-        if not getattr(error, "__notes__", None):
+        if error is not run.failed:
             add_note(error, f"nnsight_pure: raised by the model during the trace opened at\n  {describe(where)}")
         run.program.close()
         raise

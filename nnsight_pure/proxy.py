@@ -228,8 +228,9 @@ class Proxy:
     __ior__ = _binary(operator.ior)
     __ixor__ = _binary(operator.ixor)
 
-    __eq__ = _binary(operator.eq)  # type: ignore[assignment]  # returns a proxy, like tensors do
-    __ne__ = _binary(operator.ne)  # type: ignore[assignment]  # returns a proxy, like tensors do
+    # Comparisons return proxies, as they return tensors on tensors.
+    __eq__ = _binary(operator.eq)
+    __ne__ = _binary(operator.ne)
     __lt__ = _binary(operator.lt)
     __le__ = _binary(operator.le)
     __gt__ = _binary(operator.gt)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import linecache
 import os
 import sys
+from types import FrameType
 
 import torch
 
@@ -33,12 +34,13 @@ def user_location() -> SourceLoc | None:
     Frames of this package and of torch (whose Python wrappers dispatch
     ``torch.sum(proxy)`` back to us) are skipped.
     """
-    frame = sys._getframe(1)
-    while frame is not None and _is_internal(frame.f_code.co_filename):
-        frame = frame.f_back  # type: ignore[assignment]  # None ends the loop
-    if frame is None:
-        return None  # pragma: no cover - there is always a caller
-    return SourceLoc(frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name)
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if not _is_internal(code.co_filename):
+            return SourceLoc(code.co_filename, frame.f_lineno, code.co_name)
+        frame = frame.f_back
+    return None  # pragma: no cover - there is always a caller
 
 
 def describe(loc: SourceLoc | None) -> str:

@@ -19,7 +19,7 @@ class ModelHandle:
         self.module = module
         rename = dict(rename or {})
         for real, alias in rename.items():
-            if not isinstance(real, str) or not isinstance(alias, str) or not alias.isidentifier():
+            if not alias.isidentifier():
                 raise ValueError(f"rename maps module names to identifiers; got {real!r}: {alias!r}")
         self._by_name = {real.strip("."): alias for real, alias in rename.items()}
 

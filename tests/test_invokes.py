@@ -1,0 +1,131 @@
+"""Several invokes in one trace: batching, per-invoke rows, cross-invoke patching."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import nnsight_pure as nnsight
+from tests.helpers import hooked_run
+
+
+@pytest.fixture
+def a() -> torch.Tensor:
+    torch.manual_seed(10)
+    return torch.rand(1, 5)
+
+
+@pytest.fixture
+def b() -> torch.Tensor:
+    torch.manual_seed(11)
+    return torch.rand(2, 5)
+
+
+def test_each_invoke_sees_only_its_rows(model: nnsight.NNsight, net: torch.nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
+    with model.trace() as tracer:
+        with tracer.invoke(a) as first:
+            out_a = model.layer1.output.save()
+        with tracer.invoke(b) as second:
+            out_b = model.layer1.output.save()
+        whole = model.layer1.output.save()  # outside any invoke: the whole batch
+    assert (first.batch_size, second.batch_size) == (1, 2)
+    assert torch.allclose(out_a.value, net.layer1(a))
+    assert torch.allclose(out_b.value, net.layer1(b))
+    assert torch.allclose(whole.value, net.layer1(torch.cat([a, b])))
+
+
+def test_three_tensor_invokes_batch(model: nnsight.NNsight, net: torch.nn.Module) -> None:
+    # nnsight 0.4.11's default _batch failed for two or more invokes.
+    inputs = [torch.rand(1, 5), torch.rand(3, 5), torch.rand(2, 5)]
+    with model.trace() as tracer:
+        outs = []
+        for inp in inputs:
+            with tracer.invoke(inp):
+                outs.append(model.output.save())
+    for inp, out in zip(inputs, outs):
+        assert torch.allclose(out.value, net(inp))
+
+
+def test_write_in_one_invoke_touches_only_its_rows(model: nnsight.NNsight, net: torch.nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
+    with model.trace() as tracer:
+        with tracer.invoke(a):
+            model.layer1.output[:] = 0
+            out_a = model.output.save()
+        with tracer.invoke(b):
+            out_b = model.output.save()
+    assert torch.allclose(out_a.value, net.layer2(torch.zeros(1, 10)))
+    assert torch.allclose(out_b.value, net(b))
+
+
+def test_setter_in_one_invoke_replaces_only_its_rows(model: nnsight.NNsight, net: torch.nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
+    with model.trace() as tracer:
+        with tracer.invoke(b):
+            model.layer1.output = torch.ones(2, 10)
+            out_b = model.output.save()
+        with tracer.invoke(a):
+            out_a = model.output.save()
+    assert torch.allclose(out_b.value, net.layer2(torch.ones(2, 10)))
+    assert torch.allclose(out_a.value, net(a))
+
+
+def test_cross_invoke_patching(model: nnsight.NNsight, net: torch.nn.Module, a: torch.Tensor) -> None:
+    # nnsight 0.4 README "Cross Prompt Intervention", on the two-layer net.
+    other = torch.rand(1, 5)
+    with model.trace() as tracer:
+        with tracer.invoke(a):
+            donor = model.layer1.output
+        with tracer.invoke(other):
+            model.layer1.output = donor
+            patched = model.output.save()
+    ref, _ = hooked_run(net, a, read=())
+    assert torch.allclose(patched.value, ref)
+
+
+def test_wrong_shape_for_an_invoke_is_a_clear_error(model: nnsight.NNsight, a: torch.Tensor, b: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match=r"invoke 1 owns 2 row\(s\)"):
+        with model.trace() as tracer:
+            with tracer.invoke(a):
+                pass
+            with tracer.invoke(b):
+                model.layer1.output = torch.ones(3, 10)
+
+
+def test_empty_invoke_sees_the_whole_batch(model: nnsight.NNsight, net: torch.nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
+    with model.trace() as tracer:
+        with tracer.invoke(a):
+            pass
+        with tracer.invoke(b):
+            pass
+        with tracer.invoke():
+            everything = model.output.save()
+    assert torch.allclose(everything.value, net(torch.cat([a, b])))
+
+
+def test_invoke_inside_an_open_invoke_is_an_error(model: nnsight.NNsight, a: torch.Tensor) -> None:
+    with pytest.raises(nnsight.TraceError, match="already open"):
+        with model.trace(a) as tracer:
+            with tracer.invoke(a):
+                pass
+
+
+def test_keyword_inputs_are_batched(gpt2: nnsight.NNsight, gpt2_module: Any) -> None:
+    first = torch.randint(3, 100, (1, 6))
+    second = torch.randint(3, 100, (2, 6))
+    with gpt2.trace() as tracer:
+        with tracer.invoke(input_ids=first):
+            one = gpt2.output.logits.save()
+        with tracer.invoke(input_ids=second):
+            two = gpt2.output.logits.save()
+    assert torch.allclose(one.value, gpt2_module(first).logits, atol=1e-5)
+    assert torch.allclose(two.value, gpt2_module(second).logits, atol=1e-5)
+
+
+def test_invokes_with_different_arguments_cannot_batch(model: nnsight.NNsight, a: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match="same positional and keyword"):
+        with model.trace() as tracer:
+            with tracer.invoke(a):
+                pass
+            with tracer.invoke(a, a):
+                pass
