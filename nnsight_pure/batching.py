@@ -18,25 +18,33 @@ import torch.utils._pytree as pytree
 
 @attrs.frozen
 class BatchGroups:
-    """Where each invoke's rows sit in the batch: ``(start, size)`` per invoke."""
+    """Where each invoke's rows sit in the batch: ``(start, size)`` per invoke,
+    or ``None`` for an invoke without inputs (it sees the whole batch)."""
 
-    groups: tuple[tuple[int, int], ...] = ()
+    groups: tuple[tuple[int, int] | None, ...] = ()
+    total: int = 0
 
-    @property
-    def total(self) -> int:
-        return sum(size for _, size in self.groups)
-
-    def covers_whole_batch(self, invoke: int | None) -> bool:
-        """True when ``invoke``'s rows are the whole batch (no slicing needed)."""
-        return invoke is None or len(self.groups) <= 1
+    def rows(self, invoke: int | None) -> tuple[int, int] | None:
+        """``invoke``'s ``(start, size)``, or ``None`` when it sees the whole batch."""
+        if invoke is None or invoke >= len(self.groups):
+            return None
+        rows = self.groups[invoke]
+        if rows is None or rows == (0, self.total):
+            return None
+        return rows
 
     @classmethod
-    def from_sizes(cls, sizes: Sequence[int]) -> BatchGroups:
-        groups, start = [], 0
+    def from_sizes(cls, sizes: Sequence[int | None]) -> BatchGroups:
+        """Groups for invokes of these batch sizes (``None``: an empty invoke)."""
+        groups: list[tuple[int, int] | None] = []
+        start = 0
         for size in sizes:
-            groups.append((start, size))
-            start += size
-        return cls(tuple(groups))
+            if size is None:
+                groups.append(None)
+            else:
+                groups.append((start, size))
+                start += size
+        return cls(tuple(groups), start)
 
 
 def _is_batched(value: object, total: int) -> bool:
@@ -45,10 +53,10 @@ def _is_batched(value: object, total: int) -> bool:
 
 def narrow_rows(value: Any, groups: BatchGroups, invoke: int | None) -> Any:
     """The rows of ``invoke`` in every batched tensor of ``value`` (as views)."""
-    if groups.covers_whole_batch(invoke):
+    rows = groups.rows(invoke)
+    if rows is None:
         return value
-    assert invoke is not None
-    start, size = groups.groups[invoke]
+    start, size = rows
     total = groups.total
 
     def narrow(leaf: Any) -> Any:
@@ -65,10 +73,10 @@ def merge_rows(full: Any, rows: Any, groups: BatchGroups, invoke: int | None, wh
     Batched tensors are rebuilt with `torch.cat` (safe under autograd);
     other leaves are taken from ``rows``. ``what`` names the value in errors.
     """
-    if groups.covers_whole_batch(invoke):
+    selected = groups.rows(invoke)
+    if selected is None:
         return rows
-    assert invoke is not None
-    start, size = groups.groups[invoke]
+    start, size = selected
     total = groups.total
 
     def merge(old: Any, new: Any) -> Any:

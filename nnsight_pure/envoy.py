@@ -73,7 +73,7 @@ class Envoy:
             # A ModuleList is never called itself: stand for its children's values.
             parts = tuple(child._read(kind) for child in self)
             return self._require_tracer(kind)._current().record(Call(list), (parts,))
-        return self._require_tracer(kind).access(self._path, kind)
+        return self._require_tracer(kind)._access(self._path, kind)
 
     def _write(self, kind: AccessKind, value: object) -> None:
         if isinstance(self._module, torch.nn.ModuleList):
@@ -81,7 +81,7 @@ class Envoy:
                 f"{module_expr(self._alias_path)} is a ModuleList, which the model never calls: "
                 f"set the .{kind} of each of its children instead"
             )
-        self._require_tracer(kind).write(self._path, kind, value)
+        self._require_tracer(kind)._write_access(self._path, kind, value)
 
     @property
     def output(self) -> Proxy:

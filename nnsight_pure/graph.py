@@ -54,13 +54,16 @@ class Node:
     """One operation of a graph: ``op`` applied to ``args`` and ``kwargs``.
 
     Arguments are constants and `Ref`s to earlier nodes, possibly nested in
-    tuples and the constant wrappers of `nnsight_pure.arguments`.
+    tuples and the constant wrappers of `nnsight_pure.arguments`. ``invoke``
+    is the invoke the node was written in (``None``: outside any): each
+    invoke is its own program, and its module accesses see only its rows.
     """
 
     ref: Ref
     op: Op
     args: PVector[object] = attrs.field(eq=_args_key)
     kwargs: PMap[str, object] = attrs.field(eq=_kwargs_key)
+    invoke: int | None = None
     source: SourceLoc | None = attrs.field(default=None, eq=False)
 
 
@@ -84,6 +87,7 @@ class Graph:
         args: Sequence[object] = (),
         kwargs: Mapping[str, object] | None = None,
         source: SourceLoc | None = None,
+        invoke: int | None = None,
     ) -> tuple[Graph, Ref]:
         """Return a new graph with one more node, and the new node's `Ref`.
 
@@ -96,6 +100,7 @@ class Graph:
             op,
             pvector(args),
             _NO_KWARGS if not kwargs else pmap(kwargs),
+            invoke,
             source,
         )
         return Graph(self.nodes.append(node)), ref
@@ -121,9 +126,10 @@ def add(
     args: Sequence[object] = (),
     kwargs: Mapping[str, object] | None = None,
     source: SourceLoc | None = None,
+    invoke: int | None = None,
 ) -> tuple[Graph, Ref]:
     """Return ``graph`` grown by one node, and that node's `Ref` (see `Graph.add`)."""
-    return graph.add(op, args, kwargs, source)
+    return graph.add(op, args, kwargs, source, invoke)
 
 
 def node_refs(node: Node) -> Iterator[Ref]:
@@ -156,6 +162,11 @@ def saved_refs(graph: Graph) -> frozenset[int]:
     )
 
 
+def use_counts(graph: Graph) -> list[int]:
+    """For each node, how many nodes use its value (each user counted once)."""
+    return [len(node_users) for node_users in users(graph)]
+
+
 def last_uses(graph: Graph) -> list[int]:
     """For each node, the index of the last node that uses its value (itself if none)."""
     last = list(range(len(graph.nodes)))
@@ -176,6 +187,8 @@ def check_graph(graph: Graph) -> None:
     for position, node in enumerate(graph.nodes):
         if node.ref.index != position:
             raise GraphError(f"node at position {position} has ref {node.ref!r}")
+        if node.invoke is not None and node.invoke < 0:
+            raise GraphError(f"node %{position} has a negative invoke {node.invoke}")
         for ref in node_refs(node):
             if not 0 <= ref.index < position:
                 raise GraphError(

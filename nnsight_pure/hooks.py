@@ -8,19 +8,30 @@ whatever happened. The user's own hooks are never touched.
 
 from __future__ import annotations
 
+import threading
 from contextlib import ExitStack
 from typing import Any, Callable, Sequence
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from .plan import Site
 
 OnEvent = Callable[[str, Site, Any], Any]
 """Called as ``on_event(path, site, value)``; returns a replacement or ``None``."""
 
+# torch hands out hook ids from a class-level counter without a lock, so two
+# threads registering at once can get the same id; ours register one at a time.
+_REGISTRY_LOCK = threading.Lock()
+
 
 def _pre_hook(path: str, on_event: OnEvent) -> Callable[..., Any]:
-    def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> Any:
+        if kwargs is None:
+            # torch inserts a pre-hook before flagging it ``with_kwargs``; a
+            # forward running in another thread in that instant calls it
+            # without kwargs. Such a call is never this run's: ignore it.
+            return None
         return on_event(path, "pre", (args, kwargs))
 
     return hook
@@ -40,12 +51,21 @@ def install_hooks(
     stack: ExitStack,
 ) -> None:
     """Hook every ``(path, site)`` of ``root``; closing ``stack`` removes them."""
-    for path, site in sites:
-        module = root.get_submodule(path)
-        if site == "pre":
-            handle = module.register_forward_pre_hook(
-                _pre_hook(path, on_event), with_kwargs=True, prepend=True
-            )
-        else:
-            handle = module.register_forward_hook(_post_hook(path, on_event), prepend=True)
-        stack.callback(handle.remove)
+    modules = [(root.get_submodule(path), path, site) for path, site in sites]
+    with _REGISTRY_LOCK:
+        for module, path, site in modules:
+            if site == "pre":
+                handle = module.register_forward_pre_hook(
+                    _pre_hook(path, on_event), with_kwargs=True, prepend=True
+                )
+            else:
+                handle = module.register_forward_hook(_post_hook(path, on_event), prepend=True)
+            stack.callback(_remover(handle))
+
+
+def _remover(handle: RemovableHandle) -> Callable[[], None]:
+    def remove() -> None:
+        with _REGISTRY_LOCK:
+            handle.remove()
+
+    return remove

@@ -1,17 +1,22 @@
 """Running a graph over one model run: the hook-driven fold.
 
-The graph runs in program order. Its plan is folded by a generator (the
-*program*) that suspends whenever a node needs a module value that the model
-has not produced yet, and is resumed by the hooks when it has. Everything
-mutable lives in one `_Run` object made for one run: the environment, the
-call counters, values kept for later reads, and the value a hook hands back.
+Each invoke of a trace is its own *program*: its nodes run in the order they
+were written. A program is folded by a generator that suspends whenever a
+node needs a module value the model has not produced yet, and is resumed by
+the hooks when it has. At every hook event the programs resume in the order
+they began in the code (invoke 0, invoke 1, ...), so an invoke can use a
+value another invoke computed at the same module call (activation patching).
+All programs share one environment; everything mutable lives in one `_Run`
+made for one run.
 
 Semantics (docs/interpreter.md explains them with examples):
 
-* A module access waits for its call; everything written after it waits too.
+* A module access waits for its call; everything written after it in the
+  same invoke waits too.
 * Reading a call that already happened still gives its value (the run keeps
   it because the plan says a later node reads it).
 * Writing to a call the model has moved past raises `OutOfOrderError`.
+* A value from another invoke that is not computed yet is waited for.
 * Every value dies after its last use unless it is saved.
 * Hooks exist only on the modules the plan needs, only during the run, and
   are removed whatever happens.
@@ -31,12 +36,22 @@ from .errors import OutOfOrderError, UnexecutedInterventionWarning
 from .graph import Graph, SourceLoc
 from .hooks import install_hooks
 from .plan import EXEC, GET, SAVE, SET, STOP, EventKey, Plan, Site, Step, plan_for
-from .printing import format_node, module_expr
+from .printing import format_node, invoke_label, module_expr
 from .results import Results
 from .source import add_note, describe, short
 
 _UNSET: Any = object()
 """Marks an environment slot whose node has not run (or whose value died)."""
+
+WAIT_EVENT, WAIT_VALUE = 0, 1
+
+Request = tuple[int, Any, int]
+"""What a program waits for: ``(WAIT_EVENT, event key, step)`` or
+``(WAIT_VALUE, node index, step)``."""
+
+Program = Generator[Request, Any, None]
+"""A generator folding one invoke's steps. After ``WAIT_EVENT`` it receives
+``(value, is_current)``: the call's value and whether that hook runs now."""
 
 
 class EarlyStop(BaseException):
@@ -47,9 +62,17 @@ class EarlyStop(BaseException):
     """
 
 
-Program = Generator[EventKey, tuple[Any, bool], None]
-"""The generator that folds a plan: yields the event it waits for, receives
-``(value, is_current)``: the hook's value and whether that hook is running now."""
+class _Program:
+    """One invoke's generator and what it waits for."""
+
+    __slots__ = ("invoke", "generator", "request", "started", "done")
+
+    def __init__(self, invoke: int | None, generator: Program) -> None:
+        self.invoke = invoke
+        self.generator = generator
+        self.request: Request | None = None
+        self.started = False
+        self.done = False
 
 
 class _Run:
@@ -60,8 +83,7 @@ class _Run:
         self.root = root
         self.groups = groups
         self.env: list[Any] = [_UNSET] * len(plan.steps)
-        self.pc = 0
-        self.waiting: EventKey | None = None
+        self.uses = list(plan.uses)
         self.current: EventKey | None = None
         self.activation: Any = None
         self.swapped = False
@@ -69,20 +91,25 @@ class _Run:
         self.readers = dict(plan.readers)
         self.calls: dict[tuple[str, Site], int] = {}
         self.running = False
-        self.done = False
         self.failed: BaseException | None = None
         self.thread = threading.get_ident()
         self._modules: dict[str, torch.nn.Module] = {}
-        self.program: Program = self._fold()
+        self.programs = [_Program(invoke, self._fold(steps)) for invoke, steps in plan.programs]
 
-    # --- the program ----------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return all(program.done for program in self.programs)
 
-    def _fold(self) -> Program:
-        env = self.env
+    # --- a program ------------------------------------------------------------------
+
+    def _fold(self, steps: Sequence[Step]) -> Program:
+        env, uses = self.env, self.uses
         step: Step | None = None
         try:
-            for step in self.plan.steps:
-                self.pc = step.index
+            for step in steps:
+                for index in step.foreign:
+                    if env[index] is _UNSET:
+                        yield (WAIT_VALUE, index, step.index)
                 code = step.code
                 if code == EXEC:
                     if step.guard is not None and step.guard[0] != self.current:
@@ -91,12 +118,10 @@ class _Run:
                     assert step.run is not None
                     env[step.index] = step.run(self, args, kwargs)
                 elif code == GET:
-                    assert step.key is not None
-                    value, _ = yield step.key
+                    value, _ = yield (WAIT_EVENT, step.key, step.index)
                     env[step.index] = narrow_rows(_extract(value, step), self.groups, step.invoke)
                 elif code == SET:
-                    assert step.key is not None
-                    _, is_current = yield step.key
+                    _, is_current = yield (WAIT_EVENT, step.key, step.index)
                     if not is_current:
                         raise self._out_of_order(step, None)
                     args, _ = step.resolve(env)
@@ -106,8 +131,13 @@ class _Run:
                     env[step.index] = None
                 elif code == STOP:
                     raise EarlyStop()
-                for index in step.frees:
-                    env[index] = _UNSET
+                for index in step.release:
+                    left = uses[index] - 1
+                    uses[index] = left
+                    if not left:
+                        env[index] = _UNSET
+                if step.unused:
+                    env[step.index] = _UNSET
         except (EarlyStop, GeneratorExit):
             raise
         except BaseException as error:
@@ -133,10 +163,9 @@ class _Run:
         self.swapped = True
 
     def _out_of_order(self, step: Step, access_index: int | None) -> OutOfOrderError:
-        steps = self.plan.steps
         write = step.node
-        target = steps[access_index] if access_index is not None else step
-        where_now = f"it is now at {_event_text(self.current)}" if self.current else "it has returned"
+        target = self.plan.steps[access_index] if access_index is not None else step
+        where_now = f"it is now at {_event_text(self.current)}" if self.current else "it has not started or has returned"
         message = (
             f"this write runs too late: the model has already moved past "
             f"{_event_text(target.key)} ({where_now}), so the write would have no effect.\n"
@@ -156,41 +185,50 @@ class _Run:
 
     # --- the driver -----------------------------------------------------------------
 
-    def start(self) -> None:
-        """Run the program up to its first module access (the pre-model part)."""
-        self.running = True
-        try:
-            self.waiting = next(self.program)
-        except StopIteration:
-            self.done = True
-        finally:
-            self.running = False
-
-    def _resume(self) -> None:
-        """Feed the program values for as long as the one it waits for exists."""
-        while not self.done:
-            key = self.waiting
-            assert key is not None
-            if key == self.current:
-                message = (self.activation, True)
-            elif key in self.kept:
-                message = (self.kept[key], False)
-            else:
-                return
-            left = self.readers[key] - 1
-            self.readers[key] = left
-            if left <= 0:
-                self.kept.pop(key, None)
+    def _advance(self, program: _Program) -> bool:
+        """Feed one program for as long as what it waits for exists; True if it moved."""
+        moved = False
+        while not program.done:
+            message: Any = None
+            if program.started:
+                assert program.request is not None
+                wait, what, _ = program.request
+                if wait == WAIT_EVENT:
+                    if what == self.current:
+                        message = (self.activation, True)
+                    elif what in self.kept:
+                        message = (self.kept[what], False)
+                    else:
+                        break
+                    left = self.readers[what] - 1
+                    self.readers[what] = left
+                    if left <= 0:
+                        self.kept.pop(what, None)
+                elif self.env[what] is _UNSET:
+                    break
+            program.started = True
             self.running = True
             try:
-                self.waiting = self.program.send(message)
+                program.request = program.generator.send(message)
             except StopIteration:
-                self.done = True
+                program.done = True
             finally:
                 self.running = False
+            moved = True
+        return moved
+
+    def advance_all(self) -> None:
+        """Resume the programs in order until none can move (a value one of them
+        computes may let an earlier one go on)."""
+        moved = True
+        while moved:
+            moved = False
+            for program in self.programs:
+                if self._advance(program):
+                    moved = True
 
     def on_event(self, path: str, site: Site, value: Any) -> Any:
-        """A hook fired: count the call, feed the program, return the (possibly
+        """A hook fired: count the call, feed the programs, return the (possibly
         replaced) value, or ``None`` to leave the model's value as it is."""
         if threading.get_ident() != self.thread:
             return None  # another thread's run of the same model
@@ -198,18 +236,17 @@ class _Run:
         call = self.calls.get(site_key, 0)
         self.calls[site_key] = call + 1
         key = (path, site, call)
-        if self.done or key not in self.plan.event_keys:
+        if key not in self.plan.event_keys:
             return None
         if self.running:
-            # A hooked module call made by the program itself: keep its value
-            # for a later read; the program cannot be resumed re-entrantly.
+            # A hooked module call made by a program itself: keep its value
+            # for a later read; programs cannot be resumed re-entrantly.
             self.kept[key] = value
             return None
         outer = (self.current, self.activation, self.swapped)
         self.current, self.activation, self.swapped = key, value, False
         try:
-            if self.waiting == key:
-                self._resume()
+            self.advance_all()
             if self.readers.get(key, 0) > 0:
                 # Later nodes read this call again: keep its final value for them.
                 self.kept[key] = self.activation
@@ -226,14 +263,22 @@ class _Run:
         return module
 
     def finish(self, stopped: bool, graph: Graph) -> Results:
-        """Close the program and collect the saved values."""
-        blocked_at = None
-        if not self.done and not stopped:
-            blocked_at = self.pc
-            _warn_unexecuted_writes(self.plan, graph, self.pc)
-        self.program.close()
+        """Close the programs and collect the saved values."""
+        blocked: dict[int | None, tuple[int, int]] = {}
+        if not stopped:
+            for program in self.programs:
+                if not program.done and program.request is not None:
+                    _, what, at = program.request
+                    waited = what if program.request[0] == WAIT_VALUE else at
+                    blocked[program.invoke] = (at, waited)
+                    _warn_unexecuted_writes(self.plan, graph, program.invoke, at, waited)
+        self.close()
         values = {i: self.env[i] for i in self.plan.saved if self.env[i] is not _UNSET}
-        return Results(values=values, stopped=stopped, blocked_at=blocked_at)
+        return Results(values=values, stopped=stopped, blocked=blocked)
+
+    def close(self) -> None:
+        for program in self.programs:
+            program.generator.close()
 
 
 def _extract(value: Any, step: Step) -> Any:
@@ -277,18 +322,18 @@ def _node_note(step: Step) -> str:
     )
 
 
-def _warn_unexecuted_writes(plan: Plan, graph: Graph, blocked_at: int) -> None:
-    pending = sorted(index for index in plan.writes if index >= blocked_at)
+def _warn_unexecuted_writes(plan: Plan, graph: Graph, invoke: int | None, at: int, waited: int) -> None:
+    pending = sorted(i for i in plan.writes if i >= at and graph.nodes[i].invoke == invoke)
     if not pending:
         return
-    blocker = graph.nodes[blocked_at]
+    blocker = graph.nodes[waited]
     first = graph.nodes[pending[0]]
     warnings.warn(
-        f"{len(pending)} write(s) never ran, e.g. `{format_node(first)}` at {short(first.source)}: "
-        f"the run was still waiting for `{format_node(blocker)}` (made at {short(blocker.source)}) "
-        "when the model returned; that module was not called (that many times).",
+        f"{len(pending)} write(s) of {invoke_label(invoke)} never ran, e.g. `{format_node(first)}` "
+        f"at {short(first.source)}: it was still waiting for `{format_node(blocker)}` (made at "
+        f"{short(blocker.source)}) when the model returned.",
         UnexecutedInterventionWarning,
-        stacklevel=4,
+        stacklevel=5,
     )
 
 
@@ -332,11 +377,10 @@ def run_graph(
     hooks in place (the model class's `interleave`). Returns the saved values.
     Errors propagate with a note naming the user's line; no hook outlives the call.
     """
-    plan = plan_for(graph)
-    run = _Run(plan, root, groups)
+    run = _Run(plan_for(graph), root, groups)
     stopped = False
     try:
-        run.start()
+        run.advance_all()  # the part of each program that needs no module value
         if not run.done:
             interleave(Interleaver(run), *args, fn=fn, **kwargs)
     except EarlyStop:
@@ -344,6 +388,6 @@ def run_graph(
     except BaseException as error:
         if error is not run.failed:
             add_note(error, f"nnsight_pure: raised by the model during the trace opened at\n  {describe(where)}")
-        run.program.close()
+        run.close()
         raise
     return run.finish(stopped, graph)

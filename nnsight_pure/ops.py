@@ -52,28 +52,27 @@ def callable_name(fn: object) -> str:
 class ModuleGet:
     """Read a value of one call of a module: its output, input or inputs.
 
-    The node waits until the model makes that call. ``invoke`` selects the
-    rows of one invoke of the batch; ``None`` means the whole batch.
+    The node waits until the model makes that call. It sees the rows of its
+    node's invoke (the whole batch outside any invoke).
     """
 
     path: str
     kind: AccessKind
     call: int = 0
-    invoke: int | None = None
 
 
 @attrs.frozen
 class ModuleSet:
     """Replace a value of one call of a module (args: the new value).
 
-    It must run while that call's hook is active; writing to a call the model
-    has already moved past is an error, not a silent no-op.
+    It replaces only the rows of its node's invoke, and must run while that
+    call's hook is active: writing to a call the model has already moved past
+    is an error, not a silent no-op.
     """
 
     path: str
     kind: AccessKind
     call: int = 0
-    invoke: int | None = None
 
 
 @attrs.frozen

@@ -1,11 +1,13 @@
 """Compiling a graph into a plan: what the interpreter needs, computed once.
 
 A `Plan` says, for every node, how to run it (a `Step`), which hook event it
-waits for, which values die after it (liveness), and which writes must run
-inside a particular hook (the out-of-order guard). It also lists the hook
-sites the run must install. Plans depend only on the graph, never on the
-model or the inputs, and are cached per graph value, so replaying a graph
-pays no planning.
+waits for, which values it uses (so values die after their last use), and
+which writes must run inside a particular hook (the out-of-order guard). It
+splits the steps into *programs*, one per invoke (and one for the nodes
+outside any invoke), in the order the programs began in the code, and lists
+the hook sites the run must install. Plans depend only on the graph, never
+on the model or the inputs, and are cached per graph value, so replaying a
+graph pays no planning.
 
 Pure: building a plan reads the graph and nothing else.
 """
@@ -20,7 +22,7 @@ from typing import Any, Callable, Literal, Sequence
 import attrs
 
 from .arguments import Ref, is_static, thaw
-from .graph import Graph, Node, check_graph, last_uses, saved_refs
+from .graph import Graph, Node, check_graph, node_refs, saved_refs, use_counts
 from .ops import (
     AccessKind,
     ApplyModule,
@@ -55,9 +57,16 @@ Resolver = Callable[[Sequence[Any]], tuple[tuple[Any, ...], dict[str, Any]]]
 
 
 class Step:
-    """How to run one node (plain slotted class: it sits in the hot loop)."""
+    """How to run one node (plain slotted class: it sits in the hot loop).
 
-    __slots__ = ("index", "code", "node", "key", "kind", "invoke", "run", "resolve", "frees", "guard")
+    ``release`` are the unsaved values it uses (each loses one use when the
+    step runs); ``foreign`` are the values it uses that another invoke's
+    program computes (it waits for them); ``guard`` is the module call a
+    write must happen in, with the access it writes through.
+    """
+
+    __slots__ = ("index", "code", "node", "key", "kind", "invoke", "run", "resolve",
+                 "release", "foreign", "unused", "guard")
 
     def __init__(
         self,
@@ -79,7 +88,9 @@ class Step:
         self.kind = kind
         self.invoke = invoke
         self.run = run
-        self.frees: tuple[int, ...] = ()
+        self.release: tuple[int, ...] = ()
+        self.foreign: tuple[int, ...] = ()
+        self.unused = False
         self.guard: tuple[EventKey, int] | None = None
 
 
@@ -88,6 +99,8 @@ class Plan:
     """Everything the interpreter needs to run one graph (see module docstring)."""
 
     steps: tuple[Step, ...]
+    programs: tuple[tuple[int | None, tuple[Step, ...]], ...]
+    uses: tuple[int, ...]
     saved: frozenset[int]
     event_keys: frozenset[EventKey]
     readers: dict[EventKey, int]
@@ -208,19 +221,19 @@ def _exec_fn(op: Op) -> Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]:
 
 
 def _step(graph: Graph, node: Node) -> Step:
-    index = node.ref.index
+    index, invoke = node.ref.index, node.invoke
     resolve = _resolver(node)
     match node.op:
-        case ModuleGet(path, kind, call, invoke):
+        case ModuleGet(path, kind, call):
             return Step(index, GET, node, resolve, key=(path, site_of(kind), call), kind=kind, invoke=invoke)
-        case ModuleSet(path, kind, call, invoke):
+        case ModuleSet(path, kind, call):
             return Step(index, SET, node, resolve, key=(path, site_of(kind), call), kind=kind, invoke=invoke)
         case Save():
-            return Step(index, SAVE, node, resolve)
+            return Step(index, SAVE, node, resolve, invoke=invoke)
         case Stop():
-            return Step(index, STOP, node, resolve)
+            return Step(index, STOP, node, resolve, invoke=invoke)
         case Call() | CallMethod() | GetAttr() | SetAttr() | ModuleAttr() | ApplyModule():
-            step = Step(index, EXEC, node, resolve, run=_exec_fn(node.op))
+            step = Step(index, EXEC, node, resolve, run=_exec_fn(node.op), invoke=invoke)
             if is_inplace(node):
                 access = _written_access(graph, node)
                 if access is not None:
@@ -234,26 +247,30 @@ def compile_plan(graph: Graph) -> Plan:
     """Compile ``graph`` into a `Plan` (pure; prefer the cached `plan_for`)."""
     check_graph(graph)
     saved = saved_refs(graph)
-    last = last_uses(graph)
-    frees: list[list[int]] = [[] for _ in graph.nodes]
-    for index, user in enumerate(last):
-        if index not in saved:
-            frees[user].append(index)
+    uses = use_counts(graph)
     steps = []
     readers: dict[EventKey, int] = {}
     sites: set[tuple[str, Site]] = set()
     writes = set()
+    programs: dict[int | None, list[Step]] = {}
     for node in graph.nodes:
         step = _step(graph, node)
-        step.frees = tuple(frees[node.ref.index])
+        used = sorted({ref.index for ref in node_refs(node)})
+        step.release = tuple(index for index in used if index not in saved)
+        step.foreign = tuple(index for index in used if graph.nodes[index].invoke != node.invoke)
+        step.unused = uses[step.index] == 0 and step.index not in saved
         if step.key is not None:
             readers[step.key] = readers.get(step.key, 0) + 1
             sites.add((step.key[0], step.key[1]))
         if step.code == SET or step.guard is not None:
             writes.add(step.index)
         steps.append(step)
+        programs.setdefault(node.invoke, []).append(step)
     return Plan(
         steps=tuple(steps),
+        # Programs resume in the order they began in the code (dicts keep insertion order).
+        programs=tuple((invoke, tuple(program)) for invoke, program in programs.items()),
+        uses=tuple(uses),
         saved=saved,
         event_keys=frozenset(readers),
         readers=readers,

@@ -28,13 +28,8 @@ def module_expr(path: str) -> str:
     return "model" if not path else f"model.{path}"
 
 
-def _selection(call: int, invoke: int | None) -> str:
-    parts = []
-    if call:
-        parts.append(f"call {call}")
-    if invoke is not None:
-        parts.append(f"invoke {invoke}")
-    return f" [{', '.join(parts)}]" if parts else ""
+def _selection(call: int) -> str:
+    return f" [call {call}]" if call else ""
 
 
 def format_args(node: Node, skip: int = 0) -> str:
@@ -47,10 +42,10 @@ def format_args(node: Node, skip: int = 0) -> str:
 def format_op(op: Op, node: Node) -> str:
     """The right-hand side of a node's line."""
     match op:
-        case ModuleGet(path, kind, call, invoke):
-            return f"{module_expr(path)}.{kind}{_selection(call, invoke)}"
-        case ModuleSet(path, kind, call, invoke):
-            return f"set {module_expr(path)}.{kind}{_selection(call, invoke)} = {format_args(node)}"
+        case ModuleGet(path, kind, call):
+            return f"{module_expr(path)}.{kind}{_selection(call)}"
+        case ModuleSet(path, kind, call):
+            return f"set {module_expr(path)}.{kind}{_selection(call)} = {format_args(node)}"
         case ModuleAttr(path, name):
             return f"{module_expr(path)}.{name}.clone()"
         case ApplyModule(path, hook):
@@ -77,9 +72,24 @@ def format_node(node: Node) -> str:
     return f"{node.ref!r} = {format_op(node.op, node)}"
 
 
+def invoke_label(invoke: int | None) -> str:
+    return "outside invokes" if invoke is None else f"invoke {invoke}"
+
+
 def format_graph(graph: Graph, *, indent: str = "  ") -> str:
-    """The whole graph, one node per line, inside ``graph { ... }``."""
+    """The whole graph, one node per line, inside ``graph { ... }``.
+
+    When the nodes belong to more than one invoke, a header line names the
+    invoke wherever it changes.
+    """
     if not len(graph):
         return "graph {}"
-    body = "\n".join(indent + format_node(node) for node in graph.nodes)
-    return "graph {\n" + body + "\n}"
+    several = len({node.invoke for node in graph.nodes}) > 1
+    lines = []
+    previous: object = object()
+    for node in graph.nodes:
+        if several and node.invoke != previous:
+            lines.append(f"{indent}{invoke_label(node.invoke)}:")
+            previous = node.invoke
+        lines.append((indent * 2 if several else indent) + format_node(node))
+    return "graph {\n" + "\n".join(lines) + "\n}"

@@ -9,8 +9,8 @@ from typing import Any, Mapping
 
 import attrs
 
-from .graph import Graph, SourceLoc
-from .printing import format_node
+from .graph import Graph
+from .printing import format_node, invoke_label
 from .source import short
 
 
@@ -19,14 +19,15 @@ class Results:
     """The outcome of running a graph once.
 
     ``values`` maps node indexes to the saved values that the run produced;
-    ``stopped`` says whether an early stop ended the run; ``blocked_at`` is
-    the index of the module access the run was still waiting for when the
-    model returned (``None`` when the whole graph ran).
+    ``stopped`` says whether an early stop ended the run; ``blocked`` maps
+    each invoke whose program did not finish to ``(step, waited)``: the node
+    it stopped at and the node it was waiting for (a module access, or a
+    value of another invoke).
     """
 
     values: Mapping[int, Any]
     stopped: bool = False
-    blocked_at: int | None = None
+    blocked: Mapping[int | None, tuple[int, int]] = attrs.field(factory=dict)
 
     def has(self, index: int) -> bool:
         return index in self.values
@@ -48,15 +49,18 @@ def missing_value_message(graph: Graph, index: int, results: Results | None, sav
         return f"{what} has no value: its trace never ran (it raised or is still open)."
     if results.stopped:
         return f"{what} has no value: the run was stopped early, before it was computed."
-    if results.blocked_at is not None:
-        blocker = graph.nodes[results.blocked_at]
+    blocked = results.blocked.get(node.invoke)
+    if blocked is not None:
+        at, waited = blocked
+        blocker = graph.nodes[waited]
+        why = (
+            "that module was not called (that many times) in this run"
+            if at == waited
+            else f"that value of {invoke_label(blocker.invoke)} was never computed"
+        )
         return (
-            f"{what} has no value: it was never reached. The run was still waiting for "
+            f"{what} has no value: it was never reached. Its program was still waiting for "
             f"`{format_node(blocker)}` (made at {short(blocker.source)}) when the model "
-            "returned: that module was not called (that many times) in this run."
+            f"returned: {why}."
         )
     return f"{what} has no value: it was never computed in this run."  # pragma: no cover
-
-
-def location_note(where: SourceLoc | None) -> str:
-    return short(where)

@@ -5,18 +5,18 @@ import torch
 from transformers import GPT2LMHeadModel
 
 import nnsight_pure as nnsight
-from tests.helpers import tiny_gpt2, tiny_net
+from tests.helpers import TinyNet, tiny_gpt2, tiny_net
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture
-def net() -> torch.nn.Sequential:
+def net() -> TinyNet:
     return tiny_net()
 
 
 @pytest.fixture
-def model(net: torch.nn.Sequential) -> nnsight.NNsight:
+def model(net: TinyNet) -> nnsight.NNsight:
     return nnsight.NNsight(net)
 
 
@@ -40,3 +40,17 @@ def gpt2(gpt2_module: GPT2LMHeadModel) -> nnsight.NNsight:
 def ids() -> torch.Tensor:
     torch.manual_seed(2)
     return torch.randint(3, 100, (1, 8))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--update-golden",
+        action="store_true",
+        default=False,
+        help="rewrite the golden files under tests/golden/ instead of comparing against them",
+    )
+
+
+@pytest.fixture
+def update_golden(request: pytest.FixtureRequest) -> bool:
+    return bool(request.config.getoption("--update-golden"))

@@ -13,12 +13,17 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 
-def tiny_net(seed: int = 423) -> torch.nn.Sequential:
+class TinyNet(torch.nn.Sequential):
+    """The seed example's two-layer net, with its layers typed for mypy."""
+
+    layer1: torch.nn.Linear
+    layer2: torch.nn.Linear
+
+
+def tiny_net(seed: int = 423) -> TinyNet:
     """The seed example's two-layer net (layer1: Linear(5, 10), layer2: Linear(10, 2))."""
     torch.manual_seed(seed)
-    return torch.nn.Sequential(
-        OrderedDict([("layer1", torch.nn.Linear(5, 10)), ("layer2", torch.nn.Linear(10, 2))])
-    )
+    return TinyNet(OrderedDict([("layer1", torch.nn.Linear(5, 10)), ("layer2", torch.nn.Linear(10, 2))]))
 
 
 def tiny_gpt2(n_layer: int = 2, seed: int = 0) -> GPT2LMHeadModel:
@@ -28,7 +33,9 @@ def tiny_gpt2(n_layer: int = 2, seed: int = 0) -> GPT2LMHeadModel:
         n_layer=n_layer, n_embd=32, n_head=4, vocab_size=100, n_positions=64,
         bos_token_id=1, eos_token_id=2,
     )
-    return GPT2LMHeadModel(config).eval()
+    model = GPT2LMHeadModel(config)
+    torch.nn.Module.eval(model)
+    return model
 
 
 def hooked_run(

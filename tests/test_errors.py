@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import nnsight_pure as nnsight
-from tests.helpers import hook_counts, parameters_snapshot, same_parameters
+from tests.helpers import TinyNet, hook_counts, parameters_snapshot, same_parameters
 
 
 def _line_of(text: str) -> int:
@@ -38,7 +38,7 @@ class WithSpare(torch.nn.Module):
 
 
 def test_unknown_module_path_names_path_and_children(model: nnsight.NNsight) -> None:
-    with pytest.raises(AttributeError, match=r"model \(Sequential\) has no submodule or attribute 'layer3'; its submodules are: layer1, layer2"):
+    with pytest.raises(AttributeError, match=r"model \(TinyNet\) has no submodule or attribute 'layer3'; its submodules are: layer1, layer2"):
         _ = model.layer3
     with pytest.raises(AttributeError, match=r"model\.layer1 \(Linear\) has no submodule or attribute 'lyr'"):
         with model.trace(torch.rand(1, 5)):
@@ -82,7 +82,7 @@ def test_a_write_that_never_runs_warns() -> None:
             model.spare.output = torch.zeros(1, 5)
 
 
-def test_exception_inside_the_intervention_names_the_line(net: torch.nn.Sequential, x: torch.Tensor) -> None:
+def test_exception_inside_the_intervention_names_the_line(net: TinyNet, x: torch.Tensor) -> None:
     model = nnsight.NNsight(net)
     hooks, weights = hook_counts(net), parameters_snapshot(net)
     with pytest.raises(IndexError) as caught:
@@ -98,7 +98,7 @@ def test_exception_inside_the_intervention_names_the_line(net: torch.nn.Sequenti
     assert torch.equal(out.value, net(x))
 
 
-def test_exception_inside_the_model_names_the_trace(net: torch.nn.Sequential, x: torch.Tensor) -> None:
+def test_exception_inside_the_model_names_the_trace(net: TinyNet, x: torch.Tensor) -> None:
     model = nnsight.NNsight(net)
     hooks = hook_counts(net)
     with pytest.raises(RuntimeError) as caught:
@@ -108,7 +108,7 @@ def test_exception_inside_the_model_names_the_trace(net: torch.nn.Sequential, x:
     assert hook_counts(net) == hooks
 
 
-def test_exception_in_the_block_never_runs_the_model(net: torch.nn.Sequential, x: torch.Tensor) -> None:
+def test_exception_in_the_block_never_runs_the_model(net: TinyNet, x: torch.Tensor) -> None:
     model = nnsight.NNsight(net)
     calls: list[int] = []
     handle = net.register_forward_hook(lambda m, i, o: calls.append(1))
@@ -144,7 +144,7 @@ def test_access_outside_any_trace(model: nnsight.NNsight) -> None:
         _ = model.layer1.output
 
 
-def test_out_of_order_write_is_an_error_naming_both_lines(net: torch.nn.Sequential, x: torch.Tensor) -> None:
+def test_out_of_order_write_is_an_error_naming_both_lines(net: TinyNet, x: torch.Tensor) -> None:
     model = nnsight.NNsight(net)
     hooks = hook_counts(net)
     with pytest.raises(nnsight.OutOfOrderError) as caught:
@@ -166,7 +166,7 @@ def test_out_of_order_setter_is_an_error(model: nnsight.NNsight, x: torch.Tensor
             model.layer1.output = torch.zeros(1, 10)
 
 
-def test_out_of_order_reads_still_work(model: nnsight.NNsight, net: torch.nn.Sequential, x: torch.Tensor) -> None:
+def test_out_of_order_reads_still_work(model: nnsight.NNsight, net: TinyNet, x: torch.Tensor) -> None:
     with model.trace(x):
         late = model.layer2.output.save()
         early = model.layer1.output.save()
@@ -206,7 +206,7 @@ def test_keyword_given_twice(gpt2: nnsight.NNsight, ids: torch.Tensor) -> None:
                 pass
 
 
-def test_nothing_is_lost_after_many_failures(net: torch.nn.Sequential, x: torch.Tensor) -> None:
+def test_nothing_is_lost_after_many_failures(net: TinyNet, x: torch.Tensor) -> None:
     model = nnsight.NNsight(net)
     hooks, weights = hook_counts(net), parameters_snapshot(net)
     failures: list[Any] = [

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import nnsight_pure as nnsight
-from tests.helpers import hooked_run
+from tests.helpers import TinyNet, hooked_run
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def b() -> torch.Tensor:
     return torch.rand(2, 5)
 
 
-def test_each_invoke_sees_only_its_rows(model: nnsight.NNsight, net: torch.nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
+def test_each_invoke_sees_only_its_rows(model: nnsight.NNsight, net: TinyNet, a: torch.Tensor, b: torch.Tensor) -> None:
     with model.trace() as tracer:
         with tracer.invoke(a) as first:
             out_a = model.layer1.output.save()
@@ -36,7 +36,7 @@ def test_each_invoke_sees_only_its_rows(model: nnsight.NNsight, net: torch.nn.Mo
     assert torch.allclose(whole.value, net.layer1(torch.cat([a, b])))
 
 
-def test_three_tensor_invokes_batch(model: nnsight.NNsight, net: torch.nn.Module) -> None:
+def test_three_tensor_invokes_batch(model: nnsight.NNsight, net: TinyNet) -> None:
     # nnsight 0.4.11's default _batch failed for two or more invokes.
     inputs = [torch.rand(1, 5), torch.rand(3, 5), torch.rand(2, 5)]
     with model.trace() as tracer:
@@ -48,7 +48,7 @@ def test_three_tensor_invokes_batch(model: nnsight.NNsight, net: torch.nn.Module
         assert torch.allclose(out.value, net(inp))
 
 
-def test_write_in_one_invoke_touches_only_its_rows(model: nnsight.NNsight, net: torch.nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
+def test_write_in_one_invoke_touches_only_its_rows(model: nnsight.NNsight, net: TinyNet, a: torch.Tensor, b: torch.Tensor) -> None:
     with model.trace() as tracer:
         with tracer.invoke(a):
             model.layer1.output[:] = 0
@@ -59,7 +59,7 @@ def test_write_in_one_invoke_touches_only_its_rows(model: nnsight.NNsight, net: 
     assert torch.allclose(out_b.value, net(b))
 
 
-def test_setter_in_one_invoke_replaces_only_its_rows(model: nnsight.NNsight, net: torch.nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
+def test_setter_in_one_invoke_replaces_only_its_rows(model: nnsight.NNsight, net: TinyNet, a: torch.Tensor, b: torch.Tensor) -> None:
     with model.trace() as tracer:
         with tracer.invoke(b):
             model.layer1.output = torch.ones(2, 10)
@@ -70,7 +70,7 @@ def test_setter_in_one_invoke_replaces_only_its_rows(model: nnsight.NNsight, net
     assert torch.allclose(out_a.value, net(a))
 
 
-def test_cross_invoke_patching(model: nnsight.NNsight, net: torch.nn.Module, a: torch.Tensor) -> None:
+def test_cross_invoke_patching(model: nnsight.NNsight, net: TinyNet, a: torch.Tensor) -> None:
     # nnsight 0.4 README "Cross Prompt Intervention", on the two-layer net.
     other = torch.rand(1, 5)
     with model.trace() as tracer:
@@ -92,7 +92,7 @@ def test_wrong_shape_for_an_invoke_is_a_clear_error(model: nnsight.NNsight, a: t
                 model.layer1.output = torch.ones(3, 10)
 
 
-def test_empty_invoke_sees_the_whole_batch(model: nnsight.NNsight, net: torch.nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
+def test_empty_invoke_sees_the_whole_batch(model: nnsight.NNsight, net: TinyNet, a: torch.Tensor, b: torch.Tensor) -> None:
     with model.trace() as tracer:
         with tracer.invoke(a):
             pass
@@ -129,3 +129,80 @@ def test_invokes_with_different_arguments_cannot_batch(model: nnsight.NNsight, a
                 pass
             with tracer.invoke(a, a):
                 pass
+
+
+def test_the_patching_tutorial_pattern_works(model: nnsight.NNsight, net: TinyNet) -> None:
+    # nnsight #502: in 0.4 this batched patching silently did nothing, because
+    # invoke 0's read of model.output delayed invoke 1's write past layer1.
+    # Here each invoke is its own program, so the write lands in time.
+    clean, corrupt = torch.rand(1, 5), torch.rand(1, 5)
+    with model.trace() as tracer:
+        with tracer.invoke(clean):
+            clean_hidden = model.layer1.output
+            clean_logits = model.output.save()
+        with tracer.invoke(corrupt):
+            model.layer1.output = clean_hidden
+            patched_logits = model.output.save()
+    donor = net.layer1(clean)
+    ref, _ = hooked_run(net, corrupt, replace={"layer1": lambda o: donor})
+    assert torch.allclose(patched_logits.value, ref)
+    assert torch.allclose(patched_logits.value, clean_logits.value)
+
+
+def test_an_outside_write_into_an_invoke_with_a_later_invokes_value(model: nnsight.NNsight) -> None:
+    # Code in invoke 0's block cannot name invoke 1's values, but code after
+    # both can: this outside write into invoke 0's rows needs invoke 1's layer1
+    # value at layer1's call, where invoke 1 computes it: it waits, then writes.
+    first, second = torch.rand(1, 5), torch.rand(1, 5)
+    net = model._model
+    with model.trace() as tracer:
+        with tracer.invoke(first):
+            target = model.layer1.output
+            out = model.output.save()
+        with tracer.invoke(second):
+            donor = model.layer1.output.clone()
+        target[:] = donor
+    assert torch.allclose(out.value, net(second))
+
+
+def test_the_outside_program_waits_for_an_invokes_value(model: nnsight.NNsight, net: TinyNet, a: torch.Tensor) -> None:
+    with model.trace() as tracer:
+        model.layer1.output[:] = 1  # outside any invoke, written first: runs first
+        with tracer.invoke(a):
+            hidden = model.layer1.output.clone()
+        doubled = (hidden * 2).save()  # the outside program waits for invoke 0's value
+    assert torch.equal(doubled.value, torch.full((1, 10), 2.0))
+
+
+def test_a_never_computed_value_of_another_invoke(model: nnsight.NNsight) -> None:
+    class Spare(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = torch.nn.Linear(5, 5)
+            self.spare = torch.nn.Linear(5, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)  # type: ignore[no-any-return]  # Linear returns a tensor
+
+    spare_model = nnsight.NNsight(Spare())
+    with model.trace() as tracer:
+        pass
+    with spare_model.trace() as tracer:
+        with tracer.invoke(torch.rand(1, 5)):
+            never = spare_model.spare.output * 2
+        with tracer.invoke(torch.rand(1, 5)):
+            waits = (spare_model.used.output + never).save()
+    import pytest as _pytest
+
+    with _pytest.raises(ValueError, match="that value of invoke 0 was never computed"):
+        _ = waits.value
+
+
+def test_outside_code_written_first_runs_first(model: nnsight.NNsight, net: TinyNet, a: torch.Tensor, b: torch.Tensor) -> None:
+    with model.trace() as tracer:
+        model.layer1.output[:] = 0  # outside any invoke: the whole batch, written first
+        with tracer.invoke(a):
+            seen = model.layer1.output.clone().save()
+        with tracer.invoke(b):
+            pass
+    assert torch.equal(seen.value, torch.zeros(1, 10))

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import nnsight_pure as nnsight
-from tests.helpers import hook_counts, hooked_run, parameters_snapshot, same_parameters
+from tests.helpers import TinyNet, hook_counts, hooked_run, parameters_snapshot, same_parameters
 
 
-def test_save_outputs_equal_plain_hooks(model: nnsight.NNsight, net: torch.nn.Module, x: torch.Tensor) -> None:
+def test_save_outputs_equal_plain_hooks(model: nnsight.NNsight, net: TinyNet, x: torch.Tensor) -> None:
     with model.trace(x):
         l1 = model.layer1.output.save()
         l2 = model.layer2.output.save()
@@ -23,7 +23,7 @@ def test_save_outputs_equal_plain_hooks(model: nnsight.NNsight, net: torch.nn.Mo
     assert torch.equal(out.value, ref_out)
 
 
-def test_inputs_and_input(model: nnsight.NNsight, x: torch.Tensor, net: torch.nn.Module) -> None:
+def test_inputs_and_input(model: nnsight.NNsight, x: torch.Tensor, net: TinyNet) -> None:
     with model.trace(x):
         l2_in = model.layer2.input.save()
         l2_inputs = model.layer2.inputs.save()
@@ -35,7 +35,7 @@ def test_inputs_and_input(model: nnsight.NNsight, x: torch.Tensor, net: torch.nn
     assert torch.equal(root_in.value, x)
 
 
-def test_set_output_replaces_what_later_layers_see(model: nnsight.NNsight, net: torch.nn.Module, x: torch.Tensor) -> None:
+def test_set_output_replaces_what_later_layers_see(model: nnsight.NNsight, net: TinyNet, x: torch.Tensor) -> None:
     with model.trace(x):
         model.layer1.output = model.layer1.output * 2
         after = model.layer1.output.save()
@@ -45,7 +45,7 @@ def test_set_output_replaces_what_later_layers_see(model: nnsight.NNsight, net: 
     assert torch.equal(after.value, seen["layer1"])
 
 
-def test_inplace_setitem_on_output(model: nnsight.NNsight, net: torch.nn.Module, x: torch.Tensor) -> None:
+def test_inplace_setitem_on_output(model: nnsight.NNsight, net: TinyNet, x: torch.Tensor) -> None:
     with model.trace(x):
         before = model.layer1.output.clone().save()
         model.layer1.output[:, 2:5] = 0
@@ -63,7 +63,7 @@ def test_inplace_setitem_on_output(model: nnsight.NNsight, net: torch.nn.Module,
     assert not torch.equal(out.value, plain)
 
 
-def test_set_input_and_inputs(model: nnsight.NNsight, net: torch.nn.Module, x: torch.Tensor) -> None:
+def test_set_input_and_inputs(model: nnsight.NNsight, net: TinyNet, x: torch.Tensor) -> None:
     with model.trace(x):
         model.layer2.input = model.layer2.input + 1
         out1 = model.output.save()
@@ -75,7 +75,7 @@ def test_set_input_and_inputs(model: nnsight.NNsight, net: torch.nn.Module, x: t
     assert torch.equal(out2.value, net.layer2(torch.ones(1, 10)))
 
 
-def test_in_place_operator_changes_the_activation(model: nnsight.NNsight, net: torch.nn.Module, x: torch.Tensor) -> None:
+def test_in_place_operator_changes_the_activation(model: nnsight.NNsight, net: TinyNet, x: torch.Tensor) -> None:
     # ``h += 1`` acts in place on the tensor, as in plain torch (nnsight 0.4 silently did not).
     with model.trace(x):
         h = model.layer1.output
@@ -85,7 +85,7 @@ def test_in_place_operator_changes_the_activation(model: nnsight.NNsight, net: t
     assert torch.equal(out.value, ref)
 
 
-def test_operators_and_methods(model: nnsight.NNsight, x: torch.Tensor, net: torch.nn.Module) -> None:
+def test_operators_and_methods(model: nnsight.NNsight, x: torch.Tensor, net: TinyNet) -> None:
     with model.trace(x):
         h = model.layer1.output
         results = [
@@ -114,7 +114,7 @@ def test_operators_and_methods(model: nnsight.NNsight, x: torch.Tensor, net: tor
             assert got.value == want
 
 
-def test_torch_functions_dispatch_on_proxies(model: nnsight.NNsight, x: torch.Tensor, net: torch.nn.Module) -> None:
+def test_torch_functions_dispatch_on_proxies(model: nnsight.NNsight, x: torch.Tensor, net: TinyNet) -> None:
     with model.trace(x):
         h = cast(torch.Tensor, model.layer1.output)
         total = cast(nnsight.Proxy, torch.sum(h)).save()
@@ -159,7 +159,7 @@ def test_setting_example_from_nnsight_readme(model: nnsight.NNsight, x: torch.Te
     assert torch.allclose(pre.value, post.value, atol=0.2)
 
 
-def test_adhoc_module_call(model: nnsight.NNsight, net: torch.nn.Sequential, x: torch.Tensor) -> None:
+def test_adhoc_module_call(model: nnsight.NNsight, net: TinyNet, x: torch.Tensor) -> None:
     with model.trace(x):
         again = model.layer2(model.layer1.output).save()
         doubled = model.layer2(model.layer1.output * 2).save()
@@ -168,7 +168,7 @@ def test_adhoc_module_call(model: nnsight.NNsight, net: torch.nn.Sequential, x: 
     assert torch.equal(doubled.value, net.layer2(seen["layer1"] * 2))
 
 
-def test_adhoc_call_does_not_fire_hooks_or_count(model: nnsight.NNsight, net: torch.nn.Sequential, x: torch.Tensor) -> None:
+def test_adhoc_call_does_not_fire_hooks_or_count(model: nnsight.NNsight, net: TinyNet, x: torch.Tensor) -> None:
     # hook=False bypasses hooks: layer2's call index 0 is still the model's own call.
     with model.trace(x):
         fake = model.layer2(torch.zeros(1, 10))
@@ -178,7 +178,7 @@ def test_adhoc_call_does_not_fire_hooks_or_count(model: nnsight.NNsight, net: to
     assert torch.equal(fake_saved.value, net.layer2.bias.expand(1, 2))
 
 
-def test_weights_are_read_as_clones(model: nnsight.NNsight, net: torch.nn.Sequential, x: torch.Tensor) -> None:
+def test_weights_are_read_as_clones(model: nnsight.NNsight, net: TinyNet, x: torch.Tensor) -> None:
     snapshot = parameters_snapshot(net)
     with model.trace(x):
         weight = model.layer1.weight.save()
@@ -219,7 +219,7 @@ def test_tracer_stop(model: nnsight.NNsight, x: torch.Tensor) -> None:
         _ = after.value
 
 
-def test_stop_before_any_access_never_runs_the_model(net: torch.nn.Sequential, x: torch.Tensor) -> None:
+def test_stop_before_any_access_never_runs_the_model(net: TinyNet, x: torch.Tensor) -> None:
     calls = []
     handle = net.register_forward_hook(lambda m, i, o: calls.append(1))
     try:
@@ -234,7 +234,7 @@ def test_stop_before_any_access_never_runs_the_model(net: torch.nn.Sequential, x
         _ = out.value
 
 
-def test_trace_false_returns_output(model: nnsight.NNsight, net: torch.nn.Module, x: torch.Tensor) -> None:
+def test_trace_false_returns_output(model: nnsight.NNsight, net: TinyNet, x: torch.Tensor) -> None:
     assert torch.equal(model.trace(x, trace=False), net(x))
 
 
@@ -251,7 +251,7 @@ def test_get_by_path(model: nnsight.NNsight, x: torch.Tensor) -> None:
     assert out.value.shape == (1, 10)
 
 
-def test_saved_proxy_behaves_like_its_value_after_the_trace(model: nnsight.NNsight, x: torch.Tensor, net: torch.nn.Module) -> None:
+def test_saved_proxy_behaves_like_its_value_after_the_trace(model: nnsight.NNsight, x: torch.Tensor, net: TinyNet) -> None:
     with model.trace(x):
         h = model.layer1.output.save()
     v = h.value
@@ -266,7 +266,7 @@ def test_saved_proxy_behaves_like_its_value_after_the_trace(model: nnsight.NNsig
     assert len(h) == 1
 
 
-def test_a_saved_value_patches_a_later_trace(model: nnsight.NNsight, net: torch.nn.Module, x: torch.Tensor) -> None:
+def test_a_saved_value_patches_a_later_trace(model: nnsight.NNsight, net: TinyNet, x: torch.Tensor) -> None:
     other = torch.rand(1, 5)
     with model.trace(other):
         donor = model.layer1.output.save()
@@ -276,7 +276,7 @@ def test_a_saved_value_patches_a_later_trace(model: nnsight.NNsight, net: torch.
     assert torch.equal(out.value, net.layer2(net.layer1(other)))
 
 
-def test_hooks_only_during_the_run_and_user_hooks_untouched(net: torch.nn.Sequential, x: torch.Tensor) -> None:
+def test_hooks_only_during_the_run_and_user_hooks_untouched(net: TinyNet, x: torch.Tensor) -> None:
     fired = []
     mine = net.layer2.register_forward_hook(lambda m, i, o: fired.append(o.clone()))
     before = hook_counts(net)
@@ -309,7 +309,7 @@ def test_method_call_is_one_node(model: nnsight.NNsight, x: torch.Tensor) -> Non
     assert "%0.sum(dim=0)" in repr(tracer.graph)
 
 
-def test_rename_is_envoy_level_only(net: torch.nn.Sequential, x: torch.Tensor) -> None:
+def test_rename_is_envoy_level_only(net: TinyNet, x: torch.Tensor) -> None:
     keys = set(net.state_dict())
     model = nnsight.NNsight(net, rename={"layer1": "first"})
     assert set(net.state_dict()) == keys
@@ -332,7 +332,7 @@ def test_modulelist_indexing_and_output(gpt2: nnsight.NNsight, gpt2_module: Any,
     assert [torch.equal(a, b) for a, b in zip(both.value, [seen["transformer.h.0"], seen["transformer.h.1"]])] == [True, True]
 
 
-def test_envoy_call_outside_a_trace_runs_the_module(model: nnsight.NNsight, net: torch.nn.Sequential, x: torch.Tensor) -> None:
+def test_envoy_call_outside_a_trace_runs_the_module(model: nnsight.NNsight, net: TinyNet, x: torch.Tensor) -> None:
     assert torch.equal(model.layer1(x), net.layer1(x))
     assert torch.equal(model(x), net(x))
 

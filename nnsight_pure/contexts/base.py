@@ -33,6 +33,7 @@ class GraphContext:
         self._open = False
         self._closed = False
         self._results: Results | None = None
+        self._invoke: int | None = None  # the invoke new nodes belong to
 
     @property
     def graph(self) -> Graph:
@@ -57,7 +58,7 @@ class GraphContext:
             raise TraceError(f"the trace opened at {short(self._where)} is not open")
         frozen_args = tuple(freeze(arg, Proxy, self._argument) for arg in args)
         frozen_kwargs = {name: freeze(value, Proxy, self._argument) for name, value in kwargs.items()} if kwargs else None
-        self._graph, ref = self._graph.add(op, frozen_args, frozen_kwargs, user_location())
+        self._graph, ref = self._graph.add(op, frozen_args, frozen_kwargs, user_location(), self._invoke)
         return Proxy(self, ref)
 
     def _argument(self, proxy: Proxy) -> object:

@@ -40,8 +40,8 @@ class Tracer(GraphContext):
         self._model = model
         self._method = method
         self._method_kwargs = method_kwargs
-        self._prepared: list[tuple[tuple[tuple[Any, ...], dict[str, Any]], int]] = []
-        self._invoke: int | None = None
+        self._prepared: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        self._sizes: list[int | None] = []  # per invoke: its rows, or None (no inputs)
         self._invoker: Invoker | None = None
         self._implicit: Invoker | None = None
         self._accesses: dict[tuple[str, AccessKind, int | None], Proxy] = {}
@@ -63,19 +63,23 @@ class Tracer(GraphContext):
             self._token = None
         if self._implicit is not None and self._invoker is self._implicit:
             self._implicit.__exit__(None, None, None)
+        # Recording is over: drop what points back at this tracer (proxies in
+        # the access cache, invokers), so that no reference cycle keeps saved
+        # values alive after the user drops their proxies.
+        self._accesses.clear()
+        self._implicit = self._invoker = None
         try:
             if exc_type is None:
                 self._run()
         finally:
             self._closed = True
+            self._prepared.clear()
 
     def _run(self) -> None:
         model = self._model
         batched: tuple[tuple[Any, ...], dict[str, Any]] | None = None
-        sizes = []
-        for (args, kwargs), size in self._prepared:
+        for args, kwargs in self._prepared:
             batched = model._batch(batched, *args, **kwargs)
-            sizes.append(size)
         args, kwargs = batched if batched is not None else ((), {})
         clash = sorted(set(kwargs) & set(self._method_kwargs))
         if clash:
@@ -91,7 +95,7 @@ class Tracer(GraphContext):
             model._method_fn(self._method),
             args,
             kwargs,
-            BatchGroups.from_sizes(sizes),
+            BatchGroups.from_sizes(self._sizes),
             self._where,
         )
 
@@ -110,15 +114,16 @@ class Tracer(GraphContext):
             )
         if self._closed:
             raise TraceError(f"the trace opened at {short(self._where)} has closed")
-        self._invoker = invoker
         if not invoker.inputs and not invoker.kwargs:
-            self._invoke = None  # an empty invoke sees the whole batch
+            self._sizes.append(None)  # an invoke without inputs sees the whole batch
         else:
             (args, kwargs), size = self._model._prepare_input(*invoker.inputs, **invoker.kwargs)
-            self._prepared.append(((tuple(args), dict(kwargs)), size))
-            self._invoke = len(self._prepared) - 1
+            self._prepared.append((tuple(args), dict(kwargs)))
+            self._sizes.append(size)
             invoker.batch_size = size
             invoker.prepared = (tuple(args), dict(kwargs))
+        self._invoker = invoker
+        self._invoke = len(self._sizes) - 1
         return self._invoke
 
     def _exit_invoke(self, invoker: Invoker) -> None:
@@ -132,18 +137,18 @@ class Tracer(GraphContext):
 
     # --- module accesses (called by envoys) ------------------------------------------
 
-    def access(self, path: str, kind: AccessKind) -> Proxy:
+    def _access(self, path: str, kind: AccessKind) -> Proxy:
         """The proxy for a module value in the current invoke (one node per value)."""
         key = (path, kind, self._invoke)
         proxy = self._accesses.get(key)
         if proxy is None:
-            proxy = self._current().record(ModuleGet(path, kind, 0, self._invoke))
+            proxy = self._current().record(ModuleGet(path, kind, 0))
             self._accesses[key] = proxy
         return proxy
 
-    def write(self, path: str, kind: AccessKind, value: Any) -> None:
+    def _write_access(self, path: str, kind: AccessKind, value: Any) -> None:
         """Replace a module value in the current invoke."""
-        self._current().record(ModuleSet(path, kind, 0, self._invoke), (value,))
+        self._current().record(ModuleSet(path, kind, 0), (value,))
         # Later reads of this call must see the new value: forget the cached accesses.
         for key in [key for key in self._accesses if key[0] == path and key[2] == self._invoke]:
             del self._accesses[key]

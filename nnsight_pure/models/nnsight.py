@@ -8,7 +8,7 @@ for the length of one run.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping, cast
 
 import torch
 import torch.utils._pytree as pytree
@@ -111,7 +111,7 @@ class NNsight:
                 function = getattr(self._model, method, None)
             if not callable(function):
                 raise AttributeError(f"{type(self).__name__} has no method {method!r} to trace")
-            return function  # type: ignore[no-any-return]  # checked callable above
+            return cast(Callable[..., Any], function)
         return method
 
     # --- the batching contract (override in subclasses) -------------------------------
