@@ -381,8 +381,9 @@ def run_graph(
     stopped = False
     try:
         run.advance_all()  # the part of each program that needs no module value
-        if not run.done:
-            interleave(Interleaver(run), *args, fn=fn, **kwargs)
+        # The model runs even when no node needs it: a trace promises one run
+        # (the user's own hooks, train-mode statistics and other effects).
+        interleave(Interleaver(run), *args, fn=fn, **kwargs)
     except EarlyStop:
         stopped = True
     except BaseException as error:

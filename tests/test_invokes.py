@@ -174,7 +174,7 @@ def test_the_outside_program_waits_for_an_invokes_value(model: nnsight.NNsight, 
     assert torch.equal(doubled.value, torch.full((1, 10), 2.0))
 
 
-def test_a_never_computed_value_of_another_invoke(model: nnsight.NNsight) -> None:
+def test_a_never_computed_value_of_another_invoke() -> None:
     class Spare(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -185,16 +185,12 @@ def test_a_never_computed_value_of_another_invoke(model: nnsight.NNsight) -> Non
             return self.used(x)  # type: ignore[no-any-return]  # Linear returns a tensor
 
     spare_model = nnsight.NNsight(Spare())
-    with model.trace() as tracer:
-        pass
     with spare_model.trace() as tracer:
         with tracer.invoke(torch.rand(1, 5)):
             never = spare_model.spare.output * 2
         with tracer.invoke(torch.rand(1, 5)):
             waits = (spare_model.used.output + never).save()
-    import pytest as _pytest
-
-    with _pytest.raises(ValueError, match="that value of invoke 0 was never computed"):
+    with pytest.raises(ValueError, match="that value of invoke 0 was never computed"):
         _ = waits.value
 
 

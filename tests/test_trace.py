@@ -360,3 +360,12 @@ def test_setattr_and_delitem_record(model: nnsight.NNsight, x: torch.Tensor) -> 
     assert [type(n.op).__name__ for n in tracer.graph][:2] == ["ModuleGet", "SetAttr"]
     assert getattr(out.value, "custom_flag") is True
     assert operator.index(torch.tensor(3)) == 3
+
+
+def test_an_empty_trace_still_runs_the_model_once(net: TinyNet, x: torch.Tensor) -> None:
+    calls: list[int] = []
+    handle = net.register_forward_hook(lambda m, i, o: calls.append(1))
+    with nnsight.NNsight(net).trace(x):
+        pass
+    handle.remove()
+    assert calls == [1]
