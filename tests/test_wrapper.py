@@ -132,8 +132,8 @@ def test_tree_helpers(model: nnsight.NNsight) -> None:
     assert [path for path, _ in model.named_modules()] == ["", "layer1", "layer2"]
     assert [e.path for e in model.modules()] == ["", ".layer1", ".layer2"]
     assert [e.path for e in model.modules(lambda e: isinstance(e._module, torch.nn.Linear))] == [".layer1", ".layer2"]
-    assert [e.path for e in model._envoy] == [".layer1", ".layer2"]
-    assert len(model._envoy) == 2
+    assert [e.path for e in model] == [".layer1", ".layer2"]
+    assert len(model) == 2 and model[0] is model.layer1 and model[-1] is model.layer2
     assert "layer1" in dir(model._envoy)
 
 

@@ -8,7 +8,7 @@ for the length of one run.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, ClassVar, Mapping, cast
+from typing import Any, Callable, ClassVar, Iterator, Mapping, cast
 
 import torch
 import torch.utils._pytree as pytree
@@ -184,6 +184,16 @@ class NNsight:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._envoy(*args, **kwargs)
+
+    # The root's children by position (nnsight 0.4 needed ``model._envoy[0]``).
+    def __getitem__(self, key: int | str) -> Envoy:
+        return self._envoy[key]
+
+    def __len__(self) -> int:
+        return len(self._envoy)
+
+    def __iter__(self) -> Iterator[Envoy]:
+        return iter(self._envoy)
 
     def __repr__(self) -> str:
         return repr(self._envoy)

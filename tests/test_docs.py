@@ -1,0 +1,24 @@
+"""Every ```python block of the docs and the README runs, in order, per page."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+PAGES = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
+BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
+
+
+def test_there_are_examples() -> None:
+    assert sum(len(BLOCK.findall(page.read_text())) for page in PAGES) >= 10
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_page_examples_run(page: Path) -> None:
+    namespace: dict[str, object] = {"__name__": f"docs_{page.stem}"}
+    for number, block in enumerate(BLOCK.findall(page.read_text())):
+        code = compile(block, f"{page.name}[block {number}]", "exec")
+        exec(code, namespace)  # the docs are ours: running them is the point
