@@ -206,13 +206,6 @@ def freeze(value: object, proxy_type: type, to_ref: Callable[[Any], object]) -> 
     return value
 
 
-def freeze_all(
-    values: Sequence[object], proxy_type: type, to_ref: Callable[[Any], object]
-) -> tuple[object, ...]:
-    """`freeze` each of a sequence of user values."""
-    return tuple(freeze(value, proxy_type, to_ref) for value in values)
-
-
 def is_static(arg: object) -> bool:
     """True when an argument holds no `Ref` and thaws to an immutable value,
     so it can be thawed once and reused by every run."""

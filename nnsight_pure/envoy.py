@@ -121,10 +121,13 @@ class Envoy:
     # --- children and attributes --------------------------------------------------------
 
     def _child(self, attribute: str) -> Envoy | None:
+        """The child envoy reached as ``attribute`` (an alias or a real name)."""
         name = self._handle.real_name(self._module, self._path, attribute)
-        if name is None:
-            return None
-        module = self._module._modules[name]
+        return None if name is None else self._child_named(name)
+
+    def _child_named(self, name: str) -> Envoy | None:
+        """The child envoy of the torch child module called ``name``."""
+        module = self._module._modules.get(name)
         if module is None:
             return None
         envoy = self._children.get(name)
@@ -173,7 +176,7 @@ class Envoy:
                 raise IndexError(
                     f"{module_expr(self._alias_path)} has {len(names)} submodules; index {key} is out of range"
                 ) from None
-        child = self._child(self._handle.alias(self._path, name))
+        child = self._child_named(name)
         if child is None:
             raise KeyError(f"{module_expr(self._alias_path)} has no submodule {key!r}")
         return child

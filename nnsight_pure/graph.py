@@ -167,16 +167,6 @@ def use_counts(graph: Graph) -> list[int]:
     return [len(node_users) for node_users in users(graph)]
 
 
-def last_uses(graph: Graph) -> list[int]:
-    """For each node, the index of the last node that uses its value (itself if none)."""
-    last = list(range(len(graph.nodes)))
-    for node in graph.nodes:
-        for ref in node_refs(node):
-            if node.ref.index > last[ref.index]:
-                last[ref.index] = node.ref.index
-    return last
-
-
 class GraphError(ValueError):
     """A graph breaks one of its structural invariants."""
 

@@ -11,7 +11,6 @@ This module is pure: no torch hooks, no I/O.
 
 from __future__ import annotations
 
-import inspect
 from typing import Callable, Literal, Union
 
 import attrs
@@ -41,11 +40,7 @@ def _callable_key(fn: object) -> object:
 def callable_name(fn: object) -> str:
     """A short, stable, human-readable name for a callable (no addresses)."""
     name = getattr(fn, "__name__", None)
-    if isinstance(name, str):
-        return name
-    if inspect.isclass(type(fn)):
-        return type(fn).__name__
-    return "call"  # pragma: no cover - every object has a type
+    return name if isinstance(name, str) else type(fn).__name__
 
 
 @attrs.frozen

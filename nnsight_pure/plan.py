@@ -199,8 +199,11 @@ def _written_access(graph: Graph, node: Node) -> Node | None:
 # --- building steps ------------------------------------------------------------------
 
 
-def _exec_fn(op: Op) -> Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]:
-    """How an ordinary node computes its value from (run state, args, kwargs)."""
+def op_function(op: Op) -> Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]:
+    """How an ordinary node computes its value from (run state, args, kwargs).
+
+    The run state is only read by module ops; the shell also uses this to
+    compute on finished values after a trace (with no run state)."""
     match op:
         case Call(fn):
             return lambda state, args, kwargs: fn(*args, **kwargs)
@@ -233,7 +236,7 @@ def _step(graph: Graph, node: Node) -> Step:
         case Stop():
             return Step(index, STOP, node, resolve, invoke=invoke)
         case Call() | CallMethod() | GetAttr() | SetAttr() | ModuleAttr() | ApplyModule():
-            step = Step(index, EXEC, node, resolve, run=_exec_fn(node.op), invoke=invoke)
+            step = Step(index, EXEC, node, resolve, run=op_function(node.op), invoke=invoke)
             if is_inplace(node):
                 access = _written_access(graph, node)
                 if access is not None:

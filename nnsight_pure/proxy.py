@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from .contexts import active
 from .ops import Call, CallMethod, GetAttr, Op, Save, SetAttr, Stop
-from .plan import _exec_fn
+from .plan import op_function
 from .printing import format_node
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ def _compute_now(op: Op, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
     keywords = {name: to_values(value) for name, value in kwargs.items()}
     if isinstance(op, (Save, Stop)):
         return args[0] if args else None
-    return _exec_fn(op)(None, values, keywords)
+    return op_function(op)(None, values, keywords)
 
 
 def to_values(value: Any) -> Any:

@@ -20,12 +20,11 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 
 
+_INTERNAL = (_PACKAGE_DIR, _TORCH_DIR, "<frozen ")
+
+
 def _is_internal(filename: str) -> bool:
-    return (
-        filename.startswith(_PACKAGE_DIR)
-        or filename.startswith(_TORCH_DIR)
-        or filename.startswith("<frozen ")
-    )
+    return filename.startswith(_INTERNAL)
 
 
 def user_location() -> SourceLoc | None:

@@ -26,6 +26,19 @@ def tiny_net(seed: int = 423) -> TinyNet:
     return TinyNet(OrderedDict([("layer1", torch.nn.Linear(5, 10)), ("layer2", torch.nn.Linear(10, 2))]))
 
 
+class WithSpare(torch.nn.Module):
+    """A model with a submodule its forward never calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = torch.nn.Linear(5, 5)
+        self.spare = torch.nn.Linear(5, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.used(x)
+        return out
+
+
 def tiny_gpt2(n_layer: int = 2, seed: int = 0) -> GPT2LMHeadModel:
     """A GPT-2-shaped model with random weights, from a config (eval mode: no dropout)."""
     torch.manual_seed(seed)

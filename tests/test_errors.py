@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import nnsight_pure as nnsight
-from tests.helpers import TinyNet, hook_counts, parameters_snapshot, same_parameters
+from tests.helpers import TinyNet, WithSpare, hook_counts, parameters_snapshot, same_parameters
 
 
 def _line_of(text: str) -> int:
@@ -23,18 +23,6 @@ def _line_of(text: str) -> int:
 
 def _notes(error: BaseException) -> str:
     return "\n".join(getattr(error, "__notes__", []))
-
-
-class WithSpare(torch.nn.Module):
-    """A model with a submodule its forward never calls."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.used = torch.nn.Linear(5, 5)
-        self.spare = torch.nn.Linear(5, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.used(x)  # type: ignore[no-any-return]  # Linear returns a tensor
 
 
 def test_unknown_module_path_names_path_and_children(model: nnsight.NNsight) -> None:
@@ -209,13 +197,13 @@ def test_keyword_given_twice(gpt2: nnsight.NNsight, ids: torch.Tensor) -> None:
 def test_nothing_is_lost_after_many_failures(net: TinyNet, x: torch.Tensor) -> None:
     model = nnsight.NNsight(net)
     hooks, weights = hook_counts(net), parameters_snapshot(net)
-    failures: list[Any] = [
-        lambda: model.layer1.output.__setitem__((slice(None), 99), 0),
-        lambda: setattr(model.layer1, "output", torch.ones(1, 1)),
-        lambda: model.layer2.output.no_such_method(),
+    failures: list[tuple[type[Exception], Any]] = [
+        (IndexError, lambda: model.layer1.output.__setitem__((slice(None), 99), 0)),
+        (RuntimeError, lambda: setattr(model.layer1, "output", torch.ones(1, 1))),
+        (AttributeError, lambda: model.layer2.output.no_such_method()),
     ]
-    for fail in failures:
-        with pytest.raises(Exception):
+    for expected, fail in failures:
+        with pytest.raises(expected):
             with model.trace(x):
                 fail()
         assert hook_counts(net) == hooks and same_parameters(net, weights)

@@ -24,7 +24,7 @@ from nnsight_pure.arguments import (
     is_static,
     thaw,
 )
-from nnsight_pure.graph import Graph, GraphError, Node, add, check_graph, last_uses, saved_refs, users
+from nnsight_pure.graph import Graph, GraphError, Node, add, check_graph, saved_refs, use_counts, users
 from nnsight_pure.ops import Call, CallMethod, ModuleGet, ModuleSet, Op, Save, Stop
 from nnsight_pure.plan import compile_plan, is_inplace, plan_for
 from nnsight_pure.printing import format_graph
@@ -128,7 +128,7 @@ def test_check_graph_rejects_forward_references() -> None:
 def test_dependency_functions() -> None:
     g = build()
     assert users(g) == [[1, 2, 3, 4], [2], [], [], []]
-    assert last_uses(g) == [4, 2, 2, 3, 4]
+    assert use_counts(g) == [4, 1, 0, 0, 0]
     assert saved_refs(g) == frozenset({0})
 
 

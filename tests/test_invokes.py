@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import nnsight_pure as nnsight
-from tests.helpers import TinyNet, hooked_run
+from tests.helpers import TinyNet, WithSpare, hooked_run
 
 
 @pytest.fixture
@@ -175,16 +175,7 @@ def test_the_outside_program_waits_for_an_invokes_value(model: nnsight.NNsight, 
 
 
 def test_a_never_computed_value_of_another_invoke() -> None:
-    class Spare(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.used = torch.nn.Linear(5, 5)
-            self.spare = torch.nn.Linear(5, 5)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.used(x)  # type: ignore[no-any-return]  # Linear returns a tensor
-
-    spare_model = nnsight.NNsight(Spare())
+    spare_model = nnsight.NNsight(WithSpare())
     with spare_model.trace() as tracer:
         with tracer.invoke(torch.rand(1, 5)):
             never = spare_model.spare.output * 2

@@ -39,7 +39,8 @@ class ModelHandle:
     def real_name(self, parent: torch.nn.Module, parent_path: str, attribute: str) -> str | None:
         """The child module name that ``attribute`` refers to on ``parent``, if any."""
         children = parent._modules
-        for name in children:
-            if self.alias(parent_path, name) == attribute:
-                return name
+        if self._by_name:
+            for name in children:
+                if self.alias(parent_path, name) == attribute:
+                    return name
         return attribute if attribute in children else None
