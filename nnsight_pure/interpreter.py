@@ -16,7 +16,8 @@ Semantics (docs/interpreter.md explains them with examples):
 * Reading a call that already happened still gives its value (the run keeps
   it because the plan says a later node reads it).
 * Writing to a call the model has moved past raises `OutOfOrderError`.
-* A value from another invoke that is not computed yet is waited for.
+* A value from another invoke that is not computed yet is waited for, and
+  accesses of one module call from different invokes keep their text order.
 * Every value dies after its last use unless it is saved.
 * Hooks exist only on the modules the plan needs, only during the run, and
   are removed whatever happens.
@@ -43,11 +44,12 @@ from .source import add_note, describe, short
 _UNSET: Any = object()
 """Marks an environment slot whose node has not run (or whose value died)."""
 
-WAIT_EVENT, WAIT_VALUE = 0, 1
+WAIT_EVENT, WAIT_VALUE, WAIT_STEP = 0, 1, 2
 
 Request = tuple[int, Any, int]
-"""What a program waits for: ``(WAIT_EVENT, event key, step)`` or
-``(WAIT_VALUE, node index, step)``."""
+"""What a program waits for, at which step: ``(WAIT_EVENT, event key, step)``,
+``(WAIT_VALUE, node, step)`` (another invoke's value) or ``(WAIT_STEP, node,
+step)`` (another invoke's access of the same module call, written earlier)."""
 
 Program = Generator[Request, Any, None]
 """A generator folding one invoke's steps. After ``WAIT_EVENT`` it receives
@@ -83,6 +85,7 @@ class _Run:
         self.root = root
         self.groups = groups
         self.env: list[Any] = [_UNSET] * len(plan.steps)
+        self.ran = [False] * len(plan.steps)
         self.uses = list(plan.uses)
         self.current: EventKey | None = None
         self.activation: Any = None
@@ -103,13 +106,16 @@ class _Run:
     # --- a program ------------------------------------------------------------------
 
     def _fold(self, steps: Sequence[Step]) -> Program:
-        env, uses = self.env, self.uses
+        env, uses, ran = self.env, self.uses, self.ran
         step: Step | None = None
         try:
             for step in steps:
                 for index in step.foreign:
                     if env[index] is _UNSET:
                         yield (WAIT_VALUE, index, step.index)
+                for index in step.after:
+                    if not ran[index]:
+                        yield (WAIT_STEP, index, step.index)
                 code = step.code
                 if code == EXEC:
                     if step.guard is not None and step.guard[0] != self.current:
@@ -138,6 +144,7 @@ class _Run:
                         env[index] = _UNSET
                 if step.unused:
                     env[step.index] = _UNSET
+                ran[step.index] = True
         except (EarlyStop, GeneratorExit):
             raise
         except BaseException as error:
@@ -204,7 +211,9 @@ class _Run:
                     self.readers[what] = left
                     if left <= 0:
                         self.kept.pop(what, None)
-                elif self.env[what] is _UNSET:
+                elif wait == WAIT_VALUE and self.env[what] is _UNSET:
+                    break
+                elif wait == WAIT_STEP and not self.ran[what]:
                     break
             program.started = True
             self.running = True
@@ -268,8 +277,8 @@ class _Run:
         if not stopped:
             for program in self.programs:
                 if not program.done and program.request is not None:
-                    _, what, at = program.request
-                    waited = what if program.request[0] == WAIT_VALUE else at
+                    wait, what, at = program.request
+                    waited = at if wait == WAIT_EVENT else what
                     blocked[program.invoke] = (at, waited)
                     _warn_unexecuted_writes(self.plan, graph, program.invoke, at, waited)
         self.close()

@@ -4,8 +4,9 @@ A `Plan` says, for every node, how to run it (a `Step`), which hook event it
 waits for, which values it uses (so values die after their last use), and
 which writes must run inside a particular hook (the out-of-order guard). It
 splits the steps into *programs*, one per invoke (and one for the nodes
-outside any invoke), in the order the programs began in the code, and lists
-the hook sites the run must install. Plans depend only on the graph, never
+outside any invoke), in the order the programs began in the code, records
+the cross-invoke waits that keep accesses of one module call in text order,
+and lists the hook sites the run must install. Plans depend only on the graph, never
 on the model or the inputs, and are cached per graph value, so replaying a
 graph pays no planning.
 
@@ -61,12 +62,14 @@ class Step:
 
     ``release`` are the unsaved values it uses (each loses one use when the
     step runs); ``foreign`` are the values it uses that another invoke's
-    program computes (it waits for them); ``guard`` is the module call a
-    write must happen in, with the access it writes through.
+    program computes (it waits for them); ``after`` are the accesses of other
+    invokes to the same module call that are written before it and must run
+    first; ``guard`` is the module call a write must happen in, with the
+    access it writes through.
     """
 
     __slots__ = ("index", "code", "node", "key", "kind", "invoke", "run", "resolve",
-                 "release", "foreign", "unused", "guard")
+                 "release", "foreign", "after", "unused", "guard", "reads")
 
     def __init__(
         self,
@@ -90,6 +93,8 @@ class Step:
         self.run = run
         self.release: tuple[int, ...] = ()
         self.foreign: tuple[int, ...] = ()
+        self.after: tuple[int, ...] = ()
+        self.reads: tuple[EventKey, ...] = ()
         self.unused = False
         self.guard: tuple[EventKey, int] | None = None
 
@@ -183,17 +188,22 @@ def _aliases_argument(node: Node) -> bool:
     return False
 
 
-def _written_access(graph: Graph, node: Node) -> Node | None:
-    """The module access whose value an in-place node writes into, if any."""
-    if not node.args or type(node.args[0]) is not Ref:
-        return None
-    target = graph.nodes[node.args[0].index]
+def _aliased_access(graph: Graph, ref: Ref) -> Node | None:
+    """The module access whose value ``ref``'s value is (a view of), if any."""
+    target = graph.nodes[ref.index]
     while True:
         if isinstance(target.op, ModuleGet):
             return target
         if not _aliases_argument(target) or not target.args or type(target.args[0]) is not Ref:
             return None
         target = graph.nodes[target.args[0].index]
+
+
+def _written_access(graph: Graph, node: Node) -> Node | None:
+    """The module access whose value an in-place node writes into, if any."""
+    if not node.args or type(node.args[0]) is not Ref:
+        return None
+    return _aliased_access(graph, node.args[0])
 
 
 # --- building steps ------------------------------------------------------------------
@@ -237,6 +247,13 @@ def _step(graph: Graph, node: Node) -> Step:
             return Step(index, STOP, node, resolve, invoke=invoke)
         case Call() | CallMethod() | GetAttr() | SetAttr() | ModuleAttr() | ApplyModule():
             step = Step(index, EXEC, node, resolve, run=op_function(node.op), invoke=invoke)
+            reads = set()
+            for ref in node_refs(node):
+                access = _aliased_access(graph, ref)
+                if access is not None:
+                    assert isinstance(access.op, ModuleGet)
+                    reads.add((access.op.path, site_of(access.op.kind), access.op.call))
+            step.reads = tuple(sorted(reads))
             if is_inplace(node):
                 access = _written_access(graph, node)
                 if access is not None:
@@ -244,6 +261,41 @@ def _step(graph: Graph, node: Node) -> Step:
                     op = access.op
                     step.guard = ((op.path, site_of(op.kind), op.call), access.ref.index)
             return step
+
+
+def _accesses(step: Step) -> list[tuple[EventKey, bool]]:
+    """The module calls a step reads or writes, each with whether it writes.
+
+    A step reads a call when it accesses it, or when it uses a value that is
+    (a view of) that call's value; it writes a call when it sets it, or
+    writes in place into such a value.
+    """
+    found = [(key, False) for key in step.reads]
+    if step.code == GET and step.key is not None:
+        found.append((step.key, False))
+    elif step.code == SET and step.key is not None:
+        found.append((step.key, True))
+    elif step.guard is not None:
+        found.append((step.guard[0], True))
+    return found
+
+
+def _order_accesses_across_invokes(steps: Sequence[Step]) -> None:
+    """Fill in ``Step.after``: accesses of one module call from different
+    invokes keep the order they were written in. A write waits for the reads
+    and writes written before it; a read waits for the writes before it."""
+    seen: dict[EventKey, list[tuple[Step, bool]]] = {}
+    for step in steps:
+        after: set[int] = set()
+        for key, writes in _accesses(step):
+            earlier = seen.setdefault(key, [])
+            after.update(
+                other.index
+                for other, other_writes in earlier
+                if other.invoke != step.invoke and (writes or other_writes)
+            )
+            earlier.append((step, writes))
+        step.after = tuple(sorted(after))
 
 
 def compile_plan(graph: Graph) -> Plan:
@@ -269,6 +321,7 @@ def compile_plan(graph: Graph) -> Plan:
             writes.add(step.index)
         steps.append(step)
         programs.setdefault(node.invoke, []).append(step)
+    _order_accesses_across_invokes(steps)
     return Plan(
         steps=tuple(steps),
         # Programs resume in the order they began in the code (dicts keep insertion order).

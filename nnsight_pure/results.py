@@ -56,7 +56,7 @@ def missing_value_message(graph: Graph, index: int, results: Results | None, sav
         why = (
             "that module was not called (that many times) in this run"
             if at == waited
-            else f"that value of {invoke_label(blocker.invoke)} was never computed"
+            else f"that node of {invoke_label(blocker.invoke)} never ran"
         )
         return (
             f"{what} has no value: it was never reached. Its program was still waiting for "

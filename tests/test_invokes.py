@@ -181,7 +181,7 @@ def test_a_never_computed_value_of_another_invoke() -> None:
             never = spare_model.spare.output * 2
         with tracer.invoke(torch.rand(1, 5)):
             waits = (spare_model.used.output + never).save()
-    with pytest.raises(ValueError, match="that value of invoke 0 was never computed"):
+    with pytest.raises(ValueError, match="that node of invoke 0 never ran"):
         _ = waits.value
 
 
@@ -193,3 +193,37 @@ def test_outside_code_written_first_runs_first(model: nnsight.NNsight, net: Tiny
         with tracer.invoke(b):
             pass
     assert torch.equal(seen.value, torch.zeros(1, 10))
+
+
+def test_a_write_in_one_invoke_is_seen_by_a_later_read_outside(model: nnsight.NNsight, net: TinyNet, a: torch.Tensor) -> None:
+    with model.trace() as tracer:
+        before = model.layer1.output.clone().save()  # outside any invoke: cached access
+        with tracer.invoke(a):
+            model.layer1.output = torch.zeros(1, 10)
+        after = model.layer1.output.clone().save()  # must be a new read, after the write
+    assert torch.allclose(before.value, net.layer1(a))
+    assert torch.equal(after.value, torch.zeros(1, 10))
+
+
+def test_accesses_of_one_call_keep_their_order_across_invokes(model: nnsight.NNsight, net: TinyNet, a: torch.Tensor) -> None:
+    # The outside program began first, but its second read is written after
+    # invoke 1's in-place write, and invoke 1's write after the outside read.
+    with model.trace() as tracer:
+        before = model.layer1.output.clone().save()
+        with tracer.invoke(a):
+            model.layer1.output[:] = 3
+        after = model.layer1.output.clone().save()
+    assert torch.allclose(before.value, net.layer1(a))
+    assert torch.equal(after.value, torch.full((1, 10), 3.0))
+
+
+def test_a_write_waits_for_an_earlier_read_of_another_invoke(model: nnsight.NNsight, net: TinyNet, a: torch.Tensor) -> None:
+    with model.trace() as tracer:
+        weight = model.layer1.weight  # the outside program begins here, before invoke 0
+        with tracer.invoke(a):
+            seen = model.layer1.output.clone().save()
+        model.layer1.output[:] = 5  # written after invoke 0's read: runs after it
+        out = model.output.save()
+        weight.save()
+    assert torch.allclose(seen.value, net.layer1(a))
+    assert torch.allclose(out.value, net.layer2(torch.full((1, 10), 5.0)))

@@ -149,8 +149,9 @@ class Tracer(GraphContext):
     def _write_access(self, path: str, kind: AccessKind, value: Any) -> None:
         """Replace a module value in the current invoke."""
         self._current().record(ModuleSet(path, kind, 0), (value,))
-        # Later reads of this call must see the new value: forget the cached accesses.
-        for key in [key for key in self._accesses if key[0] == path and key[2] == self._invoke]:
+        # Later reads of this module, in any invoke, must be new nodes that run
+        # after the write and see its value: forget the cached accesses.
+        for key in [key for key in self._accesses if key[0] == path]:
             del self._accesses[key]
 
     def _current(self) -> GraphContext:
