@@ -24,22 +24,54 @@ from .models.nnsight import NNsight as NNsight
 from .printing import format_graph as format_graph
 from .proxy import Proxy as Proxy
 from .results import Results as Results
-from .contexts.tracer import Tracer as Tracer
+from .contexts.conditional import Conditional as Conditional
 from .contexts.invoker import Invoker as Invoker
+from .contexts.iterator import IteratorContext as IteratorContext
+from .contexts.session import Session as Session
+from .contexts.tracer import Tracer as Tracer
+from .functions import apply as apply
+from .functions import bool as bool
+from .functions import cond as cond
+from .functions import dict as dict
+from .functions import float as float
+from .functions import int as int
+from .functions import iter as iter
+from .functions import list as list
+from .functions import log as log
+from .functions import set as set
+from .functions import stop as stop
+from .functions import str as str
+from .functions import tuple as tuple
 
 __all__ = [
+    "Conditional",
     "Envoy",
     "Graph",
     "Invoker",
+    "IteratorContext",
     "NNsight",
     "Node",
     "OutOfOrderError",
     "Proxy",
     "Ref",
     "Results",
+    "Session",
     "SourceLoc",
     "TraceError",
     "Tracer",
     "UnexecutedInterventionWarning",
+    "apply",
+    "bool",
+    "cond",
+    "dict",
+    "float",
     "format_graph",
+    "int",
+    "iter",
+    "list",
+    "log",
+    "set",
+    "stop",
+    "str",
+    "tuple",
 ]

@@ -179,7 +179,7 @@ def freeze(value: object, proxy_type: type, to_ref: Callable[[Any], object]) -> 
     kind = type(value)
     if kind in _ATOMS:
         return value
-    if kind is proxy_type:
+    if isinstance(value, proxy_type):
         return to_ref(value)
     if isinstance(value, torch.Tensor):
         return TensorConst(value)

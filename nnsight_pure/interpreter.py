@@ -1,13 +1,19 @@
-"""Running a graph over one model run: the hook-driven fold.
+"""Running graphs: a trace over one model run (hook-driven), or a session.
 
-Each invoke of a trace is its own *program*: its nodes run in the order they
-were written. A program is folded by a generator that suspends whenever a
-node needs a module value the model has not produced yet, and is resumed by
-the hooks when it has. At every hook event the programs resume in the order
+A graph runs as a fold over its plan's steps in a *frame*: an environment
+for one execution of one graph. Condition and loop bodies run in frames of
+their own, folded inline (``yield from``), so a body inside a trace can wait
+for module calls like any other node.
+
+In a trace, each invoke is its own *program*: its nodes run in the order
+they were written. A program is a generator that suspends whenever a node
+needs a module value the model has not produced yet, and is resumed by the
+hooks when it has. At every hook event the programs resume in the order
 they began in the code (invoke 0, invoke 1, ...), so an invoke can use a
 value another invoke computed at the same module call (activation patching).
-All programs share one environment; everything mutable lives in one `_Run`
-made for one run.
+
+A session has no hooks of its own: its graph is folded directly, and each
+trace node in it runs a whole trace through the model wrapper's callback.
 
 Semantics (docs/interpreter.md explains them with examples):
 
@@ -18,7 +24,10 @@ Semantics (docs/interpreter.md explains them with examples):
 * Writing to a call the model has moved past raises `OutOfOrderError`.
 * A value from another invoke that is not computed yet is waited for, and
   accesses of one module call from different invokes keep their text order.
-* Every value dies after its last use unless it is saved.
+* Every value dies after its last use unless it is saved (or a later node
+  outside its body reads it).
+* A stop ends the innermost loop; outside loops it ends the trace's model
+  run, or the session.
 * Hooks exist only on the modules the plan needs, only during the run, and
   are removed whatever happens.
 """
@@ -33,16 +42,22 @@ from typing import Any, Callable, Generator, Sequence
 import torch
 
 from .batching import BatchGroups, merge_rows, narrow_rows
-from .errors import OutOfOrderError, UnexecutedInterventionWarning
-from .graph import Graph, SourceLoc
+from .errors import OutOfOrderError, TraceError, UnexecutedInterventionWarning
+from .graph import Graph, Node, SourceLoc
 from .hooks import install_hooks
-from .plan import EXEC, GET, SAVE, SET, STOP, EventKey, Plan, Site, Step, plan_for
+from .plan import (
+    BRIDGE, COND, EXEC, EXPORT, GET, ITEM, ITER, SAVE, SET, STOP, TRACE,
+    EventKey, Plan, Site, Step, plan_for,
+)
 from .printing import format_node, invoke_label, module_expr
 from .results import Results
 from .source import add_note, describe, short
 
 _UNSET: Any = object()
 """Marks an environment slot whose node has not run (or whose value died)."""
+
+_NOT_RUN: dict[int, Any] = {}
+"""The exports of a body that never ran (a false condition, an empty loop)."""
 
 WAIT_EVENT, WAIT_VALUE, WAIT_STEP = 0, 1, 2
 
@@ -52,16 +67,46 @@ Request = tuple[int, Any, int]
 step)`` (another invoke's access of the same module call, written earlier)."""
 
 Program = Generator[Request, Any, None]
-"""A generator folding one invoke's steps. After ``WAIT_EVENT`` it receives
-``(value, is_current)``: the call's value and whether that hook runs now."""
+"""A generator folding steps. After ``WAIT_EVENT`` it receives ``(value,
+is_current)``: the call's value and whether that hook runs now."""
+
+TraceRunner = Callable[[Node, Any, dict[str, Any], tuple[Any, ...], frozenset[int]], tuple[Results, dict[int, Any]]]
+"""Runs a trace node of a session: ``(node, invokes, method kwargs, bridges,
+exported nodes) -> (results, exported values)``."""
 
 
 class EarlyStop(BaseException):
-    """Raised through the model to end a run early; caught by `run_graph`.
+    """Raised to end a loop, a model run or a session early; caught where it ends.
 
     A `BaseException`, so that model code catching ``Exception`` cannot
     swallow it.
     """
+
+
+class _Frame:
+    """One execution of one graph: its environment and bookkeeping."""
+
+    __slots__ = ("plan", "env", "uses", "ran", "captures", "item", "keep", "children")
+
+    def __init__(self, plan: Plan, captures: Sequence[Any] = (), item: Any = None, keep: frozenset[int] = frozenset()) -> None:
+        size = len(plan.steps)
+        self.plan = plan
+        self.env: list[Any] = [_UNSET] * size
+        self.uses = list(plan.uses)
+        self.ran = [False] * size
+        self.captures = tuple(captures)
+        self.item = item
+        self.keep = keep  # nodes a later node outside this graph reads (exports)
+        self.children: dict[int, Results] = {}
+
+    def results(self, stopped: bool = False, blocked: dict[int | None, tuple[int, int]] | None = None) -> Results:
+        env = self.env
+        values = {i: env[i] for i in self.plan.saved if env[i] is not _UNSET}
+        return Results(values=values, stopped=stopped, blocked=blocked or {}, children=self.children)
+
+    def exports(self) -> dict[int, Any]:
+        env = self.env
+        return {i: env[i] for i in self.keep if env[i] is not _UNSET}
 
 
 class _Program:
@@ -78,15 +123,22 @@ class _Program:
 
 
 class _Run:
-    """The mutable state of one run (never shared between runs)."""
+    """The mutable state of one run of a graph (never shared between runs)."""
 
-    def __init__(self, plan: Plan, root: torch.nn.Module, groups: BatchGroups) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        root: torch.nn.Module | None,
+        groups: BatchGroups,
+        captures: Sequence[Any] = (),
+        keep: frozenset[int] = frozenset(),
+        trace_runner: TraceRunner | None = None,
+    ) -> None:
         self.plan = plan
         self.root = root
         self.groups = groups
-        self.env: list[Any] = [_UNSET] * len(plan.steps)
-        self.ran = [False] * len(plan.steps)
-        self.uses = list(plan.uses)
+        self.trace_runner = trace_runner
+        self.frame = _Frame(plan, captures, None, keep)
         self.current: EventKey | None = None
         self.activation: Any = None
         self.swapped = False
@@ -97,16 +149,16 @@ class _Run:
         self.failed: BaseException | None = None
         self.thread = threading.get_ident()
         self._modules: dict[str, torch.nn.Module] = {}
-        self.programs = [_Program(invoke, self._fold(steps)) for invoke, steps in plan.programs]
+        self.programs = [_Program(invoke, self._fold(self.frame, steps)) for invoke, steps in plan.programs]
 
     @property
     def done(self) -> bool:
         return all(program.done for program in self.programs)
 
-    # --- a program ------------------------------------------------------------------
+    # --- folding a graph ------------------------------------------------------------
 
-    def _fold(self, steps: Sequence[Step]) -> Program:
-        env, uses, ran = self.env, self.uses, self.ran
+    def _fold(self, frame: _Frame, steps: Sequence[Step]) -> Program:
+        env, uses, ran, keep = frame.env, frame.uses, frame.ran, frame.keep
         step: Step | None = None
         try:
             for step in steps:
@@ -124,9 +176,11 @@ class _Run:
                     assert step.run is not None
                     env[step.index] = step.run(self, args, kwargs)
                 elif code == GET:
+                    assert step.key is not None
                     value, _ = yield (WAIT_EVENT, step.key, step.index)
                     env[step.index] = narrow_rows(_extract(value, step), self.groups, step.invoke)
                 elif code == SET:
+                    assert step.key is not None
                     _, is_current = yield (WAIT_EVENT, step.key, step.index)
                     if not is_current:
                         raise self._out_of_order(step, None)
@@ -135,23 +189,77 @@ class _Run:
                     env[step.index] = None
                 elif code == SAVE:
                     env[step.index] = None
+                elif code == BRIDGE:
+                    env[step.index] = frame.captures[step.param]
+                elif code == ITEM:
+                    env[step.index] = frame.item
+                elif code == EXPORT:
+                    args, _ = step.resolve(env)
+                    env[step.index] = _exported(args[0], step)
+                elif code == COND:
+                    args, _ = step.resolve(env)
+                    env[step.index] = _NOT_RUN
+                    if args[0]:
+                        child = _Frame(_body(step), args[1:], None, step.exports)
+                        yield from self._fold(child, child.plan.steps)
+                        frame.children[step.index] = child.results()
+                        env[step.index] = child.exports()
+                elif code == ITER:
+                    yield from self._loop(frame, step)
+                elif code == TRACE:
+                    args, kwargs = step.resolve(env)
+                    if self.trace_runner is None:
+                        raise TraceError("a trace node can only run inside a session")
+                    results, exported = self.trace_runner(step.node, args[0], kwargs, args[1:], step.exports)
+                    frame.children[step.index] = results
+                    env[step.index] = exported
                 elif code == STOP:
                     raise EarlyStop()
                 for index in step.release:
                     left = uses[index] - 1
                     uses[index] = left
-                    if not left:
+                    if not left and index not in keep:
                         env[index] = _UNSET
-                if step.unused:
+                if step.unused and step.index not in keep:
                     env[step.index] = _UNSET
                 ran[step.index] = True
         except (EarlyStop, GeneratorExit):
             raise
         except BaseException as error:
-            self.failed = error
-            if step is not None and not isinstance(error, OutOfOrderError):
-                add_note(error, _node_note(step))
+            if error is not self.failed:  # not yet noted by a body's fold
+                self.failed = error
+                if step is not None and not isinstance(error, OutOfOrderError):
+                    add_note(error, _node_note(step))
             raise
+
+    def _loop(self, frame: _Frame, step: Step) -> Program:
+        """Run a loop's body once per item; a stop inside it ends the loop."""
+        args, _ = step.resolve(frame.env)
+        collection, captures = args[0], args[1:]
+        try:
+            items = iter(collection)
+        except TypeError:
+            raise TypeError(
+                f"cannot loop over a {type(collection).__name__}: it is not iterable"
+            ) from None
+        frame.env[step.index] = _NOT_RUN
+        body = _body(step)
+        for number, item in enumerate(items):
+            child = _Frame(body, captures, item, step.exports)
+            try:
+                yield from self._fold(child, body.steps)
+            except EarlyStop:
+                self._finish_body(frame, step, child)
+                return
+            except BaseException as error:
+                add_note(error, f"nnsight_pure: in iteration {number} of the loop at {short(step.node.source)}")
+                raise
+            self._finish_body(frame, step, child)
+
+    @staticmethod
+    def _finish_body(frame: _Frame, step: Step, child: _Frame) -> None:
+        frame.children[step.index] = child.results()
+        frame.env[step.index] = child.exports()
 
     def _swap(self, step: Step, new: Any) -> None:
         """Make the running hook hand ``new`` back to the model (this invoke's rows)."""
@@ -169,20 +277,20 @@ class _Run:
             self.activation = ((first,) + tuple(args[1:]), kwargs)
         self.swapped = True
 
-    def _out_of_order(self, step: Step, access_index: int | None) -> OutOfOrderError:
+    def _out_of_order(self, step: Step, access: Node | None) -> OutOfOrderError:
         write = step.node
-        target = self.plan.steps[access_index] if access_index is not None else step
+        target_key = step.guard[0] if step.guard is not None else step.key
         where_now = f"it is now at {_event_text(self.current)}" if self.current else "it has not started or has returned"
         message = (
             f"this write runs too late: the model has already moved past "
-            f"{_event_text(target.key)} ({where_now}), so the write would have no effect.\n"
+            f"{_event_text(target_key)} ({where_now}), so the write would have no effect.\n"
             f"  the write: {describe(write.source)}\n"
             f"  node: {format_node(write)}"
         )
-        if access_index is not None:
+        if access is not None:
             message += (
-                f"\n  it writes into {_event_text(target.key)}, read at {short(target.node.source)}: "
-                f"{format_node(target.node)}"
+                f"\n  it writes into {_event_text(target_key)}, read at {short(access.source)}: "
+                f"{format_node(access)}"
             )
         message += (
             "\nAccess modules in the order the model calls them: make this write before any "
@@ -211,9 +319,9 @@ class _Run:
                     self.readers[what] = left
                     if left <= 0:
                         self.kept.pop(what, None)
-                elif wait == WAIT_VALUE and self.env[what] is _UNSET:
+                elif wait == WAIT_VALUE and self.frame.env[what] is _UNSET:
                     break
-                elif wait == WAIT_STEP and not self.ran[what]:
+                elif wait == WAIT_STEP and not self.frame.ran[what]:
                     break
             program.started = True
             self.running = True
@@ -267,12 +375,14 @@ class _Run:
         """The submodule at ``path`` (looked up once per run)."""
         module = self._modules.get(path)
         if module is None:
+            if self.root is None:
+                raise TraceError(f"{module_expr(path)} can only be used inside a trace")
             module = self.root.get_submodule(path)
             self._modules[path] = module
         return module
 
-    def finish(self, stopped: bool, graph: Graph) -> Results:
-        """Close the programs and collect the saved values."""
+    def finish(self, stopped: bool, graph: Graph) -> tuple[Results, dict[int, Any]]:
+        """Close the programs and collect the saved (and exported) values."""
         blocked: dict[int | None, tuple[int, int]] = {}
         if not stopped:
             for program in self.programs:
@@ -282,12 +392,27 @@ class _Run:
                     blocked[program.invoke] = (at, waited)
                     _warn_unexecuted_writes(self.plan, graph, program.invoke, at, waited)
         self.close()
-        values = {i: self.env[i] for i in self.plan.saved if self.env[i] is not _UNSET}
-        return Results(values=values, stopped=stopped, blocked=blocked)
+        return self.frame.results(stopped, blocked), self.frame.exports()
 
     def close(self) -> None:
         for program in self.programs:
             program.generator.close()
+
+
+def _body(step: Step) -> Plan:
+    assert step.body is not None
+    return step.body
+
+
+def _exported(source: Any, step: Step) -> Any:
+    """A value out of a finished body, or an error saying why it has none."""
+    try:
+        return source[step.param]
+    except KeyError:
+        raise ValueError(
+            f"this value was made inside a body that did not run, or not that far (a false "
+            f"condition, an empty loop, a stopped trace): `{format_node(step.node)}`"
+        ) from None
 
 
 def _extract(value: Any, step: Step) -> Any:
@@ -358,8 +483,10 @@ class Interleaver:
         self._stack = ExitStack()
 
     def __enter__(self) -> Interleaver:
+        root = self._run.root
+        assert root is not None
         with ExitStack() as stack:
-            install_hooks(self._run.root, self._run.plan.hook_sites, self._run.on_event, stack)
+            install_hooks(root, self._run.plan.hook_sites, self._run.on_event, stack)
             self._stack = stack.pop_all()
         return self
 
@@ -370,7 +497,7 @@ class Interleaver:
 Interleave = Callable[..., Any]
 
 
-def run_graph(
+def run_trace(
     graph: Graph,
     root: torch.nn.Module,
     interleave: Interleave,
@@ -379,14 +506,19 @@ def run_graph(
     kwargs: dict[str, Any],
     groups: BatchGroups,
     where: SourceLoc | None = None,
-) -> Results:
-    """Run ``graph`` over one call of ``fn(*args, **kwargs)`` on ``root``.
+    captures: Sequence[Any] = (),
+    keep: frozenset[int] = frozenset(),
+) -> tuple[Results, dict[int, Any]]:
+    """Run a trace's ``graph`` over one call of ``fn(*args, **kwargs)`` on ``root``.
 
     ``interleave(interleaver, *args, fn=fn, **kwargs)`` runs the model with the
-    hooks in place (the model class's `interleave`). Returns the saved values.
-    Errors propagate with a note naming the user's line; no hook outlives the call.
+    hooks in place (the model class's `interleave`). ``captures`` are the
+    values of the graph's bridges; ``keep`` the nodes whose values to hand
+    back (for later traces of a session). Returns the results and those
+    values. Errors propagate with a note naming the user's line; no hook
+    outlives the call.
     """
-    run = _Run(plan_for(graph), root, groups)
+    run = _Run(plan_for(graph), root, groups, captures, keep)
     stopped = False
     try:
         run.advance_all()  # the part of each program that needs no module value
@@ -401,3 +533,33 @@ def run_graph(
         run.close()
         raise
     return run.finish(stopped, graph)
+
+
+def run_graph(
+    graph: Graph,
+    root: torch.nn.Module,
+    interleave: Interleave,
+    fn: Callable[..., Any],
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    groups: BatchGroups,
+    where: SourceLoc | None = None,
+) -> Results:
+    """Run a trace's ``graph`` once (see `run_trace`) and return its results."""
+    results, _ = run_trace(graph, root, interleave, fn, args, kwargs, groups, where)
+    return results
+
+
+def run_session(graph: Graph, trace_runner: TraceRunner) -> Results:
+    """Run a session's ``graph``: its own nodes in order, each trace node
+    through ``trace_runner`` (a whole model run). A stop outside loops ends it."""
+    run = _Run(plan_for(graph), None, BatchGroups(), trace_runner=trace_runner)
+    program = run._fold(run.frame, run.frame.plan.steps)
+    stopped = False
+    try:
+        for request in program:
+            program.close()
+            raise TraceError(f"a module access outside any trace cannot run: {request!r}")
+    except EarlyStop:
+        stopped = True
+    return run.frame.results(stopped)

@@ -11,9 +11,12 @@ This module is pure: no torch hooks, no I/O.
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Union
+from typing import TYPE_CHECKING, Callable, Literal, Union
 
 import attrs
+
+if TYPE_CHECKING:
+    from .graph import Graph
 
 AccessKind = Literal["output", "input", "inputs"]
 """Which value of a module call an access refers to.
@@ -132,7 +135,64 @@ class Save:
 
 @attrs.frozen
 class Stop:
-    """End the run here (early stop); with an argument, once that value exists."""
+    """End the run here (early stop); with an argument, once that value exists.
+
+    Inside a loop's body it ends the loop (a ``break``); elsewhere it ends the
+    trace's model run, or, at session level, the session.
+    """
+
+
+@attrs.frozen
+class Bridge:
+    """Inside a sub-graph: the value its context node passes in at ``slot``.
+
+    This is how a body uses a value from outside it (a condition's body using
+    a trace's value, a trace using a value of its session or of an earlier
+    trace): the context node lists the outer values after its own argument.
+    """
+
+    slot: int
+
+
+@attrs.frozen
+class IterItem:
+    """Inside a loop's body: the current item of the collection."""
+
+
+@attrs.frozen
+class Export:
+    """The value of node ``index`` of the sub-graph run by the context node
+    given as argument (its last run): a value made inside a trace or a body,
+    used after it."""
+
+    index: int
+
+
+@attrs.frozen
+class Cond:
+    """Run ``body`` if the first argument is true (the rest are the body's bridges)."""
+
+    body: Graph
+
+
+@attrs.frozen
+class Iterate:
+    """Run ``body`` once per item of the first argument (the rest are bridges)."""
+
+    body: Graph
+
+
+@attrs.frozen
+class TraceRun:
+    """Inside a session: run a trace of the session's model.
+
+    The first argument holds each invoke's inputs (``(args, kwargs)``, or
+    ``None`` for an invoke without inputs); the rest are the body's bridges;
+    keyword arguments go to the model's method.
+    """
+
+    body: Graph
+    method: str | None = None
 
 
 Op = Union[
@@ -146,5 +206,14 @@ Op = Union[
     SetAttr,
     Save,
     Stop,
+    Bridge,
+    IterItem,
+    Export,
+    Cond,
+    Iterate,
+    TraceRun,
 ]
 """Every operation kind a node can hold (a closed union)."""
+
+ContextOp = Union[Cond, Iterate, TraceRun]
+"""The kinds that hold a sub-graph."""

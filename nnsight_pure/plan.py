@@ -6,9 +6,10 @@ which writes must run inside a particular hook (the out-of-order guard). It
 splits the steps into *programs*, one per invoke (and one for the nodes
 outside any invoke), in the order the programs began in the code, records
 the cross-invoke waits that keep accesses of one module call in text order,
-and lists the hook sites the run must install. Plans depend only on the graph, never
-on the model or the inputs, and are cached per graph value, so replaying a
-graph pays no planning.
+and lists the hook sites the run must install, including those of the
+condition and loop bodies nested in it (each body has a plan of its own).
+Plans depend only on the graph, never on the model or the inputs, and are
+cached per graph value, so replaying a graph pays no planning.
 
 Pure: building a plan reads the graph and nothing else.
 """
@@ -27,9 +28,14 @@ from .graph import Graph, Node, check_graph, node_refs, saved_refs, use_counts
 from .ops import (
     AccessKind,
     ApplyModule,
+    Bridge,
     Call,
     CallMethod,
+    Cond,
+    Export,
     GetAttr,
+    Iterate,
+    IterItem,
     ModuleAttr,
     ModuleGet,
     ModuleSet,
@@ -37,6 +43,7 @@ from .ops import (
     Save,
     SetAttr,
     Stop,
+    TraceRun,
 )
 
 Site = Literal["pre", "post"]
@@ -52,7 +59,11 @@ def site_of(kind: AccessKind) -> Site:
 
 
 # Step kinds: the interpreter dispatches on these small ints in its hot loop.
-EXEC, GET, SET, SAVE, STOP = range(5)
+EXEC, GET, SET, SAVE, STOP, BRIDGE, ITEM, EXPORT, COND, ITER, TRACE = range(11)
+
+KEEP_UNTIL_THE_END = 1 << 30
+"""Reader count for module calls read inside a loop body: every iteration
+reads them again, so a run keeps their values until it ends."""
 
 Resolver = Callable[[Sequence[Any]], tuple[tuple[Any, ...], dict[str, Any]]]
 
@@ -65,11 +76,13 @@ class Step:
     program computes (it waits for them); ``after`` are the accesses of other
     invokes to the same module call that are written before it and must run
     first; ``guard`` is the module call a write must happen in, with the
-    access it writes through.
+    access it writes through. Context steps (condition, loop, trace) carry
+    their body's plan in ``body`` and, in ``exports``, the body nodes whose
+    values later nodes read; ``param`` is a bridge's slot or an export's index.
     """
 
-    __slots__ = ("index", "code", "node", "key", "kind", "invoke", "run", "resolve",
-                 "release", "foreign", "after", "unused", "guard", "reads")
+    __slots__ = ("index", "code", "node", "key", "kind", "invoke", "run", "resolve", "release",
+                 "foreign", "after", "unused", "guard", "reads", "body", "exports", "param")
 
     def __init__(
         self,
@@ -82,6 +95,8 @@ class Step:
         kind: AccessKind = "output",
         invoke: int | None = None,
         run: Callable[[Any, tuple[Any, ...], dict[str, Any]], Any] | None = None,
+        body: Plan | None = None,
+        param: int = 0,
     ) -> None:
         self.index = index
         self.code = code
@@ -91,17 +106,25 @@ class Step:
         self.kind = kind
         self.invoke = invoke
         self.run = run
+        self.body = body
+        self.param = param
         self.release: tuple[int, ...] = ()
         self.foreign: tuple[int, ...] = ()
         self.after: tuple[int, ...] = ()
         self.reads: tuple[EventKey, ...] = ()
+        self.exports: frozenset[int] = frozenset()
         self.unused = False
-        self.guard: tuple[EventKey, int] | None = None
+        self.guard: tuple[EventKey, Node] | None = None
 
 
 @attrs.frozen(eq=False)
 class Plan:
-    """Everything the interpreter needs to run one graph (see module docstring)."""
+    """Everything the interpreter needs to run one graph (see module docstring).
+
+    ``readers`` counts, per module call, the steps (here and in nested
+    condition and loop bodies) that read or write it; ``touches`` lists the
+    module calls the graph reads or writes, each with whether it writes.
+    """
 
     steps: tuple[Step, ...]
     programs: tuple[tuple[int | None, tuple[Step, ...]], ...]
@@ -111,6 +134,7 @@ class Plan:
     readers: dict[EventKey, int]
     hook_sites: tuple[tuple[str, Site], ...]
     writes: frozenset[int]
+    touches: frozenset[tuple[EventKey, bool]]
 
 
 # --- resolving arguments -------------------------------------------------------------
@@ -229,7 +253,10 @@ def op_function(op: Op) -> Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]
             if hook:
                 return lambda state, args, kwargs: state.module(path)(*args, **kwargs)
             return lambda state, args, kwargs: state.module(path).forward(*args, **kwargs)
-        case ModuleGet() | ModuleSet() | Save() | Stop():
+        case (
+            ModuleGet() | ModuleSet() | Save() | Stop() | Bridge() | IterItem() | Export()
+            | Cond() | Iterate() | TraceRun()
+        ):
             raise AssertionError(f"{type(op).__name__} is not an ordinary node")
 
 
@@ -245,6 +272,19 @@ def _step(graph: Graph, node: Node) -> Step:
             return Step(index, SAVE, node, resolve, invoke=invoke)
         case Stop():
             return Step(index, STOP, node, resolve, invoke=invoke)
+        case Bridge(slot):
+            return Step(index, BRIDGE, node, resolve, invoke=invoke, param=slot)
+        case IterItem():
+            return Step(index, ITEM, node, resolve, invoke=invoke)
+        case Export(inner):
+            return Step(index, EXPORT, node, resolve, invoke=invoke, param=inner)
+        case Cond(body):
+            return Step(index, COND, node, resolve, invoke=invoke, body=plan_for(body))
+        case Iterate(body):
+            return Step(index, ITER, node, resolve, invoke=invoke, body=plan_for(body))
+        case TraceRun(body):
+            # A trace is its own run (with its own hooks): its plan is made then.
+            return Step(index, TRACE, node, resolve, invoke=invoke)
         case Call() | CallMethod() | GetAttr() | SetAttr() | ModuleAttr() | ApplyModule():
             step = Step(index, EXEC, node, resolve, run=op_function(node.op), invoke=invoke)
             reads = set()
@@ -259,7 +299,7 @@ def _step(graph: Graph, node: Node) -> Step:
                 if access is not None:
                     assert isinstance(access.op, ModuleGet)
                     op = access.op
-                    step.guard = ((op.path, site_of(op.kind), op.call), access.ref.index)
+                    step.guard = ((op.path, site_of(op.kind), op.call), access)
             return step
 
 
@@ -268,7 +308,8 @@ def _accesses(step: Step) -> list[tuple[EventKey, bool]]:
 
     A step reads a call when it accesses it, or when it uses a value that is
     (a view of) that call's value; it writes a call when it sets it, or
-    writes in place into such a value.
+    writes in place into such a value. A condition or loop touches what its
+    body touches.
     """
     found = [(key, False) for key in step.reads]
     if step.code == GET and step.key is not None:
@@ -277,6 +318,8 @@ def _accesses(step: Step) -> list[tuple[EventKey, bool]]:
         found.append((step.key, True))
     elif step.guard is not None:
         found.append((step.guard[0], True))
+    elif step.body is not None:
+        found.extend(step.body.touches)
     return found
 
 
@@ -303,10 +346,11 @@ def compile_plan(graph: Graph) -> Plan:
     check_graph(graph)
     saved = saved_refs(graph)
     uses = use_counts(graph)
-    steps = []
+    steps: list[Step] = []
     readers: dict[EventKey, int] = {}
     sites: set[tuple[str, Site]] = set()
     writes = set()
+    touches: set[tuple[EventKey, bool]] = set()
     programs: dict[int | None, list[Step]] = {}
     for node in graph.nodes:
         step = _step(graph, node)
@@ -317,8 +361,20 @@ def compile_plan(graph: Graph) -> Plan:
         if step.key is not None:
             readers[step.key] = readers.get(step.key, 0) + 1
             sites.add((step.key[0], step.key[1]))
+        if step.body is not None:
+            # A loop reads its body's module calls again at every iteration.
+            again = step.code == ITER
+            for key, count in step.body.readers.items():
+                readers[key] = KEEP_UNTIL_THE_END if again else min(readers.get(key, 0) + count, KEEP_UNTIL_THE_END)
+            sites.update(step.body.hook_sites)
+        if step.code == EXPORT:
+            source = node.args[0]
+            assert type(source) is Ref, "an export's argument is its context node"
+            context = steps[source.index]
+            context.exports = context.exports | {step.param}
         if step.code == SET or step.guard is not None:
             writes.add(step.index)
+        touches.update(_accesses(step))
         steps.append(step)
         programs.setdefault(node.invoke, []).append(step)
     _order_accesses_across_invokes(steps)
@@ -332,21 +388,36 @@ def compile_plan(graph: Graph) -> Plan:
         readers=readers,
         hook_sites=tuple(sorted(sites)),
         writes=frozenset(writes),
+        touches=frozenset(touches),
     )
 
 
-_PLANS: weakref.WeakKeyDictionary[Graph, Plan] = weakref.WeakKeyDictionary()
+_PLANS: dict[int, Plan] = {}
 _PLANS_LOCK = threading.Lock()
 
 
 def plan_for(graph: Graph) -> Plan:
-    """The plan of ``graph``, compiled at most once while the graph (or an
-    equal one) is alive. The cache holds graphs weakly, so it never keeps a
-    graph's tensor constants alive."""
+    """The plan of ``graph``, compiled once per graph object while it lives.
+
+    Keyed by identity, not equality: a plan holds its graph's constants (a
+    tensor constant is held by reference, so a trained parameter must be the
+    graph's own object) and source lines, which an equal graph built
+    elsewhere does not share. Entries go when their graph does, so the cache
+    never keeps tensors alive.
+    """
+    key = id(graph)
     with _PLANS_LOCK:
-        plan = _PLANS.get(graph)
+        plan = _PLANS.get(key)
     if plan is None:
         plan = compile_plan(graph)
         with _PLANS_LOCK:
-            _PLANS[graph] = plan
+            if key not in _PLANS:
+                _PLANS[key] = plan
+                weakref.finalize(graph, _forget_plan, key)
+            plan = _PLANS[key]
     return plan
+
+
+def _forget_plan(key: int) -> None:
+    with _PLANS_LOCK:
+        _PLANS.pop(key, None)

@@ -10,9 +10,14 @@ from __future__ import annotations
 from .graph import Graph, Node
 from .ops import (
     ApplyModule,
+    Bridge,
     Call,
     CallMethod,
+    Cond,
+    Export,
     GetAttr,
+    Iterate,
+    IterItem,
     ModuleAttr,
     ModuleGet,
     ModuleSet,
@@ -20,6 +25,7 @@ from .ops import (
     Save,
     SetAttr,
     Stop,
+    TraceRun,
 )
 
 
@@ -65,6 +71,31 @@ def format_op(op: Op, node: Node) -> str:
             return f"save {format_args(node)}"
         case Stop():
             return f"stop after {format_args(node)}" if node.args else "stop"
+        case Bridge(slot):
+            return f"bridge {slot}"
+        case IterItem():
+            return "item"
+        case Export(index):
+            return f"export %{index} of {format_args(node)}"
+        case Cond():
+            return f"cond {node.args[0]!r}{_bridges(node)}"
+        case Iterate():
+            return f"iter {node.args[0]!r}{_bridges(node)}"
+        case TraceRun(_, method):
+            how = f"trace {method}" if method else "trace"
+            inputs = f"({format_args(node)})"
+            return f"{how}{inputs}"
+
+
+def _bridges(node: Node) -> str:
+    captured = list(node.args)[1:]
+    return f" bridging ({', '.join(repr(arg) for arg in captured)})" if captured else ""
+
+
+def body_of(node: Node) -> Graph | None:
+    """The sub-graph a context node holds, if any."""
+    op = node.op
+    return op.body if isinstance(op, (Cond, Iterate, TraceRun)) else None
 
 
 def format_node(node: Node) -> str:
@@ -84,12 +115,23 @@ def format_graph(graph: Graph, *, indent: str = "  ") -> str:
     """
     if not len(graph):
         return "graph {}"
+    return "graph {\n" + "\n".join(_lines(graph, indent, indent)) + "\n}"
+
+
+def _lines(graph: Graph, prefix: str, indent: str) -> list[str]:
     several = len({node.invoke for node in graph.nodes}) > 1
     lines = []
     previous: object = object()
     for node in graph.nodes:
         if several and node.invoke != previous:
-            lines.append(f"{indent}{invoke_label(node.invoke)}:")
+            lines.append(f"{prefix}{invoke_label(node.invoke)}:")
             previous = node.invoke
-        lines.append((indent * 2 if several else indent) + format_node(node))
-    return "graph {\n" + "\n".join(lines) + "\n}"
+        at = prefix + indent if several else prefix
+        body = body_of(node)
+        if body is None:
+            lines.append(at + format_node(node))
+        else:
+            lines.append(at + format_node(node) + " {")
+            lines.extend(_lines(body, at + indent, indent))
+            lines.append(at + "}")
+    return lines

@@ -18,6 +18,7 @@ import operator
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from .contexts import active
+from .errors import TraceError
 from .ops import Call, CallMethod, GetAttr, Op, Save, SetAttr, Stop
 from .plan import op_function
 from .printing import format_node
@@ -52,7 +53,7 @@ def _compute_now(op: Op, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
 def to_values(value: Any) -> Any:
     """``value`` with every proxy inside it replaced by that proxy's value."""
     kind = type(value)
-    if kind is Proxy:
+    if isinstance(value, Proxy):
         return value.value
     if kind is tuple or kind is list:
         return kind(to_values(item) for item in value)
@@ -108,8 +109,23 @@ class Proxy:
     # --- nnsight's proxy API ---------------------------------------------------------
 
     def save(self) -> Proxy:
-        """Keep this value after the trace; returns this same proxy."""
-        record(Save(), (self,))
+        """Keep this value after the trace; returns this same proxy.
+
+        The value is kept by the block it was made in (even when ``save`` is
+        called inside a nested condition or loop), so it must still be open.
+        """
+        if self._pending is not None:
+            receiver, _ = self._pending
+            if receiver._context._open:
+                self._materialize(receiver._context)
+        owner = self._context
+        if owner._open:
+            owner.record(Save(), (self,))
+        elif not self._has_value() and active.innermost() is not None:
+            raise TraceError(
+                f"cannot save {self.node}: the block it was made in has closed. Call .save() "
+                "inside that block."
+            )
         return self
 
     def stop(self) -> None:
@@ -247,7 +263,7 @@ class Proxy:
     # --- conversions that need a value now -------------------------------------------
 
     def _needs_value(self, what: str, advice: str) -> Any:
-        if active.innermost() is not None and not self._context.closed:
+        if active.innermost() is not None and not self._context._ran:
             raise TypeError(
                 f"{what} of a traced value is unknown while tracing (the model has not run "
                 f"yet): {self.node}. {advice}"

@@ -22,12 +22,15 @@ class Results:
     ``stopped`` says whether an early stop ended the run; ``blocked`` maps
     each invoke whose program did not finish to ``(step, waited)``: the node
     it stopped at and the node it was waiting for (a module access, or a
-    value of another invoke).
+    node of another invoke). ``children`` holds, per context node (a
+    condition, a loop, a trace of a session), the results of the last run of
+    its body.
     """
 
     values: Mapping[int, Any]
     stopped: bool = False
     blocked: Mapping[int | None, tuple[int, int]] = attrs.field(factory=dict)
+    children: Mapping[int, Results] = attrs.field(factory=dict)
 
     def has(self, index: int) -> bool:
         return index in self.values

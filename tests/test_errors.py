@@ -113,7 +113,7 @@ def test_exception_in_the_block_never_runs_the_model(net: TinyNet, x: torch.Tens
 def test_unsaved_proxy_after_its_trace_closed(model: nnsight.NNsight, x: torch.Tensor) -> None:
     with model.trace(x):
         h = model.layer1.output
-    with pytest.raises(nnsight.TraceError, match="already closed, and it has no value"):
+    with pytest.raises(nnsight.TraceError, match="belongs to a block that has closed, and it has no value there"):
         with model.trace(x):
             model.layer1.output = h
 

@@ -134,3 +134,18 @@ def test_no_hooks_left_on_any_module(gpt2: nnsight.NNsight, gpt2_module: GPT2LMH
 
 def test_repr_shows_the_module_tree(gpt2: nnsight.NNsight, gpt2_module: Any) -> None:
     assert repr(gpt2) == repr(gpt2_module)
+
+
+def test_equal_graphs_with_different_parameters_each_train_their_own(gpt2: nnsight.NNsight, ids: torch.Tensor) -> None:
+    # The two graphs are equal (equal-valued constants), but each holds its own
+    # Parameter: a plan shared between them would send both gradients to the first.
+    first, second = torch.nn.Parameter(torch.zeros(32)), torch.nn.Parameter(torch.zeros(32))
+    tracers = []
+    for steer in (first, second):
+        with gpt2.trace(ids) as tracer:
+            gpt2.transformer.h[0].output = gpt2.transformer.h[0].output + steer
+            gpt2.output.logits.sum().backward()
+        tracers.append(tracer)  # keep both graphs alive
+    assert tracers[0].graph == tracers[1].graph
+    assert first.grad is not None and second.grad is not None
+    assert torch.equal(first.grad, second.grad)

@@ -1,39 +1,67 @@
 """GraphContext: the one mutable cell of the shell, holding the current graph.
 
-Every context (a trace now; sessions, conditions and loops later) owns a
-`Graph` value. Recording an operation replaces that value with a new graph
-one node longer; the old value is untouched. Once the context has run, it
-also holds the run's `Results`, which its proxies read.
+Every context (a trace, a session, a condition, a loop) owns a `Graph` value.
+Recording an operation replaces that value with a new graph one node longer;
+the old value is untouched. Contexts nest: a child records into its own graph
+and, when its block exits, its whole graph becomes one node of its parent's
+graph (the child's *context node*).
+
+A value from outside a child is brought in as a `Bridge` node: the child's
+context node lists the outer value among its arguments. A value made inside a
+finished child (an earlier trace of a session, a finished loop) is brought out
+as an `Export` node of the parent, which reads it from the child's last run.
+
+Once the outermost context has run, each context holds its `Results` (the
+last run of its body), which its proxies read.
 """
 
 from __future__ import annotations
 
+from contextvars import Token
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ..arguments import Ref, freeze
 from ..errors import TraceError
 from ..graph import Graph, SourceLoc, saved_refs
-from ..ops import Op
+from ..ops import Bridge, Call, Export, Op, Stop
 from ..printing import format_node
 from ..proxy import Proxy
 from ..results import Results, missing_value_message
 from ..source import short, user_location
+from . import active
 
 if TYPE_CHECKING:
     from ..models.handle import ModelHandle
+    from .conditional import Conditional
+    from .iterator import IteratorContext
+    from .tracer import Tracer
 
 
 class GraphContext:
     """A `with` block that records operations into its own graph value."""
 
-    def __init__(self, handle: ModelHandle, where: SourceLoc | None) -> None:
+    def __init__(self, handle: ModelHandle, where: SourceLoc | None, parent: GraphContext | None) -> None:
         self._graph = Graph()
         self._handle = handle
         self._where = where
+        self._parent = parent
+        self._enclosing_trace: Tracer | None = parent._trace if parent is not None else None
         self._open = False
         self._closed = False
+        self._ran = False  # the outermost context has run and handed out results
         self._results: Results | None = None
-        self._invoke: int | None = None  # the invoke new nodes belong to
+        self._invoke: int | None = None  # the invoke new nodes belong to (traces)
+        self._captures: list[object] = []  # per bridge slot: the value in the parent's graph
+        self._bridges: dict[int, Ref] = {}  # parent node index -> our bridge node
+        self._exports: dict[tuple[int, int], Ref] = {}  # (context node, inner node) -> export node
+        self._children: list[GraphContext] = []
+        self._node_ref: Ref | None = None  # our context node in the parent's graph
+        self._token: Token[tuple[GraphContext, ...]] | None = None
+
+    @property
+    def _trace(self) -> Tracer | None:
+        """The trace this block records into (None at session level)."""
+        return self._enclosing_trace
 
     @property
     def graph(self) -> Graph:
@@ -50,55 +78,201 @@ class GraphContext:
         """The model this context traces."""
         return self._handle
 
+    # --- entering and leaving ---------------------------------------------------------
+
+    def _push(self) -> None:
+        if self._open or self._closed:
+            raise TraceError(f"the block opened at {short(self._where)} cannot be entered twice")
+        self._token = active.push(self)
+        self._open = True
+
+    def _pop(self) -> None:
+        self._open = False
+        self._closed = True
+        if self._token is not None:
+            active.pop(self._token)
+            self._token = None
+
+    def _is_ancestor_of(self, other: GraphContext) -> bool:
+        context = other._parent
+        while context is not None:
+            if context is self:
+                return True
+            context = context._parent
+        return False
+
+    def _outermost(self) -> GraphContext:
+        context = self
+        while context._parent is not None:
+            context = context._parent
+        return context
+
+    def _within(self, what: str) -> GraphContext:
+        """The innermost open context, which must be this one or inside it."""
+        context = active.innermost()
+        if context is None or not (context is self or self._is_ancestor_of(context)):
+            raise TraceError(f"{what}: the block opened at {short(self._where)} is not open here")
+        return context
+
     # --- recording --------------------------------------------------------------------
 
-    def record(self, op: Op, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None) -> Proxy:
+    def record(
+        self,
+        op: Op,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        source: SourceLoc | None = None,
+    ) -> Proxy:
         """Append ``op`` applied to ``args``/``kwargs`` and return a proxy of its value."""
         if not self._open:
-            raise TraceError(f"the trace opened at {short(self._where)} is not open")
+            raise TraceError(f"the block opened at {short(self._where)} is not open")
         frozen_args = tuple(freeze(arg, Proxy, self._argument) for arg in args)
         frozen_kwargs = {name: freeze(value, Proxy, self._argument) for name, value in kwargs.items()} if kwargs else None
-        self._graph, ref = self._graph.add(op, frozen_args, frozen_kwargs, user_location(), self._invoke)
+        self._graph, ref = self._graph.add(
+            op, frozen_args, frozen_kwargs, source or user_location(), self._current_invoke()
+        )
         return Proxy(self, ref)
+
+    def _current_invoke(self) -> int | None:
+        return self._trace._invoke if self._trace is not None else None
 
     def _argument(self, proxy: Proxy) -> object:
         """What a proxy becomes as an argument of this context's next node."""
         if proxy._pending is not None:
             return proxy._materialize(self)
-        owner = proxy._context
         assert proxy._ref is not None
+        return self._import(proxy._context, proxy._ref)
+
+    def _import(self, owner: GraphContext, ref: Ref) -> object:
+        """An argument of this graph standing for node ``ref`` of ``owner``'s graph."""
         if owner is self:
-            return proxy._ref
-        if owner.closed and owner.has_value(proxy._ref):
-            # A finished value (saved by an earlier trace) is just a constant here.
-            return freeze(owner.value_of(proxy._ref), Proxy, self._argument)
-        node = owner.graph.nodes[proxy._ref.index]
-        if owner.closed:
+            return ref
+        if owner._open and owner._is_ancestor_of(self):
+            assert self._parent is not None
+            return self._bridge(self._parent._import(owner, ref))
+        if owner._ran and owner.has_value(ref):
+            # A finished value (saved by an earlier run) is just a constant here.
+            return freeze(owner.value_of(ref), Proxy, self._argument)
+        parent = owner._parent
+        if owner._closed and parent is not None and parent._open and owner._node_ref is not None:
+            # Made inside a finished child of an open context: export it from there.
+            return self._import(parent, parent._export(owner._node_ref, ref))
+        node = owner._graph.nodes[ref.index]
+        made = f"`{format_node(node)}` (made at {short(node.source)})"
+        if owner._closed:
             raise TraceError(
-                f"`{format_node(node)}` (made at {short(node.source)}) belongs to a trace that "
-                "has already closed, and it has no value there: save it in its own trace "
-                "(.save()) to use it afterwards."
+                f"{made} belongs to a block that has closed, and it has no value there: save "
+                "it (.save()) inside the block it was made in, or, in a session, use it in "
+                "the session or a later trace before the enclosing loop or branch ends."
             )
         raise TraceError(
-            f"`{format_node(node)}` (made at {short(node.source)}) belongs to another open trace "
-            f"(opened at {short(owner._where)}); a value cannot be used across traces or models "
-            "until its trace has run and saved it."
+            f"{made} belongs to another open trace (opened at {short(owner._where)}); a value "
+            "cannot cross between traces or models unless a session holds both, or it was "
+            "saved by a trace that already ran."
         )
 
+    def _bridge(self, outer: object) -> object:
+        """A node of this graph for ``outer``, an argument of the parent's graph."""
+        if type(outer) is not Ref:
+            return outer  # a constant needs no bridge
+        ref = self._bridges.get(outer.index)
+        if ref is None:
+            slot = len(self._captures)
+            self._captures.append(outer)
+            self._graph, ref = self._graph.add(Bridge(slot), source=user_location(), invoke=self._current_invoke())
+            self._bridges[outer.index] = ref
+        return ref
+
+    def _export(self, context_node: Ref, inner: Ref) -> Ref:
+        """A node of this graph reading node ``inner`` of a finished child's last run."""
+        key = (context_node.index, inner.index)
+        ref = self._exports.get(key)
+        if ref is None:
+            self._graph, ref = self._graph.add(
+                Export(inner.index), (context_node,), source=user_location(), invoke=self._current_invoke()
+            )
+            self._exports[key] = ref
+        return ref
+
+    def _close_child(self, child: GraphContext, op: Op, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -> None:
+        """Record a closed child's context node (its graph in ``op``; ``args``
+        first, then the parent's values for the child's bridges)."""
+        proxy = self.record(op, tuple(args) + tuple(child._captures), kwargs, source=child._where)
+        child._node_ref = proxy._ref
+        self._children.append(child)
+
     # --- results ----------------------------------------------------------------------
+
+    def _assign(self, results: Results | None) -> None:
+        """Hand out a run's results to this context and its children.
+
+        The list of children is dropped afterwards: it is only needed for
+        this, and it would make a reference cycle with the children's links
+        to their parent (keeping saved values alive until the collector ran).
+        """
+        self._results = results
+        self._ran = True
+        for child in self._children:
+            found = None
+            if results is not None and child._node_ref is not None:
+                found = results.children.get(child._node_ref.index)
+            child._assign(found)
+        self._children = []
+
+    def _release(self) -> None:
+        """Drop the links to children of a block that will never run."""
+        for child in self._children:
+            child._release()
+        self._children = []
 
     def has_value(self, ref: Ref) -> bool:
         return self._results is not None and self._results.has(ref.index)
 
     def value_of(self, ref: Ref) -> Any:
         """The value of a node after the run, or a `ValueError` saying why there is none."""
-        if not self._closed:
-            node = self._graph.nodes[ref.index]
-            raise ValueError(
-                f"`{format_node(node)}` (made at {short(node.source)}) has no value yet: the "
-                "trace has not run. Values exist after the `with` block exits (if saved)."
-            )
+        node = self._graph.nodes[ref.index]
+        made = f"`{format_node(node)}` (made at {short(node.source)})"
         if self._results is not None and self._results.has(ref.index):
             return self._results.get(ref.index)
+        if not self._ran:
+            outer = self._outermost()
+            if outer._open or not outer._closed:
+                raise ValueError(
+                    f"{made} has no value yet: the trace has not run. Values exist after the "
+                    "outermost `with` block exits (if saved)."
+                )
+            raise ValueError(f"{made} has no value: its trace never ran (it raised).")
+        if self._results is None:
+            raise ValueError(
+                f"{made} has no value: the block it was made in never ran (a false condition, "
+                "an empty loop, or a trace of a session that was never reached)."
+            )
         saved = ref.index in saved_refs(self._graph)
         raise ValueError(missing_value_message(self._graph, ref.index, self._results, saved))
+
+    # --- what every context offers (recorded in the innermost open block) ------------
+
+    def apply(self, fn: Any, *args: Any, **kwargs: Any) -> Proxy:
+        """Call ``fn(*args, **kwargs)`` at run time; returns a proxy of its result."""
+        return self._within("apply").record(Call(fn), args, kwargs)
+
+    def log(self, *args: Any) -> None:
+        """Print the arguments at run time (with their real values)."""
+        self._within("log").record(Call(print), args)
+
+    def stop(self) -> None:
+        """End the run where execution reaches this point: inside a loop, the
+        loop; otherwise the trace's model run, or the session."""
+        self._within("stop").record(Stop())
+
+    def iter(self, collection: Any) -> IteratorContext:
+        """A block run once per item of ``collection`` (``with ... as item:``)."""
+        from .iterator import IteratorContext
+
+        return IteratorContext(self._within("iter"), collection, user_location())
+
+    def cond(self, condition: Any) -> Conditional:
+        """A block run only when ``condition`` is true at run time."""
+        from .conditional import Conditional
+
+        return Conditional(self._within("cond"), condition, user_location())

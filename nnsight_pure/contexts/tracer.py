@@ -1,21 +1,18 @@
 """Tracer: ``with model.trace(...)``. Records a graph, then runs it once on exit.
 
 The tracer owns the current graph (the only mutable cell of a trace), the
-invokes' prepared inputs, and which invoke is open. On exit without error it
-batches the invokes and hands the graph to the interpreter; the `Results`
-then answer its proxies' ``.value``.
+invokes' inputs, and which invoke is open. A tracer on its own runs its
+graph when its block exits; a tracer inside a session instead becomes a
+`TraceRun` node of the session's graph, and runs when the session does.
 """
 
 from __future__ import annotations
 
-from contextvars import Token
 from typing import TYPE_CHECKING, Any
 
-from ..batching import BatchGroups
 from ..errors import TraceError
 from ..graph import SourceLoc
-from ..interpreter import run_graph
-from ..ops import AccessKind, ModuleGet, ModuleSet, Stop
+from ..ops import AccessKind, ModuleGet, ModuleSet, TraceRun
 from ..proxy import Proxy
 from ..source import short
 from . import active
@@ -35,32 +32,38 @@ class Tracer(GraphContext):
         method: str | None,
         method_kwargs: dict[str, Any],
         where: SourceLoc | None,
+        parent: GraphContext | None = None,
     ) -> None:
-        super().__init__(model._handle, where)
+        super().__init__(model._handle, where, parent)
         self._model = model
         self._method = method
         self._method_kwargs = method_kwargs
+        # Per invoke: its inputs as given (None: no inputs). A tracer on its
+        # own also prepares them at once, to know each invoke's batch size.
+        self._inputs: list[tuple[tuple[Any, ...], dict[str, Any]] | None] = []
         self._prepared: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-        self._sizes: list[int | None] = []  # per invoke: its rows, or None (no inputs)
+        self._sizes: list[int | None] = []
         self._invoker: Invoker | None = None
         self._implicit: Invoker | None = None
-        self._accesses: dict[tuple[str, AccessKind, int | None], Proxy] = {}
-        self._token: Token[tuple[GraphContext, ...]] | None = None
+        self._accesses: dict[tuple[GraphContext, str, AccessKind, int | None], Proxy] = {}
+
+    @property
+    def _trace(self) -> Tracer:
+        return self
+
+    @property
+    def in_session(self) -> bool:
+        """True when this trace is part of a session (it runs when the session does)."""
+        return self._parent is not None
 
     # --- the context protocol ---------------------------------------------------------
 
     def __enter__(self) -> Tracer:
-        if self._open or self._closed:
-            raise TraceError(f"the trace opened at {short(self._where)} cannot be entered twice")
-        self._token = active.push(self)
-        self._open = True
+        self._push()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        self._open = False
-        if self._token is not None:
-            active.pop(self._token)
-            self._token = None
+        self._pop()
         if self._implicit is not None and self._invoker is self._implicit:
             self._implicit.__exit__(None, None, None)
         # Recording is over: drop what points back at this tracer (proxies in
@@ -68,36 +71,24 @@ class Tracer(GraphContext):
         # values alive after the user drops their proxies.
         self._accesses.clear()
         self._implicit = self._invoker = None
-        try:
-            if exc_type is None:
-                self._run()
-        finally:
-            self._closed = True
-            self._prepared.clear()
-
-    def _run(self) -> None:
-        model = self._model
-        batched: tuple[tuple[Any, ...], dict[str, Any]] | None = None
-        for args, kwargs in self._prepared:
-            batched = model._batch(batched, *args, **kwargs)
-        args, kwargs = batched if batched is not None else ((), {})
-        clash = sorted(set(kwargs) & set(self._method_kwargs))
-        if clash:
-            raise TypeError(
-                f"keyword argument(s) {clash} were given both to the invokes and to trace(...); "
-                "give each once"
+        if exc_type is not None:
+            self._release()
+            return
+        if self._parent is not None:
+            self._parent._close_child(
+                self, TraceRun(self._graph, self._method), (tuple(self._inputs),), self._method_kwargs
             )
-        kwargs = {**kwargs, **self._method_kwargs}
-        self._results = run_graph(
-            self._graph,
-            model._model,
-            model.interleave,
-            model._method_fn(self._method),
-            args,
-            kwargs,
-            BatchGroups.from_sizes(self._sizes),
-            self._where,
-        )
+            return
+        try:
+            results, _ = self._model._run_trace(
+                self._graph, self._method, self._prepared, self._sizes, self._method_kwargs, self._where
+            )
+        except BaseException:
+            self._release()
+            raise
+        finally:
+            self._prepared.clear()
+        self._assign(results)
 
     # --- invokes ----------------------------------------------------------------------
 
@@ -114,16 +105,24 @@ class Tracer(GraphContext):
             )
         if self._closed:
             raise TraceError(f"the trace opened at {short(self._where)} has closed")
+        innermost = active.innermost()
+        if self._open and innermost is not self:
+            raise TraceError("open invokes directly in the trace, not inside a loop or condition")
         if not invoker.inputs and not invoker.kwargs:
-            self._sizes.append(None)  # an invoke without inputs sees the whole batch
+            self._inputs.append(None)  # an invoke without inputs sees the whole batch
+            self._sizes.append(None)
         else:
-            (args, kwargs), size = self._model._prepare_input(*invoker.inputs, **invoker.kwargs)
-            self._prepared.append((tuple(args), dict(kwargs)))
-            self._sizes.append(size)
-            invoker.batch_size = size
-            invoker.prepared = (tuple(args), dict(kwargs))
+            self._inputs.append((invoker.inputs, invoker.kwargs))
+            if self._parent is None:
+                (args, kwargs), size = self._model._prepare_input(*invoker.inputs, **invoker.kwargs)
+                self._prepared.append((tuple(args), dict(kwargs)))
+                self._sizes.append(size)
+                invoker.batch_size = size
+                invoker.prepared = (tuple(args), dict(kwargs))
+            else:
+                self._sizes.append(None)  # prepared when the session runs
         self._invoker = invoker
-        self._invoke = len(self._sizes) - 1
+        self._invoke = len(self._inputs) - 1
         return self._invoke
 
     def _exit_invoke(self, invoker: Invoker) -> None:
@@ -138,33 +137,29 @@ class Tracer(GraphContext):
     # --- module accesses (called by envoys) ------------------------------------------
 
     def _access(self, path: str, kind: AccessKind) -> Proxy:
-        """The proxy for a module value in the current invoke (one node per value)."""
-        key = (path, kind, self._invoke)
+        """The proxy for a module value in the current block and invoke (one node per value)."""
+        context = self._current()
+        key = (context, path, kind, self._invoke)
         proxy = self._accesses.get(key)
         if proxy is None:
-            proxy = self._current().record(ModuleGet(path, kind, 0))
+            proxy = context.record(ModuleGet(path, kind, 0))
             self._accesses[key] = proxy
         return proxy
 
     def _write_access(self, path: str, kind: AccessKind, value: Any) -> None:
-        """Replace a module value in the current invoke."""
+        """Replace a module value in the current block and invoke."""
         self._current().record(ModuleSet(path, kind, 0), (value,))
         # Later reads of this module, in any invoke, must be new nodes that run
         # after the write and see its value: forget the cached accesses.
-        for key in [key for key in self._accesses if key[0] == path]:
+        for key in [key for key in self._accesses if key[1] == path]:
             del self._accesses[key]
 
     def _current(self) -> GraphContext:
+        """The innermost open block, which must be this trace or inside it."""
         context = active.innermost()
-        if context is not self:
+        if context is None or context._trace is not self:
             raise TraceError(
                 f"the trace opened at {short(self._where)} is not the innermost open trace "
                 "in this thread"
             )
-        return self
-
-    # --- tracer methods ---------------------------------------------------------------
-
-    def stop(self) -> None:
-        """End the run when execution reaches this point (early stop)."""
-        self._current().record(Stop())
+        return context

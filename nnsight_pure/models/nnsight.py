@@ -13,10 +13,15 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, cast
 import torch
 import torch.utils._pytree as pytree
 
-from ..batching import batch_size_of, default_batch
+from ..batching import BatchGroups, batch_size_of, default_batch
+from ..contexts import active
+from ..contexts.session import Session
 from ..contexts.tracer import Tracer
 from ..envoy import Envoy, _envoy_class
-from ..interpreter import Interleaver
+from ..graph import Graph, Node, SourceLoc
+from ..interpreter import Interleaver, run_trace
+from ..ops import TraceRun
+from ..results import Results
 from ..source import user_location
 from .handle import ModelHandle
 
@@ -79,7 +84,7 @@ class NNsight:
             raise NotImplementedError(
                 "backends (remote NDIF execution) are not supported: nnsight_pure runs locally"
             )
-        tracer = Tracer(self, method, kwargs, user_location())
+        tracer = Tracer(self, method, kwargs, user_location(), self._session_parent() if trace else None)
         if inputs:
             tracer._open_implicit_invoker(inputs, dict(invoker_kwargs or {}))
         elif invoker_kwargs:
@@ -91,6 +96,80 @@ class NNsight:
                 output = self._envoy.output.save()
             return output.value
         return tracer
+
+    def session(self) -> Session:
+        """Open a session: ``with model.session():`` records several traces (and
+        the code between them, loops and conditions included) and runs them all,
+        in order, when it exits. Values flow between its traces without saving."""
+        return Session(self, user_location())
+
+    def _session_parent(self) -> Any:
+        """The innermost open block of a session of this model, outside any trace, if any."""
+        context = active.innermost()
+        if context is None or context._trace is not None:
+            return None
+        outer = context._outermost()
+        if isinstance(outer, Session) and outer.handle is self._handle:
+            return context
+        return None
+
+    def _run_trace(
+        self,
+        graph: Graph,
+        method: str | None,
+        prepared: list[tuple[tuple[Any, ...], dict[str, Any]]],
+        sizes: list[int | None],
+        method_kwargs: dict[str, Any],
+        where: SourceLoc | None,
+        captures: tuple[Any, ...] = (),
+        keep: frozenset[int] = frozenset(),
+    ) -> tuple[Results, dict[int, Any]]:
+        """Batch the invokes' prepared inputs and run ``graph`` over one call of the method."""
+        batched: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+        for args, kwargs in prepared:
+            batched = self._batch(batched, *args, **kwargs)
+        args, kwargs = batched if batched is not None else ((), {})
+        clash = sorted(set(kwargs) & set(method_kwargs))
+        if clash:
+            raise TypeError(
+                f"keyword argument(s) {clash} were given both to the invokes and to trace(...); "
+                "give each once"
+            )
+        return run_trace(
+            graph,
+            self._model,
+            self.interleave,
+            self._method_fn(method),
+            args,
+            {**kwargs, **method_kwargs},
+            BatchGroups.from_sizes(sizes),
+            where,
+            captures,
+            keep,
+        )
+
+    def _run_trace_node(
+        self,
+        node: Node,
+        invokes: Any,
+        method_kwargs: dict[str, Any],
+        captures: tuple[Any, ...],
+        keep: frozenset[int],
+    ) -> tuple[Results, dict[int, Any]]:
+        """Run a trace of a session (its inputs are known only now)."""
+        op = node.op
+        assert isinstance(op, TraceRun)
+        prepared: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        sizes: list[int | None] = []
+        for invoke in invokes:
+            if invoke is None:
+                sizes.append(None)
+                continue
+            inputs, kwargs = invoke
+            (args, prepared_kwargs), size = self._prepare_input(*inputs, **kwargs)
+            prepared.append((tuple(args), dict(prepared_kwargs)))
+            sizes.append(size)
+        return self._run_trace(op.body, op.method, prepared, sizes, method_kwargs, node.source, captures, keep)
 
     def interleave(self, interleaver: Interleaver, *args: Any, fn: Callable[..., Any] | str | None = None, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` (default `_execute`) with the trace's hooks in place.

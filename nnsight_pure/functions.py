@@ -1,0 +1,74 @@
+"""Module-level helpers: ``nnsight_pure.apply``, ``log``, ``cond``, ``iter``,
+``stop`` and traced builtins (``nnsight_pure.list()``, ``dict()``, ...).
+
+Each records into the innermost open context of the current thread; none of
+them patches anything. (This module's ``list``, ``iter`` ... shadow the
+builtins on purpose; the real ones are used through ``builtins``.)
+"""
+
+from __future__ import annotations
+
+import builtins
+from typing import Any, Callable
+
+from .contexts import active
+from .contexts.base import GraphContext
+from .contexts.conditional import Conditional
+from .contexts.iterator import IteratorContext
+from .errors import TraceError
+from .ops import Call
+from .proxy import Proxy
+from .source import user_location
+
+
+def _innermost(what: builtins.str) -> GraphContext:
+    context = active.innermost()
+    if context is None:
+        raise TraceError(f"nnsight_pure.{what}(...) needs an open trace or session")
+    return context
+
+
+def apply(fn: Any, *args: Any, **kwargs: Any) -> Proxy:
+    """Call ``fn(*args, **kwargs)`` at run time; returns a proxy of the result."""
+    return _innermost("apply").record(Call(fn), args, kwargs)
+
+
+def log(*args: Any) -> None:
+    """Print the arguments at run time, with their real values."""
+    _innermost("log").record(Call(builtins.print), args)
+
+
+def stop() -> None:
+    """End the run here: inside a loop, the loop; otherwise the trace or session."""
+    _innermost("stop").stop()
+
+
+def cond(condition: Any) -> Conditional:
+    """A block that runs only when ``condition`` is true at run time."""
+    return Conditional(_innermost("cond"), condition, user_location())
+
+
+def iter(collection: Any) -> IteratorContext:
+    """A block that runs once per item of ``collection``."""
+    return IteratorContext(_innermost("iter"), collection, user_location())
+
+
+def _traced_builtin(fn: Any) -> Callable[..., Proxy]:
+    name = fn.__name__
+
+    def traced(*args: Any, **kwargs: Any) -> Proxy:
+        return _innermost(name).record(Call(fn), args, kwargs)
+
+    traced.__name__ = traced.__qualname__ = name
+    traced.__doc__ = f"``{name}(...)`` made at run time (a proxy, e.g. a list to append to)."
+    return traced
+
+
+list = _traced_builtin(builtins.list)
+dict = _traced_builtin(builtins.dict)
+tuple = _traced_builtin(builtins.tuple)
+set = _traced_builtin(builtins.set)
+int = _traced_builtin(builtins.int)
+float = _traced_builtin(builtins.float)
+str = _traced_builtin(builtins.str)
+bool = _traced_builtin(builtins.bool)
