@@ -83,8 +83,22 @@ def format_op(op: Op, node: Node) -> str:
             return f"iter {node.args[0]!r}{_bridges(node)}"
         case TraceRun(_, method):
             how = f"trace {method}" if method else "trace"
-            inputs = f"({format_args(node)})"
-            return f"{how}{inputs}"
+            keywords = "".join(f", {name}={node.kwargs[name]!r}" for name in sorted(node.kwargs))
+            return f"{how}({_invoke_inputs(node.args[0])}{keywords}){_bridges(node)}"
+
+
+def _invoke_inputs(invokes: object) -> str:
+    """Each invoke's inputs, separated by ``;`` (an invoke without inputs is ``()``)."""
+    parts = []
+    for invoke in invokes if isinstance(invokes, tuple) else ():
+        if invoke is None:
+            parts.append("()")
+            continue
+        args, kwargs = invoke
+        items = [repr(arg) for arg in args]
+        items += [f"{name}={value!r}" for name, value in getattr(kwargs, "items", ())]
+        parts.append(", ".join(items))
+    return "; ".join(parts)
 
 
 def _bridges(node: Node) -> str:

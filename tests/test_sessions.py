@@ -503,3 +503,13 @@ def test_conditions_are_graph_values(model: nnsight.NNsight, x: torch.Tensor) ->
     node = next(n for n in tracer.graph if isinstance(n.op, Cond))
     assert isinstance(node.op, Cond) and node.op.body == branch.graph
     assert "cond %" in repr(tracer.graph)
+
+
+def test_module_level_cond_and_stop_use_the_innermost_block(model: nnsight.NNsight, net: TinyNet, x: torch.Tensor) -> None:
+    with model.trace(x):
+        with nnsight.cond(model.layer1.output.sum() > -1000):
+            model.layer1.output[:] = 0
+        with nnsight.cond(False):
+            nnsight.stop()
+        out = model.output.save()
+    assert torch.allclose(out.value, net.layer2(torch.zeros(1, 10)))
