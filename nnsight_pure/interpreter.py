@@ -535,21 +535,6 @@ def run_trace(
     return run.finish(stopped, graph)
 
 
-def run_graph(
-    graph: Graph,
-    root: torch.nn.Module,
-    interleave: Interleave,
-    fn: Callable[..., Any],
-    args: Sequence[Any],
-    kwargs: dict[str, Any],
-    groups: BatchGroups,
-    where: SourceLoc | None = None,
-) -> Results:
-    """Run a trace's ``graph`` once (see `run_trace`) and return its results."""
-    results, _ = run_trace(graph, root, interleave, fn, args, kwargs, groups, where)
-    return results
-
-
 def run_session(graph: Graph, trace_runner: TraceRunner) -> Results:
     """Run a session's ``graph``: its own nodes in order, each trace node
     through ``trace_runner`` (a whole model run). A stop outside loops ends it."""

@@ -20,7 +20,7 @@ import nnsight_pure as nnsight
 from nnsight_pure.arguments import Ref
 from nnsight_pure.batching import BatchGroups
 from nnsight_pure.graph import Graph, check_graph
-from nnsight_pure.interpreter import run_graph
+from nnsight_pure.interpreter import run_trace
 from nnsight_pure.ops import Call, CallMethod, ModuleGet, Op, Save
 from nnsight_pure.printing import format_graph
 from tests.helpers import tiny_net
@@ -133,8 +133,8 @@ def test_running_one_graph_twice_gives_the_same_results(program: list[tuple[str,
     x = torch.rand(1, 5)
     graph, values = _trace_program(model, x, program)
     groups = BatchGroups.from_sizes([1])
-    first = run_graph(graph, net, model.interleave, model._execute, (x,), {}, groups)
-    second = run_graph(graph, net, model.interleave, model._execute, (x,), {}, groups)
+    first, _ = run_trace(graph, net, model.interleave, model._execute, (x,), {}, groups)
+    second, _ = run_trace(graph, net, model.interleave, model._execute, (x,), {}, groups)
     assert sorted(first.values) == sorted(second.values)
     for index, value in first.values.items():
         assert torch.equal(value, second.values[index])

@@ -18,12 +18,12 @@ last run of its body), which its proxies read.
 from __future__ import annotations
 
 from contextvars import Token
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 from ..arguments import Ref, freeze
 from ..errors import TraceError
 from ..graph import Graph, SourceLoc, saved_refs
-from ..ops import Bridge, Call, Export, Op, Stop
+from ..ops import Bridge, Call, Cond, Export, Iterate, Op, Stop
 from ..printing import format_node
 from ..proxy import Proxy
 from ..results import Results, missing_value_message
@@ -276,3 +276,21 @@ class GraphContext:
         from .conditional import Conditional
 
         return Conditional(self._within("cond"), condition, user_location())
+
+
+class BodyContext(GraphContext):
+    """A block whose graph becomes the body of one node of its parent: a
+    `Cond` or `Iterate` node (``_node_kind``), whose first argument is
+    ``first`` (the condition, the collection)."""
+
+    _node_kind: ClassVar[type[Cond] | type[Iterate]]
+
+    def __init__(self, parent: GraphContext, first: Any, where: SourceLoc | None) -> None:
+        super().__init__(parent._handle, where, parent)
+        self._first = first
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        self._pop()
+        if exc_type is None:
+            assert self._parent is not None
+            self._parent._close_child(self, type(self)._node_kind(self._graph), (self._first,))

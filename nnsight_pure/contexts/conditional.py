@@ -14,14 +14,16 @@ from ..graph import SourceLoc
 from ..ops import Cond
 from ..proxy import Proxy
 from ..source import short
-from .base import GraphContext
+from .base import BodyContext, GraphContext
 
 
-class Conditional(GraphContext):
+class Conditional(BodyContext):
     """A branch taken when ``condition`` is true."""
 
+    _node_kind = Cond
+
     def __init__(self, parent: GraphContext, condition: Any, where: SourceLoc | None) -> None:
-        super().__init__(parent._handle, where, parent)
+        super().__init__(parent, condition, where)
         if not isinstance(condition, Proxy):
             try:
                 bool(condition)
@@ -30,17 +32,11 @@ class Conditional(GraphContext):
                     f"cond(...) at {short(where)} needs a value with a truth value; "
                     f"bool() of a {type(condition).__name__} failed: {error}"
                 ) from error
-        self._condition = condition
 
     def __enter__(self) -> Conditional:
         self._push()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        self._pop()
-        if exc_type is None:
-            assert self._parent is not None
-            self._parent._close_child(self, Cond(self._graph), (self._condition,))
 
     def __repr__(self) -> str:
         return f"<condition opened at {short(self._where)}>"

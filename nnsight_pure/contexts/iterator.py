@@ -14,7 +14,7 @@ from ..graph import SourceLoc
 from ..ops import Iterate, IterItem
 from ..proxy import Proxy
 from ..source import short
-from .base import GraphContext
+from .base import BodyContext, GraphContext
 
 
 class ItemProxy(Proxy):
@@ -27,11 +27,13 @@ class ItemProxy(Proxy):
         return iter((self, object.__getattribute__(self, "_iterator")))
 
 
-class IteratorContext(GraphContext):
+class IteratorContext(BodyContext):
     """A loop over ``collection`` whose body is this block."""
 
+    _node_kind = Iterate
+
     def __init__(self, parent: GraphContext, collection: Any, where: SourceLoc | None) -> None:
-        super().__init__(parent._handle, where, parent)
+        super().__init__(parent, collection, where)
         if not isinstance(collection, Proxy):
             try:
                 iter(collection)
@@ -39,7 +41,6 @@ class IteratorContext(GraphContext):
                 raise TypeError(
                     f"iter(...) at {short(where)} needs an iterable; got a {type(collection).__name__}"
                 ) from None
-        self._collection = collection
 
     def __enter__(self) -> ItemProxy:
         self._push()
@@ -48,11 +49,6 @@ class IteratorContext(GraphContext):
         object.__setattr__(item, "_iterator", self)
         return item
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        self._pop()
-        if exc_type is None:
-            assert self._parent is not None
-            self._parent._close_child(self, Iterate(self._graph), (self._collection,))
 
     def __repr__(self) -> str:
         return f"<loop opened at {short(self._where)}>"
