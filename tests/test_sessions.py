@@ -211,7 +211,7 @@ def test_a_loop_over_a_value_made_in_the_session(model: nnsight.NNsight, net: Ti
 
 def test_the_session_graph_is_a_value(model: nnsight.NNsight, x: torch.Tensor) -> None:
     with model.session() as session:
-        with session.iter([0, 1]) as item:
+        with session.iter([0, 1]):
             with model.trace(x):
                 model.output.save()
         during = session.graph
