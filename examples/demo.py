@@ -1,11 +1,14 @@
-"""nnsight_pure in one page: trace a model built in code, read, write, patch.
+"""nnsight_pure in one page: trace a model built in code, read, write, patch, draw.
 
 Run it with ``./scripts/demo.sh`` (which sets up ``.venv`` first). Every
 result is checked against the same computation done with plain torch hooks.
+The picture of the patching trace goes to ``out/patching.png`` (or, without
+Graphviz's ``dot`` program, its DOT text to ``out/patching.dot``).
 """
 
 from __future__ import annotations
 
+import shutil
 from collections import OrderedDict
 
 import torch
@@ -85,7 +88,14 @@ def main() -> None:
     print("patched logits: ", patched_logits.value, "(corrupt input, clean layer1)")
     print("corrupt logits: ", net(corrupt), end="\n\n")
 
-    # 4. Saved values behave like their tensors after the trace.
+    # 4. Draw the patching trace's graph (the seed's .vis feature).
+    picture = "png" if shutil.which("dot") else "dot"
+    written = tracer.vis(title="patching", path="out", format=picture)
+    print("picture of the patching graph:", written)
+    if picture == "dot":
+        print("(Graphviz's `dot` is not installed, so this is the DOT text; apt-get install graphviz)")
+
+    # 5. Saved values behave like their tensors after the trace.
     print("hidden.sum() + 1 =", (hidden.sum() + 1).item())
     print("\nAll results match plain torch.")
 

@@ -15,6 +15,7 @@ interpreter runs the graph once when the block exits.
 from .arguments import Ref as Ref
 from .envoy import Envoy as Envoy
 from .errors import OutOfOrderError as OutOfOrderError
+from .errors import GraphvizNotFoundError as GraphvizNotFoundError
 from .errors import TraceError as TraceError
 from .errors import UnexecutedInterventionWarning as UnexecutedInterventionWarning
 from .graph import Graph as Graph
@@ -22,6 +23,8 @@ from .graph import Node as Node
 from .graph import SourceLoc as SourceLoc
 from .models.nnsight import NNsight as NNsight
 from .printing import format_graph as format_graph
+from .vis import render as render
+from .vis import to_dot as to_dot
 from .proxy import Proxy as Proxy
 from .results import Results as Results
 from .contexts.conditional import Conditional as Conditional
@@ -47,6 +50,7 @@ __all__ = [
     "Conditional",
     "Envoy",
     "Graph",
+    "GraphvizNotFoundError",
     "Invoker",
     "IteratorContext",
     "NNsight",
@@ -70,8 +74,10 @@ __all__ = [
     "iter",
     "list",
     "log",
+    "render",
     "set",
     "stop",
     "str",
+    "to_dot",
     "tuple",
 ]

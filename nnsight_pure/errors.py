@@ -24,3 +24,7 @@ class OutOfOrderError(RuntimeError):
 class UnexecutedInterventionWarning(UserWarning):
     """Part of the intervention never ran because a module access was never
     reached (a module that was not called, or not that many times)."""
+
+
+class GraphvizNotFoundError(RuntimeError):
+    """Drawing a picture needs Graphviz's ``dot`` program, and it is not installed."""

@@ -17,6 +17,8 @@ last run of its body), which its proxies read.
 
 from __future__ import annotations
 
+import os
+import pathlib
 from contextvars import Token
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
@@ -249,6 +251,31 @@ class GraphContext:
             )
         saved = ref.index in saved_refs(self._graph)
         raise ValueError(missing_value_message(self._graph, ref.index, self._results, saved))
+
+    # --- pictures -----------------------------------------------------------------------
+
+    def vis(
+        self,
+        title: str = "graph",
+        path: str | os.PathLike[str] = ".",
+        recursive: bool = False,
+        group: bool = False,
+        format: str = "png",
+        *,
+        display: bool = False,
+        save: bool = True,
+    ) -> pathlib.Path:
+        """Draw this block's graph so far into ``{path}/{title}.{format}``; returns the file.
+
+        Works inside the block or after it; it never runs the model and never
+        changes the graph. ``recursive`` also draws the bodies of loops,
+        conditions and traces; ``group`` boxes each body. ``display`` and
+        ``save`` are nnsight 0.4's: the picture is always saved, and showing it
+        is left to the caller (e.g. ``IPython.display.Image(str(path))``).
+        """
+        from ..vis import render
+
+        return render(self._graph, title=title, path=path, format=format, recursive=recursive, group=group)
 
     # --- what every context offers (recorded in the innermost open block) ------------
 

@@ -1,0 +1,370 @@
+"""Pictures of graphs: `to_dot` (a pure function to DOT text) and `render` (the one writer).
+
+`to_dot` walks a graph in node order and emits DOT text: the same graph
+gives byte-identical text in any process (nothing is ordered by memory
+address or hash; keyword arguments are sorted by name). How each op kind is
+drawn is data, the `STYLES` table, following the legend of nnsight's `.vis()`:
+
+* boxes get data: module access (green), gradient (green), a bridged value
+  (brown), a loop's item (blue), constant arguments (grey);
+* ellipses operate on data: set (green), save (brown), any other operation
+  (black, labelled with the function's name);
+* hexagons do things independent of data: ad-hoc module call (blue), running
+  a trace (purple), stop (red), loop (blue) and condition (orange) contexts.
+
+`render` hands the text to the graphviz package and writes the file; it is
+the only function here that does I/O.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import warnings
+from typing import Mapping
+
+import attrs
+import graphviz
+import torch
+
+from .arguments import Ref, refs_in
+from .errors import GraphvizNotFoundError
+from .graph import Graph, Node, node_refs
+from .ops import (
+    ApplyModule,
+    Bridge,
+    Call,
+    CallMethod,
+    Cond,
+    Export,
+    GetAttr,
+    Iterate,
+    IterItem,
+    ModuleAttr,
+    ModuleGet,
+    ModuleSet,
+    Op,
+    Save,
+    SetAttr,
+    Stop,
+    TraceRun,
+)
+from .printing import _invoke_inputs, body_of
+
+
+@attrs.frozen
+class Style:
+    """How one kind of node is drawn, and what the legend calls it."""
+
+    shape: str
+    color: str
+    legend: str
+    meaning: str
+
+
+STYLES: Mapping[type, Style] = {
+    ModuleGet: Style("box", "green4", "InterventionProtocol", "a module's input or output"),
+    ModuleAttr: Style("box", "green4", "ParameterProtocol", "a clone of a module's weight or buffer"),
+    Bridge: Style("box", "brown", "BridgeProtocol", "a value from outside the block (another trace, the session)"),
+    Export: Style("box", "brown", "BridgeProtocol", "a value from inside a finished block"),
+    IterItem: Style("box", "blue", "ValueProtocol", "the current item of a loop"),
+    ModuleSet: Style("ellipse", "green4", "SwapProtocol", "setting a module's input or output"),
+    Save: Style("ellipse", "brown", "LockProtocol", ".save(): the value outlives the run"),
+    Call: Style("ellipse", "black", "Operation", "a function call, labelled with the function's name"),
+    CallMethod: Style("ellipse", "black", "Operation", "a method call, labelled with the method's name"),
+    GetAttr: Style("ellipse", "black", "Operation", "reading an attribute"),
+    SetAttr: Style("ellipse", "black", "Operation", "setting an attribute"),
+    ApplyModule: Style("hexagon", "blue", "ApplyModuleProtocol", "an ad-hoc call of a module"),
+    TraceRun: Style("hexagon", "purple", "LocalBackendExecuteProtocol", "running a trace of the session"),
+    Stop: Style("hexagon", "red", "EarlyStopProtocol", "an early stop"),
+    Iterate: Style("hexagon", "blue", "Iterator", "a loop whose body is a sub-graph"),
+    Cond: Style("hexagon", "#FF8C00", "Condition", "a condition whose body is a sub-graph"),
+}
+"""The style of each op kind (every kind of `Op` has one)."""
+
+CONSTANT = Style("box", "gray", "Value", "a constant argument, labelled name=value where the op names it")
+BODY = Style("box", "purple", "Subgraph", "the body of a loop, condition or trace (drawn with recursive=True)")
+
+_MAX_LABEL = 48
+
+
+def _quote(text: str) -> str:
+    """A double-quoted DOT string (backslashes, quotes and newlines escaped).
+
+    >>> _quote('say "hi"')
+    '"say \\\\"hi\\\\""'
+    """
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= _MAX_LABEL else text[: _MAX_LABEL - 1] + "…"
+
+
+def _path_text(path: str) -> str:
+    return f".{path}" if path else ""
+
+
+def node_label(op: Op) -> str:
+    """The text inside a node: its kind, or the function it calls."""
+    match op:
+        case Call():
+            return op.name
+        case CallMethod(name):
+            return name
+        case GetAttr():
+            return "getattr"
+        case SetAttr():
+            return "setattr"
+        case Save():
+            return "save"
+        case Stop():
+            return "stop"
+        case IterItem():
+            return "item"
+        case (
+            ModuleGet() | ModuleSet() | ModuleAttr() | ApplyModule() | Bridge() | Export()
+            | Cond() | Iterate() | TraceRun()
+        ):
+            return type(op).__name__
+
+
+def op_fields(node: Node) -> list[tuple[str, str]]:
+    """The op's own constants, drawn as grey boxes labelled ``name=value``."""
+    op = node.op
+    invoke = [("invoke", str(node.invoke))] if node.invoke is not None else []
+    match op:
+        case ModuleGet(path, kind, call) | ModuleSet(path, kind, call):
+            fields = [("module_path", repr(f"{_path_text(path)}.{kind}"))]
+            if call:
+                fields.append(("call", str(call)))
+            return fields + invoke
+        case ModuleAttr(path, name):
+            return [("module_path", repr(_path_text(path))), ("key", repr(name))]
+        case ApplyModule(path, hook):
+            return [("module_path", repr(_path_text(path)))] + ([("hook", "True")] if hook else [])
+        case GetAttr(name) | SetAttr(name):
+            return [("name", repr(name))]
+        case Bridge(slot):
+            return [("slot", str(slot))]
+        case Export(index):
+            return [("node", f"%{index}")]
+        case TraceRun(_, method):
+            fields = [("inputs", _invoke_inputs(node.args[0]) or "()")]
+            return fields + ([("method", repr(method))] if method else [])
+        case Call() | CallMethod() | Save() | Stop() | IterItem() | Cond() | Iterate():
+            return []
+
+
+class _Writer:
+    """Accumulates DOT lines for one picture (local to one `to_dot` call)."""
+
+    def __init__(self, recursive: bool, group: bool) -> None:
+        self.lines: list[str] = []
+        self.recursive = recursive
+        self.group = group
+        self.clusters: dict[str, int] = {}
+
+    def node(self, node_id: str, label: str, style: Style, indent: str, dashed: bool = False) -> None:
+        font = f", fontcolor={_quote(style.color)}" if style is CONSTANT or style is BODY else ""
+        extra = ", style=dashed" if dashed else ""
+        self.lines.append(
+            f"{indent}{_quote(node_id)} [label={_quote(_short(label))}, shape={style.shape}, "
+            f"color={_quote(style.color)}{font}{extra}];"
+        )
+
+    def edge(self, source: str, target: str, indent: str, label: str = "", style: str = "", color: str = "") -> None:
+        attributes = []
+        if label:
+            attributes.append(f"label={_quote(label)}")
+        if style:
+            attributes.append(f"style={style}")
+        if color:
+            attributes.append(f"color={_quote(color)}")
+        suffix = f" [{', '.join(attributes)}]" if attributes else ""
+        self.lines.append(f"{indent}{_quote(source)} -> {_quote(target)}{suffix};")
+
+    def graph(self, graph: Graph, prefix: str, indent: str) -> None:
+        for node in graph.nodes:
+            self.one_node(node, prefix, indent)
+
+    def one_node(self, node: Node, prefix: str, indent: str) -> None:
+        node_id = f"{prefix}{node.ref.index}"
+        style = STYLES[type(node.op)]
+        self.node(node_id, node_label(node.op), style, indent)
+        for number, (name, value) in enumerate(op_fields(node)):
+            box = f"{node_id}_f{number}"
+            self.node(box, f"{name}={value}", CONSTANT, indent)
+            if isinstance(node.op, TraceRun) and name == "inputs":
+                # The invokes' inputs may hold values of the session (a loop's item).
+                for position, ref in enumerate(refs_in(node.args[0])):
+                    self.edge(f"{prefix}{ref.index}", box, indent, label=str(position), style="dashed", color="gray")
+            self.edge(box, node_id, indent)
+        body = body_of(node)
+        self.arguments(node, node_id, prefix, indent, context=body is not None)
+        if isinstance(node.op, Export) and self.recursive and type(node.args[0]) is Ref:
+            # From the exported node inside the (drawn) body to its export.
+            inner = f"{prefix}{node.args[0].index}_{node.op.index}"
+            self.edge(inner, node_id, indent, style="dotted", color="brown")
+        if body is None:
+            return
+        if not self.recursive:
+            box = f"{node_id}_body"
+            self.node(box, f"body: {len(body)} nodes", BODY, indent)
+            self.edge(box, node_id, indent, style="dashed", color=style.color)
+            return
+        self.body(node, node_id, prefix, body, style, indent)
+
+    def arguments(self, node: Node, node_id: str, prefix: str, indent: str, context: bool) -> None:
+        args = list(node.args)
+        for position, arg in enumerate(args):
+            if position == 0 and isinstance(node.op, TraceRun):
+                continue  # drawn as its inputs= box
+            label = f"bridge {position - 1}" if context and position > 0 else ""
+            self.argument(arg, node_id, f"{node_id}_a{position}", prefix, indent, label)
+        for name in sorted(node.kwargs):
+            self.argument(node.kwargs[name], node_id, f"{node_id}_k_{name}", prefix, indent, name, keyword=True)
+
+    def argument(self, arg: object, node_id: str, box: str, prefix: str, indent: str, label: str, keyword: bool = False) -> None:
+        if type(arg) is Ref:
+            self.edge(f"{prefix}{arg.index}", node_id, indent, label=label)
+            return
+        text = f"{label}={arg!r}" if keyword else repr(arg)
+        self.node(box, text, CONSTANT, indent)
+        for position, ref in enumerate(refs_in(arg)):
+            self.edge(f"{prefix}{ref.index}", box, indent, label=str(position), style="dashed", color="gray")
+        self.edge(box, node_id, indent, label="" if keyword else label)
+
+    def body(self, node: Node, node_id: str, prefix: str, body: Graph, style: Style, indent: str) -> None:
+        inner_prefix = f"{node_id}_"
+        inner_indent = indent
+        if self.group:
+            kind = type(node.op).__name__
+            number = self.clusters.get(kind, 0)
+            self.clusters[kind] = number + 1
+            self.lines.append(f"{indent}subgraph {_quote('cluster_' + node_id)} {{")
+            inner_indent = indent + "  "
+            self.lines.append(f"{inner_indent}label={_quote(f'{kind}_{number}')}; penwidth=0.25;")
+        self.graph(body, inner_prefix, inner_indent)
+        if self.group:
+            self.lines.append(f"{indent}}}")
+        for inner in body.nodes:
+            inner_id = f"{inner_prefix}{inner.ref.index}"
+            if next(node_refs(inner), None) is None:  # a root of the body
+                self.edge(node_id, inner_id, indent, style="dashed", color=style.color)
+            if isinstance(inner.op, Bridge):
+                captured = node.args[1 + inner.op.slot] if 1 + inner.op.slot < len(node.args) else None
+                if type(captured) is Ref:
+                    self.edge(f"{prefix}{captured.index}", inner_id, indent, style="dotted", color="brown")
+
+
+def to_dot(graph: Graph, *, title: str = "graph", recursive: bool = False, group: bool = False) -> str:
+    """The DOT text of a picture of ``graph`` (pure and deterministic).
+
+    Args:
+        graph: the graph to draw.
+        title: the picture's title (drawn at the top).
+        recursive: also draw the nodes of every sub-graph (loop, condition
+            and trace bodies), with a dashed edge from each context node to
+            the first nodes of its body and a dotted one from each bridged
+            value to its bridge.
+        group: with ``recursive``, put each sub-graph in its own labelled box.
+
+    Returns:
+        DOT source text, ending with a newline.
+    """
+    if group and not recursive:
+        warnings.warn("group=True draws sub-graphs only with recursive=True; ignoring group", stacklevel=2)
+        group = False
+    writer = _Writer(recursive, group)
+    writer.lines.append(f"digraph {_quote(title)} {{")
+    writer.lines.append(f"  graph [label={_quote(title)}, labelloc=t, fontsize=20, fontname=Helvetica];")
+    writer.lines.append("  node [fontname=Helvetica, fontsize=12];")
+    writer.lines.append("  edge [fontname=Helvetica, fontsize=10];")
+    writer.graph(graph, "n", "  ")
+    writer.lines.append("}")
+    return "\n".join(writer.lines) + "\n"
+
+
+FORMATS = ("png", "svg", "pdf", "dot")
+"""What `render` writes: pictures through Graphviz's ``dot``, or the DOT text."""
+
+
+def render(
+    graph: Graph,
+    *,
+    title: str = "graph",
+    path: str | os.PathLike[str] = ".",
+    format: str = "png",
+    recursive: bool = False,
+    group: bool = False,
+) -> pathlib.Path:
+    """Write a picture of ``graph`` to ``{path}/{title}.{format}`` and return its path.
+
+    ``format="dot"`` writes the DOT text itself (no Graphviz program needed);
+    the other formats run Graphviz's ``dot``. ``path`` is created if missing.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {format!r}")
+    if not title or os.sep in title or (os.altsep and os.altsep in title):
+        raise ValueError(f"title names the file, so it cannot be empty or contain a path separator: {title!r}")
+    text = to_dot(graph, title=title, recursive=recursive, group=group)
+    folder = pathlib.Path(path)
+    target = folder / f"{title}.{format}"
+    if format == "dot":
+        folder.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+        return target
+    try:
+        data = graphviz.Source(text).pipe(format=format)
+    except graphviz.ExecutableNotFound as error:
+        raise GraphvizNotFoundError(
+            f"drawing a {format} picture needs Graphviz's `dot` program, which is not on PATH. "
+            "Install Graphviz (Debian/Ubuntu: apt-get install graphviz; macOS: brew install "
+            "graphviz; conda: conda install graphviz), or pass format='dot' to write the DOT "
+            "text without it."
+        ) from error
+    folder.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    return target
+
+
+def legend_examples() -> dict[str, Graph]:
+    """A small graph showing each kind of node, by kind name (for the legend
+    pictures in docs/ and their golden tests). Pure."""
+    import operator
+
+    from .arguments import DictConst, SliceConst, TensorConst
+
+    def grown(*steps: tuple[Op, tuple[object, ...]]) -> Graph:
+        graph = Graph()
+        for op, args in steps:
+            graph, _ = graph.add(op, args)
+        return graph
+
+    get = (ModuleGet("layer1", "output"), ())
+    body = grown((IterItem(), ()), (Bridge(0), ()), (Call(operator.add), (Ref(0), Ref(1))))
+    examples = {
+        "ModuleGet": grown(get),
+        "ModuleSet": grown(get, (Call(operator.mul), (Ref(0), 2)), (ModuleSet("layer1", "output"), (Ref(1),))),
+        "ModuleAttr": grown((ModuleAttr("layer1", "weight"), ())),
+        "ApplyModule": grown(get, (ApplyModule("layer2"), (Ref(0),))),
+        "Call": grown(get, (Call(operator.setitem), (Ref(0), (SliceConst(None, None, None), 0), 1.0))),
+        "CallMethod": grown(get, (CallMethod("sum"), (Ref(0),))),
+        "GetAttr": grown(get, (GetAttr("shape"), (Ref(0),))),
+        "SetAttr": grown(get, (SetAttr("flag"), (Ref(0), True))),
+        "Save": grown(get, (Save(), (Ref(0),))),
+        "Stop": grown(get, (Stop(), (Ref(0),))),
+        "Bridge": grown((Bridge(0), ()), (Call(operator.neg), (Ref(0),))),
+        "IterItem": grown((IterItem(), ())),
+        "Export": grown((Cond(grown(get)), (True,)), (Export(0), (Ref(0),))),
+        "Cond": grown(get, (Cond(grown((Bridge(0), ()), (Save(), (Ref(0),)))), (True, Ref(0)))),
+        "Iterate": grown(get, (Iterate(body), ((0, 1, 2), Ref(0)))),
+        "TraceRun": grown((TraceRun(grown(get, (Save(), (Ref(0),)))), ((((TensorConst(_example_input()),), DictConst(())),),))),
+    }
+    return examples
+
+
+def _example_input() -> torch.Tensor:
+    return torch.zeros(1, 5)

@@ -1,0 +1,203 @@
+"""Pictures: `to_dot` is pure and deterministic (goldens, hash seeds, structure),
+`render` writes the files, `.vis` works on every context, inside or after it.
+
+Regenerate the goldens with ``pytest tests/test_vis.py --update-golden``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import runpy
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, get_args
+
+import pytest
+import torch
+
+import nnsight_pure as nnsight
+from nnsight_pure.graph import Graph
+from nnsight_pure.ops import Op
+from nnsight_pure.vis import STYLES, legend_examples, render, to_dot
+
+ROOT = Path(__file__).parent.parent
+GOLDEN = Path(__file__).parent / "golden" / "vis"
+SEED = ROOT / "examples" / "seed_vis.py"
+needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="needs Graphviz's dot program")
+
+NODE = re.compile(r'^\s*"([^"]+)" \[label=')
+EDGE = re.compile(r'^\s*"([^"]+)" -> "([^"]+)"')
+
+
+def _check_golden(name: str, text: str, update: bool) -> None:
+    path = GOLDEN / f"{name}.dot"
+    if update:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert path.read_text() == text, f"{name}.dot differs from its golden file"
+
+
+@pytest.fixture(scope="module")
+def seed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The seed example, run verbatim in a scratch folder; its globals."""
+    folder = tmp_path_factory.mktemp("seed")
+    here = os.getcwd()
+    os.chdir(folder)
+    try:
+        if shutil.which("dot") is None:  # pragma: no cover - CI installs Graphviz
+            pytest.skip("the seed example writes PNG pictures, which needs Graphviz's dot")
+        namespace = runpy.run_path(str(SEED), run_name="__main__")
+    finally:
+        os.chdir(here)
+    namespace["folder"] = folder
+    return namespace
+
+
+def _seed_graphs(seed: dict[str, Any]) -> dict[str, Graph]:
+    return {name: seed[name].graph for name in ("sesh", "tracer_1", "tracer_2", "iterator")}
+
+
+@needs_dot
+def test_the_seed_example_runs_verbatim_and_writes_its_four_pictures(seed: dict[str, Any]) -> None:
+    written = seed["folder"] / "intervention-graphs" / "visual-example"
+    assert sorted(p.name for p in written.iterdir()) == ["iterator.png", "session.png", "tracer_1.png", "tracer_2.png"]
+    for picture in written.iterdir():
+        assert picture.read_bytes().startswith(b"\x89PNG")
+    expected = seed["net"].layer1(seed["input"]).clone()
+    expected[:, :3] += seed["net"].layer1(seed["input2"])[:, :3]
+    assert torch.equal(seed["l1_out_t1_cp"].value, expected)
+
+
+@needs_dot
+@pytest.mark.parametrize("name", ["sesh", "tracer_1", "tracer_2", "iterator"])
+def test_seed_pictures_match_their_goldens(seed: dict[str, Any], name: str, update_golden: bool) -> None:
+    graph = _seed_graphs(seed)[name]
+    _check_golden(f"seed_{name}", to_dot(graph, title=name), update_golden)
+
+
+@needs_dot
+def test_seed_session_recursive_and_grouped(seed: dict[str, Any], update_golden: bool) -> None:
+    graph = seed["sesh"].graph
+    _check_golden("seed_session_recursive", to_dot(graph, title="session", recursive=True), update_golden)
+    _check_golden("seed_session_grouped", to_dot(graph, title="session", recursive=True, group=True), update_golden)
+
+
+@pytest.mark.parametrize("kind", sorted(legend_examples()))
+def test_each_node_kind_matches_its_golden(kind: str, update_golden: bool) -> None:
+    _check_golden(f"kinds/{kind}", to_dot(legend_examples()[kind], title=kind, recursive=True), update_golden)
+
+
+def test_every_op_kind_has_a_style_and_an_example() -> None:
+    kinds = {kind.__name__ for kind in get_args(Op)}
+    assert kinds == {kind.__name__ for kind in STYLES}
+    assert kinds == set(legend_examples())
+
+
+@pytest.mark.parametrize("recursive", [False, True])
+def test_every_node_id_once_and_every_edge_end_exists(recursive: bool) -> None:
+    for graph in legend_examples().values():
+        text = to_dot(graph, recursive=recursive, group=recursive)
+        ids = [m.group(1) for line in text.splitlines() if (m := NODE.match(line))]
+        assert len(ids) == len(set(ids))
+        for line in text.splitlines():
+            edge = EDGE.match(line)
+            if edge:
+                assert edge.group(1) in ids and edge.group(2) in ids, line
+
+
+def test_every_graph_node_is_drawn() -> None:
+    graph = legend_examples()["Iterate"]
+    flat = to_dot(graph)
+    assert all(f'"n{i}" [' in flat for i in range(len(graph)))
+    deep = to_dot(graph, recursive=True)
+    body = graph.nodes[1].op.body  # type: ignore[union-attr]  # the Iterate node
+    assert all(f'"n1_{i}" [' in deep for i in range(len(body)))
+
+
+def test_the_same_text_in_another_process_and_hash_seed() -> None:
+    script = textwrap.dedent(
+        """
+        import sys
+        from nnsight_pure.vis import legend_examples, to_dot
+        sys.stdout.write("".join(to_dot(g, title=k, recursive=True, group=True) for k, g in legend_examples().items()))
+        """
+    )
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout
+        for seed in ("1", "2")
+    }
+    assert len(outputs) == 1
+    assert outputs.pop() == "".join(
+        to_dot(g, title=k, recursive=True, group=True) for k, g in legend_examples().items()
+    )
+
+
+def test_to_dot_neither_runs_the_model_nor_changes_the_graph(model: nnsight.NNsight, x: torch.Tensor, tmp_path: Path) -> None:
+    calls: list[int] = []
+    handle = model._model.register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        with model.trace(x) as tracer:
+            model.layer1.output.save()
+            before = tracer.graph
+            path = tracer.vis(title="inside", path=tmp_path, format="dot")
+            assert tracer.graph == before and calls == []
+        after = tracer.vis(title="after", path=tmp_path, format="dot")
+    finally:
+        handle.remove()
+    assert calls == [1]
+    assert path.read_text() == to_dot(before, title="inside")
+    assert after.read_text() == to_dot(tracer.graph, title="after")
+
+
+def test_vis_on_every_context(model: nnsight.NNsight, x: torch.Tensor, tmp_path: Path) -> None:
+    with model.session() as session:
+        with session.iter([1, 2]) as (item, loop):
+            with session.cond(item > 1) as branch:
+                with model.trace(x) as tracer:
+                    model.output.save()
+    written = [
+        context.vis(title=name, path=tmp_path, format="dot")
+        for name, context in (("session", session), ("loop", loop), ("branch", branch), ("tracer", tracer))
+    ]
+    assert [p.name for p in written] == ["session.dot", "loop.dot", "branch.dot", "tracer.dot"]
+    assert "Iterate" in written[0].read_text() and "Cond" in written[1].read_text()
+
+
+@needs_dot
+@pytest.mark.parametrize("format", ["png", "svg", "pdf"])
+def test_render_writes_pictures(format: str, tmp_path: Path) -> None:
+    target = render(legend_examples()["Cond"], title="cond", path=tmp_path / "new" / "folder", format=format)
+    assert target == tmp_path / "new" / "folder" / f"cond.{format}"
+    data = target.read_bytes()
+    assert {"png": b"\x89PNG", "svg": b"<?xml", "pdf": b"%PDF"}[format] == data[: {"png": 4, "svg": 5, "pdf": 4}[format]]
+
+
+def test_render_without_dot_says_how_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(nnsight.GraphvizNotFoundError, match="apt-get install graphviz"):
+        render(legend_examples()["Save"], path=tmp_path, format="png")
+    assert render(legend_examples()["Save"], title="still", path=tmp_path, format="dot").exists()
+
+
+def test_render_refuses_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="format must be one of"):
+        render(Graph(), path=tmp_path, format="jpeg")
+    with pytest.raises(ValueError, match="path separator"):
+        render(Graph(), title="a/b", path=tmp_path, format="dot")
+
+
+def test_group_without_recursive_warns() -> None:
+    with pytest.warns(UserWarning, match="recursive=True"):
+        to_dot(legend_examples()["Cond"], group=True)
+
+
+def test_quoting() -> None:
+    text = to_dot(legend_examples()["GetAttr"], title='a "quoted" \\ title')
+    assert 'digraph "a \\"quoted\\" \\\\ title" {' in text
