@@ -345,7 +345,7 @@ def legend_examples() -> dict[str, Graph]:
 
     get = (ModuleGet("layer1", "output"), ())
     body = grown((IterItem(), ()), (Bridge(0), ()), (Call(operator.add), (Ref(0), Ref(1))))
-    examples = {
+    return {
         "ModuleGet": grown(get),
         "ModuleSet": grown(get, (Call(operator.mul), (Ref(0), 2)), (ModuleSet("layer1", "output"), (Ref(1),))),
         "ModuleAttr": grown((ModuleAttr("layer1", "weight"), ())),
@@ -363,7 +363,6 @@ def legend_examples() -> dict[str, Graph]:
         "Iterate": grown(get, (Iterate(body), ((0, 1, 2), Ref(0)))),
         "TraceRun": grown((TraceRun(grown(get, (Save(), (Ref(0),)))), ((((TensorConst(_example_input()),), DictConst(())),),))),
     }
-    return examples
 
 
 def _example_input() -> torch.Tensor:
