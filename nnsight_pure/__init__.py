@@ -14,6 +14,8 @@ interpreter runs the graph once when the block exits.
 
 from .arguments import Ref as Ref
 from .envoy import Envoy as Envoy
+from .contexts.editing import EditingTracer as EditingTracer
+from .util import WrapperModule as WrapperModule
 from .errors import OutOfOrderError as OutOfOrderError
 from .errors import GraphvizNotFoundError as GraphvizNotFoundError
 from .errors import TraceError as TraceError
@@ -21,6 +23,7 @@ from .errors import UnexecutedInterventionWarning as UnexecutedInterventionWarni
 from .graph import Graph as Graph
 from .graph import Node as Node
 from .graph import SourceLoc as SourceLoc
+from . import util as util
 from .models.nnsight import NNsight as NNsight
 from .printing import format_graph as format_graph
 from .vis import render as render
@@ -48,6 +51,7 @@ from .functions import tuple as tuple
 
 __all__ = [
     "Conditional",
+    "EditingTracer",
     "Envoy",
     "Graph",
     "GraphvizNotFoundError",
@@ -64,6 +68,7 @@ __all__ = [
     "TraceError",
     "Tracer",
     "UnexecutedInterventionWarning",
+    "WrapperModule",
     "apply",
     "bool",
     "cond",

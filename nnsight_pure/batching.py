@@ -9,7 +9,7 @@ the total batch size; everything else is passed whole.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import attrs
 import torch
@@ -51,8 +51,14 @@ def _is_batched(value: object, total: int) -> bool:
     return isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == total
 
 
-def narrow_rows(value: Any, groups: BatchGroups, invoke: int | None) -> Any:
-    """The rows of ``invoke`` in every batched tensor of ``value`` (as views)."""
+def narrow_rows(
+    value: Any,
+    groups: BatchGroups,
+    invoke: int | None,
+    remember: Callable[[torch.Tensor, torch.Tensor, int, int], None] | None = None,
+) -> Any:
+    """The rows of ``invoke`` in every batched tensor of ``value`` (as views);
+    ``remember(view, base, start, size)`` is told about each view made."""
     rows = groups.rows(invoke)
     if rows is None:
         return value
@@ -60,7 +66,12 @@ def narrow_rows(value: Any, groups: BatchGroups, invoke: int | None) -> Any:
     total = groups.total
 
     def narrow(leaf: Any) -> Any:
-        return leaf.narrow(0, start, size) if _is_batched(leaf, total) else leaf
+        if not _is_batched(leaf, total):
+            return leaf
+        view = leaf.narrow(0, start, size)
+        if remember is not None:
+            remember(view, leaf, start, size)
+        return view
 
     if isinstance(value, torch.Tensor):
         return narrow(value)

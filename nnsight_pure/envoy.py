@@ -116,7 +116,7 @@ class Envoy:
         tracer = self._tracer()
         if tracer is None:
             return self._module(*args, **kwargs)
-        return tracer._current().record(ApplyModule(self._path, hook), args, kwargs)
+        return tracer._current().record(tracer._hooked(ApplyModule(self._path, hook)), args, kwargs)
 
     # --- children and attributes --------------------------------------------------------
 

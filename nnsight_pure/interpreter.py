@@ -36,20 +36,22 @@ from __future__ import annotations
 
 import threading
 import warnings
+import weakref
 from contextlib import ExitStack
 from typing import Any, Callable, Generator, Sequence
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from .batching import BatchGroups, merge_rows, narrow_rows
 from .errors import OutOfOrderError, TraceError, UnexecutedInterventionWarning
 from .graph import Graph, Node, SourceLoc
 from .hooks import install_hooks
 from .plan import (
-    BRIDGE, COND, EXEC, EXPORT, GET, ITEM, ITER, SAVE, SET, STOP, TRACE,
-    EventKey, Plan, Site, Step, plan_for,
+    BRIDGE, COND, EXEC, EXPORT, GET, GRAD, HOOK, ITEM, ITER, SAVE, SET, SETGRAD, STOP, TRACE,
+    EventKey, Plan, ProgramKey, Site, Step, grad_key, plan_for,
 )
-from .printing import format_node, invoke_label, module_expr
+from .printing import format_node, module_expr, program_label
 from .results import Results
 from .source import add_note, describe, short
 
@@ -99,7 +101,7 @@ class _Frame:
         self.keep = keep  # nodes a later node outside this graph reads (exports)
         self.children: dict[int, Results] = {}
 
-    def results(self, stopped: bool = False, blocked: dict[int | None, tuple[int, int]] | None = None) -> Results:
+    def results(self, stopped: bool = False, blocked: dict[ProgramKey, tuple[int, int]] | None = None) -> Results:
         env = self.env
         values = {i: env[i] for i in self.plan.saved if env[i] is not _UNSET}
         return Results(values=values, stopped=stopped, blocked=blocked or {}, children=self.children)
@@ -110,16 +112,17 @@ class _Frame:
 
 
 class _Program:
-    """One invoke's generator and what it waits for."""
+    """One program's generator (an invoke's, or a gradient's) and what it waits for."""
 
-    __slots__ = ("invoke", "generator", "request", "started", "done")
+    __slots__ = ("key", "generator", "request", "started", "done", "running")
 
-    def __init__(self, invoke: int | None, generator: Program) -> None:
-        self.invoke = invoke
+    def __init__(self, key: ProgramKey, generator: Program) -> None:
+        self.key = key
         self.generator = generator
         self.request: Request | None = None
         self.started = False
         self.done = False
+        self.running = False  # being resumed now (a generator cannot be re-entered)
 
 
 class _Run:
@@ -145,11 +148,14 @@ class _Run:
         self.kept: dict[EventKey, Any] = {}
         self.readers = dict(plan.readers)
         self.calls: dict[tuple[str, Site], int] = {}
-        self.running = False
         self.failed: BaseException | None = None
+        # Rows of invokes handed out as views: id(view) -> (view, base, start, size),
+        # so that a gradient hook goes on the tensor the model actually uses.
+        self.views: dict[int, tuple[weakref.ref[torch.Tensor], weakref.ref[torch.Tensor], int, int]] = {}
+        self.grad_hooks: list[RemovableHandle] = []
         self.thread = threading.get_ident()
         self._modules: dict[str, torch.nn.Module] = {}
-        self.programs = [_Program(invoke, self._fold(self.frame, steps)) for invoke, steps in plan.programs]
+        self.programs = [_Program(key, self._fold(self.frame, steps)) for key, steps in plan.programs]
 
     @property
     def done(self) -> bool:
@@ -178,7 +184,28 @@ class _Run:
                 elif code == GET:
                     assert step.key is not None
                     value, _ = yield (WAIT_EVENT, step.key, step.index)
-                    env[step.index] = narrow_rows(_extract(value, step), self.groups, step.invoke)
+                    env[step.index] = narrow_rows(_extract(value, step), self.groups, step.invoke, self._remember_view)
+                elif code == HOOK:
+                    args, _ = step.resolve(env)
+                    self._hook_gradient(step, args[0])
+                    for index in step.release:
+                        left = uses[index] - 1
+                        uses[index] = left
+                        if not left and index not in keep:
+                            env[index] = _UNSET
+                    continue  # the node's own step (GRAD/SETGRAD) runs when the hook fires
+                elif code == GRAD:
+                    assert step.key is not None
+                    value, _ = yield (WAIT_EVENT, step.key, step.index)
+                    env[step.index] = value
+                elif code == SETGRAD:
+                    assert step.key is not None
+                    _, is_current = yield (WAIT_EVENT, step.key, step.index)
+                    if not is_current:
+                        raise self._out_of_order(step, None)
+                    args, _ = step.resolve(env)
+                    self._swap_gradient(step, args[1])
+                    env[step.index] = None
                 elif code == SET:
                     assert step.key is not None
                     _, is_current = yield (WAIT_EVENT, step.key, step.index)
@@ -261,6 +288,64 @@ class _Run:
         frame.children[step.index] = child.results()
         frame.env[step.index] = child.exports()
 
+    # --- gradients ------------------------------------------------------------------
+
+    def _remember_view(self, view: torch.Tensor, base: torch.Tensor, start: int, size: int) -> None:
+        self.views[id(view)] = (weakref.ref(view), weakref.ref(base), start, size)
+
+    def _hook_gradient(self, step: Step, tensor: Any) -> None:
+        """Put a one-shot hook on ``tensor`` (or, for an invoke's rows, on the
+        batch tensor the model uses) for the gradient node ``step``."""
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f".grad needs a tensor; got a {type(tensor).__name__}")
+        if not tensor.requires_grad:
+            raise RuntimeError(
+                "this value does not require grad, so no gradient flows into it (are the "
+                "model's parameters frozen, or is the run under torch.no_grad()?)"
+            )
+        target, rows = tensor, None
+        entry = self.views.get(id(tensor))
+        if entry is not None and entry[0]() is tensor:
+            base = entry[1]()
+            if base is not None:
+                target, rows = base, (entry[2], entry[3])
+        handle: list[RemovableHandle] = []
+
+        def hook(grad: torch.Tensor) -> torch.Tensor | None:
+            handle[0].remove()  # one-shot: the next backward needs a new .grad
+            return self._on_gradient(step.index, rows, grad)
+
+        handle.append(target.register_hook(hook))  # type: ignore[no-untyped-call]  # unannotated in torch
+        self.grad_hooks.append(handle[0])
+
+    def _on_gradient(self, index: int, rows: tuple[int, int] | None, grad: torch.Tensor) -> torch.Tensor | None:
+        """A gradient hook fired: feed the programs waiting for it; return the
+        replaced gradient, or ``None`` to leave it (edits in place included)."""
+        key = grad_key(index)
+        value = grad if rows is None else grad.narrow(0, rows[0], rows[1])
+        outer = (self.current, self.activation, self.swapped)
+        self.current, self.activation, self.swapped = key, value, False
+        try:
+            self.advance_all()
+            if self.readers.get(key, 0) > 0:
+                self.kept[key] = self.activation
+            if not self.swapped:
+                return None
+            if rows is None:
+                return self.activation  # type: ignore[no-any-return]  # checked by _swap_gradient
+            start, size = rows
+            return torch.cat([grad.narrow(0, 0, start), self.activation, grad.narrow(0, start + size, grad.shape[0] - start - size)])
+        finally:
+            self.current, self.activation, self.swapped = outer
+
+    def _swap_gradient(self, step: Step, new: Any) -> None:
+        old = self.activation
+        if not isinstance(new, torch.Tensor) or new.shape != old.shape:
+            shape = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+            raise ValueError(f"a new gradient must be a tensor of shape {tuple(old.shape)}, like the old one; got {shape}")
+        self.activation = new.to(dtype=old.dtype, device=old.device)
+        self.swapped = True
+
     def _swap(self, step: Step, new: Any) -> None:
         """Make the running hook hand ``new`` back to the model (this invoke's rows)."""
         what = f"{module_expr(step.key[0] if step.key else '')}.{step.kind}"
@@ -303,7 +388,7 @@ class _Run:
     def _advance(self, program: _Program) -> bool:
         """Feed one program for as long as what it waits for exists; True if it moved."""
         moved = False
-        while not program.done:
+        while not program.done and not program.running:
             message: Any = None
             if program.started:
                 assert program.request is not None
@@ -324,13 +409,13 @@ class _Run:
                 elif wait == WAIT_STEP and not self.frame.ran[what]:
                     break
             program.started = True
-            self.running = True
+            program.running = True
             try:
                 program.request = program.generator.send(message)
             except StopIteration:
                 program.done = True
             finally:
-                self.running = False
+                program.running = False
             moved = True
         return moved
 
@@ -355,11 +440,9 @@ class _Run:
         key = (path, site, call)
         if key not in self.plan.event_keys:
             return None
-        if self.running:
-            # A hooked module call made by a program itself: keep its value
-            # for a later read; programs cannot be resumed re-entrantly.
-            self.kept[key] = value
-            return None
+        # (A hooked call made by a running program, say an ad-hoc call with
+        # hook=True, resumes only the other programs; the running one finds the
+        # value kept below.)
         outer = (self.current, self.activation, self.swapped)
         self.current, self.activation, self.swapped = key, value, False
         try:
@@ -383,20 +466,25 @@ class _Run:
 
     def finish(self, stopped: bool, graph: Graph) -> tuple[Results, dict[int, Any]]:
         """Close the programs and collect the saved (and exported) values."""
-        blocked: dict[int | None, tuple[int, int]] = {}
+        blocked: dict[ProgramKey, tuple[int, int]] = {}
         if not stopped:
             for program in self.programs:
                 if not program.done and program.request is not None:
                     wait, what, at = program.request
                     waited = at if wait == WAIT_EVENT else what
-                    blocked[program.invoke] = (at, waited)
-                    _warn_unexecuted_writes(self.plan, graph, program.invoke, at, waited)
+                    blocked[program.key] = (at, waited)
+                    _warn_unexecuted_writes(self.plan, graph, program.key, at, waited)
         self.close()
         return self.frame.results(stopped, blocked), self.frame.exports()
 
     def close(self) -> None:
+        """End every program and remove the gradient hooks that never fired."""
         for program in self.programs:
             program.generator.close()
+        for handle in self.grad_hooks:
+            handle.remove()
+        self.grad_hooks.clear()
+        self.views.clear()
 
 
 def _body(step: Step) -> Plan:
@@ -456,14 +544,14 @@ def _node_note(step: Step) -> str:
     )
 
 
-def _warn_unexecuted_writes(plan: Plan, graph: Graph, invoke: int | None, at: int, waited: int) -> None:
-    pending = sorted(i for i in plan.writes if i >= at and graph.nodes[i].invoke == invoke)
+def _warn_unexecuted_writes(plan: Plan, graph: Graph, program: ProgramKey, at: int, waited: int) -> None:
+    pending = sorted(i for i in plan.writes if i >= at and plan.program_of[i] == program)
     if not pending:
         return
     blocker = graph.nodes[waited]
     first = graph.nodes[pending[0]]
     warnings.warn(
-        f"{len(pending)} write(s) of {invoke_label(invoke)} never ran, e.g. `{format_node(first)}` "
+        f"{len(pending)} write(s) of {program_label(program)} never ran, e.g. `{format_node(first)}` "
         f"at {short(first.source)}: it was still waiting for `{format_node(blocker)}` (made at "
         f"{short(blocker.source)}) when the model returned.",
         UnexecutedInterventionWarning,

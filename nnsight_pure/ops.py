@@ -143,6 +143,21 @@ class Stop:
 
 
 @attrs.frozen
+class Grad:
+    """The gradient flowing into the argument during the next backward pass.
+
+    Its hook is put on the value where the node is written, so a read written
+    between two ``backward()`` calls sees the second one's gradient.
+    """
+
+
+@attrs.frozen
+class SetGrad:
+    """Replace the gradient flowing into the first argument, in the next
+    backward pass, by the second."""
+
+
+@attrs.frozen
 class Bridge:
     """Inside a sub-graph: the value its context node passes in at ``slot``.
 
@@ -206,6 +221,8 @@ Op = Union[
     SetAttr,
     Save,
     Stop,
+    Grad,
+    SetGrad,
     Bridge,
     IterItem,
     Export,

@@ -19,11 +19,11 @@ from __future__ import annotations
 import operator
 import threading
 import weakref
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence, Union
 
 import attrs
 
-from .arguments import Ref, is_static, thaw
+from .arguments import Ref, is_static, refs_in, thaw
 from .graph import Graph, Node, check_graph, node_refs, saved_refs, use_counts
 from .ops import (
     AccessKind,
@@ -34,6 +34,7 @@ from .ops import (
     Cond,
     Export,
     GetAttr,
+    Grad,
     Iterate,
     IterItem,
     ModuleAttr,
@@ -42,15 +43,27 @@ from .ops import (
     Op,
     Save,
     SetAttr,
+    SetGrad,
     Stop,
     TraceRun,
 )
 
-Site = Literal["pre", "post"]
-"""Which hook of a module call: ``pre`` (inputs) or ``post`` (output)."""
+Site = Literal["pre", "post", "grad"]
+"""Which hook an event comes from: a module call's ``pre`` (inputs) or
+``post`` (output) hook, or a gradient's tensor hook (``grad``)."""
 
 EventKey = tuple[str, Site, int]
-"""One hook event of a run: (module path, site, call index)."""
+"""One hook event of a run: (module path, site, call index), or, for a
+gradient, ``("", "grad", node)``: the hook of that `Grad`/`SetGrad` node."""
+
+ProgramKey = Union[int, None, tuple[str, int]]
+"""Which program a step belongs to: an invoke (``None``: outside invokes), or
+``("grad", node)``: what runs when that node's gradient hook fires."""
+
+
+def grad_key(index: int) -> EventKey:
+    """The event of the gradient hook of node ``index``."""
+    return ("", "grad", index)
 
 
 def site_of(kind: AccessKind) -> Site:
@@ -59,7 +72,9 @@ def site_of(kind: AccessKind) -> Site:
 
 
 # Step kinds: the interpreter dispatches on these small ints in its hot loop.
-EXEC, GET, SET, SAVE, STOP, BRIDGE, ITEM, EXPORT, COND, ITER, TRACE = range(11)
+# HOOK puts a gradient hook on a tensor (for the GRAD or SETGRAD step of the
+# same node, which runs when the hook fires).
+EXEC, GET, SET, SAVE, STOP, BRIDGE, ITEM, EXPORT, COND, ITER, TRACE, GRAD, SETGRAD, HOOK = range(14)
 
 KEEP_UNTIL_THE_END = 1 << 30
 """Reader count for module calls read inside a loop body: every iteration
@@ -82,7 +97,7 @@ class Step:
     """
 
     __slots__ = ("index", "code", "node", "key", "kind", "invoke", "run", "resolve", "release",
-                 "foreign", "after", "unused", "guard", "reads", "body", "exports", "param")
+                 "foreign", "after", "unused", "guard", "reads", "body", "exports", "param", "program")
 
     def __init__(
         self,
@@ -115,6 +130,7 @@ class Step:
         self.exports: frozenset[int] = frozenset()
         self.unused = False
         self.guard: tuple[EventKey, Node] | None = None
+        self.program: ProgramKey = invoke
 
 
 @attrs.frozen(eq=False)
@@ -127,7 +143,8 @@ class Plan:
     """
 
     steps: tuple[Step, ...]
-    programs: tuple[tuple[int | None, tuple[Step, ...]], ...]
+    programs: tuple[tuple[ProgramKey, tuple[Step, ...]], ...]
+    program_of: tuple[ProgramKey, ...]
     uses: tuple[int, ...]
     saved: frozenset[int]
     event_keys: frozenset[EventKey]
@@ -213,18 +230,26 @@ def _aliases_argument(node: Node) -> bool:
 
 
 def _aliased_access(graph: Graph, ref: Ref) -> Node | None:
-    """The module access whose value ``ref``'s value is (a view of), if any."""
+    """The module access (or gradient) whose value ``ref``'s value is (a view of), if any."""
     target = graph.nodes[ref.index]
     while True:
-        if isinstance(target.op, ModuleGet):
+        if isinstance(target.op, (ModuleGet, Grad)):
             return target
         if not _aliases_argument(target) or not target.args or type(target.args[0]) is not Ref:
             return None
         target = graph.nodes[target.args[0].index]
 
 
+def _event_of(access: Node) -> EventKey:
+    """The hook event whose value a module access (or gradient) reads."""
+    op = access.op
+    if isinstance(op, ModuleGet):
+        return (op.path, site_of(op.kind), op.call)
+    return grad_key(access.ref.index)
+
+
 def _written_access(graph: Graph, node: Node) -> Node | None:
-    """The module access whose value an in-place node writes into, if any."""
+    """The module access (or gradient) whose value an in-place node writes into, if any."""
     if not node.args or type(node.args[0]) is not Ref:
         return None
     return _aliased_access(graph, node.args[0])
@@ -254,8 +279,8 @@ def op_function(op: Op) -> Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]
                 return lambda state, args, kwargs: state.module(path)(*args, **kwargs)
             return lambda state, args, kwargs: state.module(path).forward(*args, **kwargs)
         case (
-            ModuleGet() | ModuleSet() | Save() | Stop() | Bridge() | IterItem() | Export()
-            | Cond() | Iterate() | TraceRun()
+            ModuleGet() | ModuleSet() | Save() | Stop() | Grad() | SetGrad() | Bridge() | IterItem()
+            | Export() | Cond() | Iterate() | TraceRun()
         ):
             raise AssertionError(f"{type(op).__name__} is not an ordinary node")
 
@@ -272,6 +297,10 @@ def _step(graph: Graph, node: Node) -> Step:
             return Step(index, SAVE, node, resolve, invoke=invoke)
         case Stop():
             return Step(index, STOP, node, resolve, invoke=invoke)
+        case Grad():
+            return Step(index, GRAD, node, resolve, key=grad_key(index), invoke=invoke)
+        case SetGrad():
+            return Step(index, SETGRAD, node, resolve, key=grad_key(index), invoke=invoke)
         case Bridge(slot):
             return Step(index, BRIDGE, node, resolve, invoke=invoke, param=slot)
         case IterItem():
@@ -291,15 +320,12 @@ def _step(graph: Graph, node: Node) -> Step:
             for ref in node_refs(node):
                 access = _aliased_access(graph, ref)
                 if access is not None:
-                    assert isinstance(access.op, ModuleGet)
-                    reads.add((access.op.path, site_of(access.op.kind), access.op.call))
+                    reads.add(_event_of(access))
             step.reads = tuple(sorted(reads))
             if is_inplace(node):
                 access = _written_access(graph, node)
                 if access is not None:
-                    assert isinstance(access.op, ModuleGet)
-                    op = access.op
-                    step.guard = ((op.path, site_of(op.kind), op.call), access)
+                    step.guard = (_event_of(access), access)
             return step
 
 
@@ -312,9 +338,9 @@ def _accesses(step: Step) -> list[tuple[EventKey, bool]]:
     body touches.
     """
     found = [(key, False) for key in step.reads]
-    if step.code == GET and step.key is not None:
+    if step.code in (GET, GRAD) and step.key is not None:
         found.append((step.key, False))
-    elif step.code == SET and step.key is not None:
+    elif step.code in (SET, SETGRAD) and step.key is not None:
         found.append((step.key, True))
     elif step.guard is not None:
         found.append((step.guard[0], True))
@@ -335,10 +361,35 @@ def _order_accesses_across_invokes(steps: Sequence[Step]) -> None:
             after.update(
                 other.index
                 for other, other_writes in earlier
-                if other.invoke != step.invoke and (writes or other_writes)
+                if other.program != step.program and (writes or other_writes)
             )
             earlier.append((step, writes))
         step.after = tuple(sorted(after))
+
+
+def _programs_of(graph: Graph) -> list[ProgramKey]:
+    """Each node's program: its invoke's, or, for a node computed from a
+    gradient, that of the gradient node it depends on (the latest one)."""
+    grad_source: list[int | None] = []
+    programs: list[ProgramKey] = []
+    for node in graph.nodes:
+        sources = [grad_source[ref.index] for ref in node_refs(node) if grad_source[ref.index] is not None]
+        if isinstance(node.op, (Grad, SetGrad)):
+            source: int | None = node.ref.index
+        else:
+            source = max((s for s in sources if s is not None), default=None)
+        grad_source.append(source)
+        programs.append(node.invoke if source is None else ("grad", source))
+    return programs
+
+
+def _hook_step(step: Step) -> Step:
+    """The step that puts a gradient hook on the tensor of a Grad/SetGrad node.
+
+    It runs where the node is written, in its invoke's program, so it comes
+    before the ``backward()`` calls written after it and after those before.
+    """
+    return Step(step.index, HOOK, step.node, step.resolve, key=step.key, invoke=step.invoke)
 
 
 def compile_plan(graph: Graph) -> Plan:
@@ -346,21 +397,36 @@ def compile_plan(graph: Graph) -> Plan:
     check_graph(graph)
     saved = saved_refs(graph)
     uses = use_counts(graph)
+    program_of = _programs_of(graph)
     steps: list[Step] = []
     readers: dict[EventKey, int] = {}
     sites: set[tuple[str, Site]] = set()
     writes = set()
     touches: set[tuple[EventKey, bool]] = set()
-    programs: dict[int | None, list[Step]] = {}
+    programs: dict[ProgramKey, list[Step]] = {}
+
+    def uses_in(arguments: Sequence[object]) -> list[int]:
+        return sorted({ref.index for arg in arguments for ref in refs_in(arg)})
+
+    def place(step: Step, used: list[int]) -> None:
+        step.release = tuple(index for index in used if index not in saved)
+        step.foreign = tuple(index for index in used if program_of[index] != step.program)
+        programs.setdefault(step.program, []).append(step)
+
     for node in graph.nodes:
         step = _step(graph, node)
+        step.program = program_of[step.index]
         used = sorted({ref.index for ref in node_refs(node)})
-        step.release = tuple(index for index in used if index not in saved)
-        step.foreign = tuple(index for index in used if graph.nodes[index].invoke != node.invoke)
+        if step.code in (GRAD, SETGRAD):
+            # The tensor is used where the hook is put; the new gradient (SetGrad)
+            # where the hook fires.
+            place(_hook_step(step), uses_in(node.args[:1]))
+            used = uses_in(node.args[1:])
         step.unused = uses[step.index] == 0 and step.index not in saved
         if step.key is not None:
             readers[step.key] = readers.get(step.key, 0) + 1
-            sites.add((step.key[0], step.key[1]))
+            if step.key[1] != "grad":
+                sites.add((step.key[0], step.key[1]))
         if step.body is not None:
             # A loop reads its body's module calls again at every iteration.
             again = step.code == ITER
@@ -372,16 +438,17 @@ def compile_plan(graph: Graph) -> Plan:
             assert type(source) is Ref, "an export's argument is its context node"
             context = steps[source.index]
             context.exports = context.exports | {step.param}
-        if step.code == SET or step.guard is not None:
+        if step.code in (SET, SETGRAD) or step.guard is not None:
             writes.add(step.index)
         touches.update(_accesses(step))
         steps.append(step)
-        programs.setdefault(node.invoke, []).append(step)
+        place(step, used)
     _order_accesses_across_invokes(steps)
     return Plan(
         steps=tuple(steps),
         # Programs resume in the order they began in the code (dicts keep insertion order).
-        programs=tuple((invoke, tuple(program)) for invoke, program in programs.items()),
+        programs=tuple((key, tuple(program)) for key, program in programs.items()),
+        program_of=tuple(program_of),
         uses=tuple(uses),
         saved=saved,
         event_keys=frozenset(readers),

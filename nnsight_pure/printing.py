@@ -16,6 +16,7 @@ from .ops import (
     Cond,
     Export,
     GetAttr,
+    Grad,
     Iterate,
     IterItem,
     ModuleAttr,
@@ -24,6 +25,7 @@ from .ops import (
     Op,
     Save,
     SetAttr,
+    SetGrad,
     Stop,
     TraceRun,
 )
@@ -71,6 +73,10 @@ def format_op(op: Op, node: Node) -> str:
             return f"save {format_args(node)}"
         case Stop():
             return f"stop after {format_args(node)}" if node.args else "stop"
+        case Grad():
+            return f"{node.args[0]!r}.grad"
+        case SetGrad():
+            return f"set {node.args[0]!r}.grad = {node.args[1]!r}"
         case Bridge(slot):
             return f"bridge {slot}"
         case IterItem():
@@ -119,6 +125,13 @@ def format_node(node: Node) -> str:
 
 def invoke_label(invoke: int | None) -> str:
     return "outside invokes" if invoke is None else f"invoke {invoke}"
+
+
+def program_label(program: object) -> str:
+    """How a program is named in messages: an invoke, or a gradient's."""
+    if isinstance(program, tuple):
+        return f"the gradient of %{program[1]}"
+    return invoke_label(program if isinstance(program, int) else None)
 
 
 def format_graph(graph: Graph, *, indent: str = "  ") -> str:

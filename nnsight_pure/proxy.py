@@ -19,13 +19,29 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from .contexts import active
 from .errors import TraceError
-from .ops import Call, CallMethod, GetAttr, Op, Save, SetAttr, Stop
+from .ops import Call, CallMethod, GetAttr, Grad, Op, Save, SetAttr, SetGrad, Stop
 from .plan import op_function
 from .printing import format_node
+from .scan import UNKNOWN, shape_like
 
 if TYPE_CHECKING:
     from .arguments import Ref
     from .contexts.base import GraphContext
+
+
+_KNOWN_AT_TRACE_TIME = frozenset({"shape", "dtype", "device"})
+
+
+def _fake_attribute(fake: Any, name: str) -> Any:
+    """The fake value of an attribute of a fake value (methods stay unknown
+    until called: the call's node computes its own)."""
+    if fake is UNKNOWN:
+        return UNKNOWN
+    try:
+        value = getattr(fake, name)
+    except Exception:
+        return UNKNOWN
+    return UNKNOWN if callable(value) else value
 
 
 def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -40,6 +56,19 @@ def record(op: Op, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = 
     if context is None:
         return _compute_now(op, args, kwargs or {})
     return context.record(op, args, kwargs)
+
+
+def _record_grad(op: Op, args: Sequence[Any]) -> Any:
+    """Record a gradient read or write, which must be in a trace, not a body."""
+    context = active.innermost()
+    if context is None or context._trace is None:
+        raise TraceError(".grad can only be read or set inside a trace")
+    if context is not context._trace:
+        raise TraceError(
+            ".grad cannot be used inside a condition or loop: its value arrives during "
+            "backward(), after the body has run. Read it directly in the trace."
+        )
+    return context.record(op, args)
 
 
 def _compute_now(op: Op, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
@@ -95,16 +124,24 @@ class Proxy:
     node (``None`` for a pending attribute access, see `_pending`).
     """
 
-    __slots__ = ("_context", "_ref", "_pending", "__weakref__")
+    __slots__ = ("_context", "_ref", "_pending", "_fake", "__weakref__")
 
     _context: GraphContext
     _ref: Ref | None
     _pending: tuple[Proxy, str] | None
+    _fake: Any  # a fake tensor (scan/validate), or UNKNOWN
 
-    def __init__(self, context: GraphContext, ref: Ref | None, pending: tuple[Proxy, str] | None = None) -> None:
+    def __init__(
+        self,
+        context: GraphContext,
+        ref: Ref | None,
+        pending: tuple[Proxy, str] | None = None,
+        fake: Any = UNKNOWN,
+    ) -> None:
         object.__setattr__(self, "_context", context)
         object.__setattr__(self, "_ref", ref)
         object.__setattr__(self, "_pending", pending)
+        object.__setattr__(self, "_fake", fake)
 
     # --- nnsight's proxy API ---------------------------------------------------------
 
@@ -142,6 +179,18 @@ class Proxy:
         return self._context.value_of(self._ref)
 
     @property
+    def grad(self) -> Any:
+        """Inside a trace: the gradient flowing into this value during the next
+        ``backward()`` written after this line (assign to replace it). After
+        the trace: the value's ``.grad`` attribute (e.g. after ``retain_grad()``)."""
+        if self._tracing():
+            return _record_grad(Grad(), (self,))
+        return self.value.grad
+
+    def _tracing(self) -> bool:
+        return active.innermost() is not None and not self._context._ran
+
+    @property
     def node(self) -> str:
         """This proxy's node as text (for debugging)."""
         if self._pending is not None:
@@ -157,10 +206,15 @@ class Proxy:
             raise AttributeError(name)
         if active.innermost() is None:
             return getattr(self.value, name)
-        return Proxy(self._context, None, (self, name))
+        if name in _KNOWN_AT_TRACE_TIME and self._fake is not UNKNOWN:
+            return shape_like(self._fake, name)  # known from a scan: a real value now
+        return Proxy(self._context, None, (self, name), _fake_attribute(self._fake, name))
 
     def __setattr__(self, name: str, value: Any) -> None:
-        record(SetAttr(name), (self, value))
+        if name == "grad":
+            _record_grad(SetGrad(), (self, value))
+        else:
+            record(SetAttr(name), (self, value))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._pending is not None:
@@ -176,6 +230,7 @@ class Proxy:
         object.__setattr__(self, "_context", proxy._context)
         object.__setattr__(self, "_ref", proxy._ref)
         object.__setattr__(self, "_pending", None)
+        object.__setattr__(self, "_fake", proxy._fake)
         assert self._ref is not None
         return self._ref
 

@@ -10,6 +10,8 @@ from typing import Any, Mapping
 import attrs
 
 from .graph import Graph
+from .ops import Grad, SetGrad
+from .plan import ProgramKey, plan_for
 from .printing import format_node, invoke_label
 from .source import short
 
@@ -29,7 +31,7 @@ class Results:
 
     values: Mapping[int, Any]
     stopped: bool = False
-    blocked: Mapping[int | None, tuple[int, int]] = attrs.field(factory=dict)
+    blocked: Mapping[ProgramKey, tuple[int, int]] = attrs.field(factory=dict)
     children: Mapping[int, Results] = attrs.field(factory=dict)
 
     def has(self, index: int) -> bool:
@@ -52,15 +54,16 @@ def missing_value_message(graph: Graph, index: int, results: Results | None, sav
         return f"{what} has no value: its trace never ran (it raised or is still open)."
     if results.stopped:
         return f"{what} has no value: the run was stopped early, before it was computed."
-    blocked = results.blocked.get(node.invoke)
+    blocked = results.blocked.get(plan_for(graph).program_of[index])
     if blocked is not None:
         at, waited = blocked
         blocker = graph.nodes[waited]
-        why = (
-            "that module was not called (that many times) in this run"
-            if at == waited
-            else f"that node of {invoke_label(blocker.invoke)} never ran"
-        )
+        if at != waited:
+            why = f"that node of {invoke_label(blocker.invoke)} never ran"
+        elif isinstance(blocker.op, (Grad, SetGrad)):
+            why = "no backward pass reached that value after its .grad was read"
+        else:
+            why = "that module was not called (that many times) in this run"
         return (
             f"{what} has no value: it was never reached. Its program was still waiting for "
             f"`{format_node(blocker)}` (made at {short(blocker.source)}) when the model "

@@ -38,6 +38,7 @@ from .ops import (
     Cond,
     Export,
     GetAttr,
+    Grad,
     Iterate,
     IterItem,
     ModuleAttr,
@@ -46,6 +47,7 @@ from .ops import (
     Op,
     Save,
     SetAttr,
+    SetGrad,
     Stop,
     TraceRun,
 )
@@ -65,10 +67,12 @@ class Style:
 STYLES: Mapping[type, Style] = {
     ModuleGet: Style("box", "green4", "InterventionProtocol", "a module's input or output"),
     ModuleAttr: Style("box", "green4", "ParameterProtocol", "a clone of a module's weight or buffer"),
+    Grad: Style("box", "green4", "GradProtocol", "the gradient flowing into a value (.grad)"),
     Bridge: Style("box", "brown", "BridgeProtocol", "a value from outside the block (another trace, the session)"),
     Export: Style("box", "brown", "BridgeProtocol", "a value from inside a finished block"),
     IterItem: Style("box", "blue", "ValueProtocol", "the current item of a loop"),
     ModuleSet: Style("ellipse", "green4", "SwapProtocol", "setting a module's input or output"),
+    SetGrad: Style("ellipse", "green4", "SwapProtocol", "setting the gradient flowing into a value"),
     Save: Style("ellipse", "brown", "LockProtocol", ".save(): the value outlives the run"),
     Call: Style("ellipse", "black", "Operation", "a function call, labelled with the function's name"),
     CallMethod: Style("ellipse", "black", "Operation", "a method call, labelled with the method's name"),
@@ -125,7 +129,7 @@ def node_label(op: Op) -> str:
             return "item"
         case (
             ModuleGet() | ModuleSet() | ModuleAttr() | ApplyModule() | Bridge() | Export()
-            | Cond() | Iterate() | TraceRun()
+            | Cond() | Iterate() | TraceRun() | Grad() | SetGrad()
         ):
             return type(op).__name__
 
@@ -153,7 +157,7 @@ def op_fields(node: Node) -> list[tuple[str, str]]:
         case TraceRun(_, method):
             fields = [("inputs", _invoke_inputs(node.args[0]) or "()")]
             return fields + ([("method", repr(method))] if method else [])
-        case Call() | CallMethod() | Save() | Stop() | IterItem() | Cond() | Iterate():
+        case Call() | CallMethod() | Save() | Stop() | IterItem() | Cond() | Iterate() | Grad() | SetGrad():
             return []
 
 
@@ -356,6 +360,8 @@ def legend_examples() -> dict[str, Graph]:
         "SetAttr": grown(get, (SetAttr("flag"), (Ref(0), True))),
         "Save": grown(get, (Save(), (Ref(0),))),
         "Stop": grown(get, (Stop(), (Ref(0),))),
+        "Grad": grown(get, (Grad(), (Ref(0),)), (Save(), (Ref(1),))),
+        "SetGrad": grown(get, (Grad(), (Ref(0),)), (Call(operator.mul), (Ref(1), 2)), (SetGrad(), (Ref(0), Ref(2)))),
         "Bridge": grown((Bridge(0), ()), (Call(operator.neg), (Ref(0),))),
         "IterItem": grown((IterItem(), ())),
         "Export": grown((Cond(grown(get)), (True,)), (Export(0), (Ref(0),))),

@@ -179,8 +179,6 @@ def test_truth_value_and_len_while_tracing(model: nnsight.NNsight, x: torch.Tens
 
 
 def test_unsupported_options_say_so(model: nnsight.NNsight, x: torch.Tensor) -> None:
-    with pytest.raises(NotImplementedError, match="scan"):
-        model.trace(x, scan=True)
     with pytest.raises(NotImplementedError, match="remote"):
         model.trace(x, backend="ndif")
     with pytest.raises(ValueError, match="needs inputs"):

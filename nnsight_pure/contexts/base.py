@@ -133,7 +133,13 @@ class GraphContext:
         self._graph, ref = self._graph.add(
             op, frozen_args, frozen_kwargs, source or user_location(), self._current_invoke()
         )
-        return Proxy(self, ref)
+        trace = self._trace
+        if trace is None or trace._fake_mode is None:
+            return Proxy(self, ref)
+        return Proxy(self, ref, fake=trace._fake_of(op, args, kwargs or {}, self._current_invoke()))
+
+    _runs = True  # a scan or an edit never runs its graph
+    _why_no_run = ""
 
     def _current_invoke(self) -> int | None:
         return self._trace._invoke if self._trace is not None else None
@@ -238,6 +244,8 @@ class GraphContext:
             return self._results.get(ref.index)
         if not self._ran:
             outer = self._outermost()
+            if not outer._runs:
+                raise ValueError(f"{made} has no value: {outer._why_no_run}")
             if outer._open or not outer._closed:
                 raise ValueError(
                     f"{made} has no value yet: the trace has not run. Values exist after the "

@@ -8,12 +8,16 @@ graph when its block exits; a tracer inside a session instead becomes a
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import torch.utils._pytree as pytree
 
 from ..errors import TraceError
 from ..graph import SourceLoc
-from ..ops import AccessKind, ModuleGet, ModuleSet, TraceRun
+from ..ops import AccessKind, ApplyModule, ModuleGet, ModuleSet, Op, TraceRun
+from ..plan import EventKey
 from ..proxy import Proxy
+from ..scan import UNKNOWN, fake_copy, fake_value, new_mode, scan
 from ..source import short
 from . import active
 from .base import GraphContext
@@ -21,6 +25,10 @@ from .invoker import Invoker
 
 if TYPE_CHECKING:
     from ..models.nnsight import NNsight
+
+
+def _holds_proxies(value: Any) -> bool:
+    return any(isinstance(leaf, Proxy) for leaf in pytree.tree_leaves(value))
 
 
 class Tracer(GraphContext):
@@ -33,8 +41,17 @@ class Tracer(GraphContext):
         method_kwargs: dict[str, Any],
         where: SourceLoc | None,
         parent: GraphContext | None = None,
+        scan: bool = False,
+        validate: bool = False,
     ) -> None:
         super().__init__(model._handle, where, parent)
+        self._scan = scan
+        self._validate = validate
+        self._fake_mode = new_mode() if scan or validate else None
+        self._fake_model: NNsight | None = None  # a wrapper of a fake copy (scan/validate)
+        self._scanned: dict[int | None, dict[EventKey, Any]] = {}
+        if model._edits is not None:
+            self._graph = model._edits  # the model's edits run first, then this trace's nodes
         self._model = model
         self._method = method
         self._method_kwargs = method_kwargs
@@ -74,6 +91,8 @@ class Tracer(GraphContext):
         if exc_type is not None:
             self._release()
             return
+        if not self._runs:
+            return  # a scan: never runs
         if self._parent is not None:
             self._parent._close_child(
                 self, TraceRun(self._graph, self._method), (tuple(self._inputs),), self._method_kwargs
@@ -108,21 +127,32 @@ class Tracer(GraphContext):
         innermost = active.innermost()
         if self._open and innermost is not self:
             raise TraceError("open invokes directly in the trace, not inside a loop or condition")
+        index = len(self._inputs)
         if not invoker.inputs and not invoker.kwargs:
             self._inputs.append(None)  # an invoke without inputs sees the whole batch
             self._sizes.append(None)
         else:
             self._inputs.append((invoker.inputs, invoker.kwargs))
-            if self._parent is None:
+            concrete = not _holds_proxies((invoker.inputs, invoker.kwargs))
+            if self._parent is None or (self._scan and concrete):
                 (args, kwargs), size = self._model._prepare_input(*invoker.inputs, **invoker.kwargs)
-                self._prepared.append((tuple(args), dict(kwargs)))
-                self._sizes.append(size)
                 invoker.batch_size = size
                 invoker.prepared = (tuple(args), dict(kwargs))
+                if self._scan:
+                    assert self._fake_mode is not None
+                    faked = self._faked()
+                    self._scanned[index] = scan(
+                        faked._model, faked._method_fn(self._method), args, kwargs, self._fake_mode
+                    )
+            elif self._scan:
+                raise TraceError("scan=True needs inputs known while tracing, not values of the session")
+            if self._parent is None:
+                self._prepared.append((tuple(invoker.prepared[0]), dict(invoker.prepared[1])))
+                self._sizes.append(invoker.batch_size)
             else:
                 self._sizes.append(None)  # prepared when the session runs
         self._invoker = invoker
-        self._invoke = len(self._inputs) - 1
+        self._invoke = index
         return self._invoke
 
     def _exit_invoke(self, invoker: Invoker) -> None:
@@ -153,6 +183,37 @@ class Tracer(GraphContext):
         # after the write and see its value: forget the cached accesses.
         for key in [key for key in self._accesses if key[1] == path]:
             del self._accesses[key]
+
+    def _fake_of(self, op: Op, args: Sequence[Any], kwargs: Mapping[str, Any], invoke: int | None) -> Any:
+        """The fake value of a node recorded in this trace (scan/validate)."""
+        assert self._fake_mode is not None
+
+        def fake(arg: Any) -> Any:
+            return pytree.tree_map(self._fake_of_leaf, arg)
+
+        return fake_value(
+            op, args, kwargs, fake, self._scanned.get(invoke, {}), lambda: self._faked()._model,
+            self._fake_mode, self._validate,
+        )
+
+    def _faked(self) -> NNsight:
+        """This trace's model wrapper around a fake copy of the module tree."""
+        if self._fake_model is None:
+            assert self._fake_mode is not None
+            faked = self._model._shallow_copy()
+            object.__setattr__(faked, "_model", fake_copy(self._model._model, self._fake_mode))
+            self._fake_model = faked
+        return self._fake_model
+
+    def _fake_of_leaf(self, leaf: Any) -> Any:
+        if isinstance(leaf, Proxy):
+            # Only this trace's fakes share its fake mode.
+            return leaf._fake if leaf._context._trace is self else UNKNOWN
+        return leaf
+
+    def _hooked(self, op: ApplyModule) -> ApplyModule:
+        """How an ad-hoc module call is recorded here (an edit makes them hooked)."""
+        return op
 
     def _current(self) -> GraphContext:
         """The innermost open block, which must be this trace or inside it."""

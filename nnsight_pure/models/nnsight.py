@@ -15,6 +15,7 @@ import torch.utils._pytree as pytree
 
 from ..batching import BatchGroups, batch_size_of, default_batch
 from ..contexts import active
+from ..contexts.editing import EditingTracer
 from ..contexts.session import Session
 from ..contexts.tracer import Tracer
 from ..envoy import Envoy, _envoy_class
@@ -45,6 +46,7 @@ class NNsight:
     _model: torch.nn.Module
     _handle: ModelHandle
     _envoy: Envoy
+    _edits: Graph | None
 
     def __init__(self, model: torch.nn.Module, rename: Mapping[str, str] | None = None) -> None:
         if not isinstance(model, torch.nn.Module):
@@ -53,6 +55,7 @@ class NNsight:
         object.__setattr__(self, "_model", model)
         object.__setattr__(self, "_handle", handle)
         object.__setattr__(self, "_envoy", _envoy_class(model)(handle, model, "", ""))
+        object.__setattr__(self, "_edits", None)
 
     # --- tracing ----------------------------------------------------------------------
 
@@ -73,18 +76,21 @@ class NNsight:
         keyword arguments go to the model's method at run time. With
         ``trace=False`` the model runs at once and its output is returned.
 
+        ``scan=True`` runs the model once on fake tensors as each invoke opens,
+        so that ``.shape``, ``.dtype`` and ``.device`` of values are known while
+        tracing; ``validate=True`` then also raises shape errors at the line that
+        causes them, before the real model runs.
+
         Returns a `Tracer` (or, with ``trace=False``, the model's output).
         """
-        if scan or kwargs.pop("validate", False):
-            raise NotImplementedError(
-                "scan/validate (fake-tensor shapes at trace time) are not available yet"
-            )
+        validate = bool(kwargs.pop("validate", False))
         kwargs.pop("debug", None)  # nnsight 0.4's flag: source lines are always recorded
         if backend is not None:
             raise NotImplementedError(
                 "backends (remote NDIF execution) are not supported: nnsight_pure runs locally"
             )
-        tracer = Tracer(self, method, kwargs, user_location(), self._session_parent() if trace else None)
+        parent = self._session_parent() if trace else None
+        tracer = Tracer(self, method, kwargs, user_location(), parent, scan=scan, validate=validate)
         if inputs:
             tracer._open_implicit_invoker(inputs, dict(invoker_kwargs or {}))
         elif invoker_kwargs:
@@ -96,6 +102,47 @@ class NNsight:
                 output = self._envoy.output.save()
             return output.value
         return tracer
+
+    def scan(self, *inputs: Any, **kwargs: Any) -> Tracer:
+        """A trace that only scans: ``with model.scan(x): n = model.layer1.output.shape[-1]``.
+
+        The model runs on fake tensors only (no real compute), so shapes,
+        dtypes and devices are known inside the block and shape errors are
+        raised there; the block itself never runs the model.
+        """
+        kwargs.pop("validate", None)
+        tracer = self.trace(*inputs, scan=True, validate=True, **kwargs)
+        assert isinstance(tracer, Tracer)
+        tracer._runs = False
+        tracer._why_no_run = "a scan never runs the model; use model.trace(...) for values."
+        return tracer
+
+    def edit(self, *inputs: Any, inplace: bool = False, **kwargs: Any) -> EditingTracer:
+        """Record interventions that every later trace of the returned model runs first.
+
+        ``with model.edit() as edited:`` gives ``edited``, a new wrapper of the
+        same torch module (the original wrapper is unchanged); with
+        ``inplace=True`` it is this wrapper. Edits add to the edits already
+        there; `clear_edits` removes them. Positional inputs are accepted, as
+        in nnsight 0.4, and not needed: nothing runs until a later trace.
+        """
+        target = self if inplace else self._shallow_copy()
+        return EditingTracer(target, user_location())
+
+    def clear_edits(self) -> None:
+        """Remove this wrapper's edits (other wrappers of the model keep theirs)."""
+        object.__setattr__(self, "_edits", None)
+
+    @property
+    def edits(self) -> Graph | None:
+        """The graph every trace of this wrapper starts from (``None``: no edits)."""
+        return self._edits
+
+    def _shallow_copy(self) -> NNsight:
+        """A new wrapper of this class sharing the torch module, envoys and edits."""
+        copy = object.__new__(type(self))
+        copy.__dict__.update(self.__dict__)
+        return copy
 
     def session(self) -> Session:
         """Open a session: ``with model.session():`` records several traces (and

@@ -1,0 +1,254 @@
+"""Fake-tensor scanning and validation: shapes at trace time, no real compute.
+
+``scan`` runs the model's method once on fake copies of an invoke's inputs
+under `FakeTensorMode`, on a *fake copy* of the module tree (its parameters
+fake, its hooks stripped, so neither the user's model nor the user's hooks
+ever see a fake tensor), with hooks recording the fake value of each module
+call. ``fake_value`` then computes a node's fake
+value from its arguments' fake values, so that ``proxy.shape`` is known while
+tracing and, with ``validate=True``, a shape error is raised at the line that
+causes it, before the real model runs.
+
+Fake values live only on the shell's proxies, never in graphs or results;
+the fake mode is entered only around each fake computation, and every hook
+is removed before ``scan`` returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy as copy_module
+import logging
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeCopyMode,
+    FakeTensor,
+    FakeTensorMode,
+    UnsupportedOperatorException,
+)
+
+from .ops import (
+    ApplyModule,
+    Call,
+    CallMethod,
+    GetAttr,
+    Grad,
+    ModuleAttr,
+    ModuleGet,
+    ModuleSet,
+    Op,
+    Save,
+    SetGrad,
+)
+from .plan import EventKey, op_function, site_of
+from .printing import module_expr
+from .source import add_note
+
+class _Unknown:
+    """The fake value of a node whose shape is not known at trace time."""
+
+    def __repr__(self) -> str:
+        return "UNKNOWN"
+
+
+UNKNOWN: Any = _Unknown()
+
+_UNKNOWABLE = (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException)
+_NOT_EVALUATED = frozenset({"backward", "retain_grad", "register_hook", "item", "tolist", "numpy"})
+
+
+def new_mode() -> FakeTensorMode:
+    """A fake mode for one trace (all of a trace's fake values share it)."""
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+class _QuietFakeErrors(logging.Filter):
+    """Drops the error log FakeTensorMode writes before raising a shape error
+    that we raise ourselves, with the user's line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "failed while attempting to run meta" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _faking(mode: FakeTensorMode) -> Iterator[None]:
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    quiet = _QuietFakeErrors()
+    logger.addFilter(quiet)
+    try:
+        with mode:
+            yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+def _to_fake(mode: FakeTensorMode, value: Any) -> Any:
+    def fake(leaf: Any) -> Any:
+        if isinstance(leaf, FakeTensor) or not isinstance(leaf, torch.Tensor):
+            return leaf
+        return mode.from_tensor(leaf.detach())  # only the shape matters here
+
+    return pytree.tree_map(fake, value)
+
+
+_HOOK_DICTS = (
+    "_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+    "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks",
+)
+
+
+def fake_copy(root: torch.nn.Module, mode: FakeTensorMode) -> torch.nn.Module:
+    """A copy of the module tree whose parameters and buffers are fake (no
+    memory for weights) and which has no hooks. The original is untouched."""
+    with FakeCopyMode(mode):
+        copy = copy_module.deepcopy(root)
+    for module in copy.modules():
+        for name in _HOOK_DICTS:
+            hooks = getattr(module, name, None)
+            if hooks:
+                hooks.clear()
+    return copy
+
+
+def scan(
+    fake_root: torch.nn.Module,
+    method: Callable[..., Any],
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    mode: FakeTensorMode,
+) -> dict[EventKey, Any]:
+    """Run ``method(*args, **kwargs)`` (a method working on ``fake_root``, see
+    `fake_copy`) on fake copies of the inputs; return the fake value of every
+    module call (inputs as ``(args, kwargs)``, outputs)."""
+    seen: dict[EventKey, Any] = {}
+    calls: dict[tuple[str, str], int] = {}
+
+    def record(path: str, site: str, value: Any) -> None:
+        call = calls.get((path, site), 0)
+        calls[(path, site)] = call + 1
+        seen[(path, site, call)] = value  # type: ignore[index]  # site is "pre" or "post"
+
+    handles = []
+    try:
+        for path, module in fake_root.named_modules():
+            handles.append(module.register_forward_pre_hook(
+                lambda m, a, k, path=path: record(path, "pre", (a, k)), with_kwargs=True
+            ))
+            handles.append(module.register_forward_hook(lambda m, a, out, path=path: record(path, "post", out)))
+        with _faking(mode):
+            method(*_to_fake(mode, tuple(args)), **_to_fake(mode, dict(kwargs)))
+    except BaseException as error:
+        add_note(error, "nnsight_pure: raised while scanning the model on fake tensors (scan=True)")
+        raise
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def access_value(scanned: Mapping[EventKey, Any], op: ModuleGet) -> Any:
+    """The fake value an access reads, from a scan (`UNKNOWN` if not scanned)."""
+    value = scanned.get((op.path, site_of(op.kind), op.call), UNKNOWN)
+    if value is UNKNOWN or op.kind != "input":
+        return value
+    args, _ = value
+    return args[0] if args else UNKNOWN
+
+
+def _evaluable(op: Op) -> bool:
+    """Whether computing ``op`` on fake values is safe: torch and operator
+    functions and tensor methods, never arbitrary Python (it could have effects)."""
+    if isinstance(op, Call):
+        module = getattr(op.fn, "__module__", None) or ""
+        return (
+            module.startswith("torch")
+            or module in ("_operator", "operator")
+            or getattr(op.fn, "__objclass__", None) is torch._C.TensorBase
+            or op.fn in (getattr, len)
+        )
+    if isinstance(op, CallMethod):
+        return op.name not in _NOT_EVALUATED
+    return isinstance(op, (GetAttr, ModuleAttr, ApplyModule))
+
+
+class _FakeState:
+    """What `op_function` needs from a run, for fake evaluation (modules only)."""
+
+    def __init__(self, root: torch.nn.Module) -> None:
+        self.root = root
+
+    def module(self, path: str) -> torch.nn.Module:
+        return self.root.get_submodule(path)
+
+
+def fake_value(
+    op: Op,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    fakes: Callable[[Any], Any],
+    scanned: Mapping[EventKey, Any],
+    fake_root: Callable[[], torch.nn.Module],
+    mode: FakeTensorMode,
+    validate: bool,
+) -> Any:
+    """The fake value of a node ``op(*args, **kwargs)`` (`UNKNOWN` when it
+    cannot be known). ``fakes(arg)`` maps a user argument (with proxies) to
+    its fake value; ``scanned`` holds the invoke's scanned module calls;
+    ``fake_root()`` gives the fake copy of the model (for weights and ad-hoc
+    calls). With ``validate``, a failure is raised at once; without, the
+    value is unknown.
+    """
+    if isinstance(op, ModuleGet):
+        return access_value(scanned, op)
+    if isinstance(op, (Save, Grad)):
+        return fakes(args[0]) if args else UNKNOWN
+    if isinstance(op, (ModuleSet, SetGrad)):
+        if validate:
+            old = access_value(scanned, ModuleGet(op.path, op.kind, op.call)) if isinstance(op, ModuleSet) else fakes(args[0])
+            _check_same_shape(op, old, fakes(args[-1]))
+        return UNKNOWN
+    if not _evaluable(op):
+        return UNKNOWN
+    fake_args = tuple(fakes(arg) for arg in args)
+    fake_kwargs = {name: fakes(value) for name, value in kwargs.items()}
+    if any(leaf is UNKNOWN for leaf in pytree.tree_leaves((fake_args, fake_kwargs))):
+        return UNKNOWN
+    if isinstance(op, ApplyModule):
+        op = ApplyModule(op.path, hook=False)  # never fire anyone's hooks with fakes
+    try:
+        state = _FakeState(fake_root()) if isinstance(op, (ModuleAttr, ApplyModule)) else None
+        with _faking(mode):
+            fake_args, fake_kwargs = _to_fake(mode, (fake_args, fake_kwargs))
+            return op_function(op)(state, fake_args, fake_kwargs)
+    except _UNKNOWABLE:
+        return UNKNOWN
+    except Exception as error:
+        if not validate:
+            return UNKNOWN
+        add_note(error, "nnsight_pure: found by validate=True on fake tensors, before running the model")
+        raise
+
+
+def _check_same_shape(op: Op, old: Any, new: Any) -> None:
+    """With validate: a new value must have the shape of the value it replaces."""
+    if old is UNKNOWN or new is UNKNOWN:
+        return
+    if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor) and old.shape != new.shape:
+        what = f"{module_expr(op.path)}.{op.kind}" if isinstance(op, ModuleSet) else "the gradient"
+        raise ValueError(
+            f"{what} has shape {tuple(old.shape)}, but the new value has shape "
+            f"{tuple(new.shape)} (found by validate=True, before running the model)"
+        )
+
+
+def shape_like(fake: Any, attribute: str) -> Any:
+    """``attribute`` (shape, dtype, device) of a fake value, leaf by leaf."""
+    if isinstance(fake, torch.Tensor):
+        return getattr(fake, attribute)
+    return pytree.tree_map(lambda leaf: getattr(leaf, attribute) if isinstance(leaf, torch.Tensor) else leaf, fake)
+
