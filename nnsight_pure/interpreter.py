@@ -186,33 +186,23 @@ class _Run:
                     value, _ = yield (WAIT_EVENT, step.key, step.index)
                     env[step.index] = narrow_rows(_extract(value, step), self.groups, step.invoke, self._remember_view)
                 elif code == HOOK:
+                    # The node's own step (GRAD/SETGRAD) runs when the hook fires.
                     args, _ = step.resolve(env)
                     self._hook_gradient(step, args[0])
-                    for index in step.release:
-                        left = uses[index] - 1
-                        uses[index] = left
-                        if not left and index not in keep:
-                            env[index] = _UNSET
-                    continue  # the node's own step (GRAD/SETGRAD) runs when the hook fires
                 elif code == GRAD:
                     assert step.key is not None
                     value, _ = yield (WAIT_EVENT, step.key, step.index)
                     env[step.index] = value
-                elif code == SETGRAD:
+                elif code == SET or code == SETGRAD:
                     assert step.key is not None
                     _, is_current = yield (WAIT_EVENT, step.key, step.index)
                     if not is_current:
                         raise self._out_of_order(step, None)
                     args, _ = step.resolve(env)
-                    self._swap_gradient(step, args[1])
-                    env[step.index] = None
-                elif code == SET:
-                    assert step.key is not None
-                    _, is_current = yield (WAIT_EVENT, step.key, step.index)
-                    if not is_current:
-                        raise self._out_of_order(step, None)
-                    args, _ = step.resolve(env)
-                    self._swap(step, args[0])
+                    if code == SET:
+                        self._swap(step, args[0])
+                    else:
+                        self._swap_gradient(step, args[1])
                     env[step.index] = None
                 elif code == SAVE:
                     env[step.index] = None
@@ -247,6 +237,8 @@ class _Run:
                     uses[index] = left
                     if not left and index not in keep:
                         env[index] = _UNSET
+                if code == HOOK:
+                    continue  # not the node itself: it has not run yet
                 if step.unused and step.index not in keep:
                     env[step.index] = _UNSET
                 ran[step.index] = True
