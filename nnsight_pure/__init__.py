@@ -16,6 +16,7 @@ from .arguments import Ref as Ref
 from .envoy import Envoy as Envoy
 from .contexts.editing import EditingTracer as EditingTracer
 from .util import WrapperModule as WrapperModule
+from .errors import MissedCallsWarning as MissedCallsWarning
 from .errors import OutOfOrderError as OutOfOrderError
 from .errors import GraphvizNotFoundError as GraphvizNotFoundError
 from .errors import TraceError as TraceError
@@ -24,6 +25,7 @@ from .graph import Graph as Graph
 from .graph import Node as Node
 from .graph import SourceLoc as SourceLoc
 from . import util as util
+from .models.language import LanguageModel as LanguageModel
 from .models.nnsight import NNsight as NNsight
 from .printing import format_graph as format_graph
 from .vis import render as render
@@ -57,6 +59,8 @@ __all__ = [
     "GraphvizNotFoundError",
     "Invoker",
     "IteratorContext",
+    "LanguageModel",
+    "MissedCallsWarning",
     "NNsight",
     "Node",
     "OutOfOrderError",

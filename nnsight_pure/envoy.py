@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .contexts import active
+from .contexts.calls import EachCallContext, calls_from
 from .contexts.tracer import Tracer
 from .errors import TraceError
 from .ops import AccessKind, ApplyModule, Call, ModuleAttr
@@ -33,16 +34,25 @@ class Envoy:
 
     def __init__(self, handle: ModelHandle, module: torch.nn.Module, path: str, alias_path: str) -> None:
         object.__setattr__(self, "_handle", handle)
-        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_cached", (handle.generation, module))
         object.__setattr__(self, "_path", path)
         object.__setattr__(self, "_alias_path", alias_path)
         object.__setattr__(self, "_children", {})
 
     _handle: ModelHandle
-    _module: torch.nn.Module
+    _cached: tuple[int, torch.nn.Module]
     _path: str
     _alias_path: str
     _children: dict[str, Envoy]
+
+    @property
+    def _module(self) -> torch.nn.Module:
+        """This envoy's torch module (looked up again if the model was replaced)."""
+        generation, module = self._cached
+        if generation != self._handle.generation:
+            module = self._handle.module.get_submodule(self._path)
+            object.__setattr__(self, "_cached", (self._handle.generation, module))
+        return module
 
     # --- where this module sits ---------------------------------------------------------
 
@@ -109,6 +119,38 @@ class Envoy:
     @input.setter
     def input(self, value: object) -> None:
         self._write("input", value)
+
+    # --- which call: generation steps, modules called in a loop -----------------------
+
+    def next(self, increment: int = 1) -> Envoy:
+        """From now on in this trace, accesses to this module and those below it
+        read ``increment`` calls later (the next generation step). Returns this envoy."""
+        self._require_tracer("next()")._skip_calls(self._path, increment)
+        return self
+
+    def all(self, propagate: bool = True) -> Envoy:
+        """Run what follows once per call of this module (and those below it): one
+        value per generation step. Bare, it lasts until the invoke or trace ends;
+        as ``with envoy.all():`` it lasts for the block. Returns this envoy."""
+        self._require_tracer("all()")._loop_over_calls((self._path,), sticky=True)
+        return self
+
+    def __enter__(self) -> Envoy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._require_tracer("all()")._close_last_loop((self._path,))
+
+    @property
+    def iter(self) -> CallSelection:
+        """``envoy.iter[i].output`` reads call ``i``; ``with envoy.iter[a:b]:`` or
+        ``with envoy.iter[[i, j]]:`` runs its block once per selected call."""
+        return CallSelection(self)
+
+    @iter.setter
+    def iter(self, call: int) -> None:
+        """``envoy.iter = i``: from now on, accesses to this module read call ``i``."""
+        self._require_tracer("iter")._fixed[self._path] = int(call)
 
     def __call__(self, *args: Any, hook: bool = False, **kwargs: Any) -> Any:
         """Run this module on ``args``: inside a trace, records an ad-hoc call
@@ -213,6 +255,64 @@ class Envoy:
 
     def __repr__(self) -> str:
         return _envoy_repr(self)
+
+
+class CallSelection:
+    """``envoy.iter``: index it with a call (``[2]``), calls (``[1:3]``, ``[[0, 2]]``)."""
+
+    def __init__(self, envoy: Envoy) -> None:
+        self._envoy = envoy
+
+    def __getitem__(self, key: Any) -> SelectedCalls:
+        return SelectedCalls(self._envoy, key)
+
+
+class SelectedCalls:
+    """Some calls of a module: read one (``.output``) or loop over them (``with``)."""
+
+    def __init__(self, envoy: Envoy, key: Any) -> None:
+        self._envoy = envoy
+        self._key = key
+        self._loop: EachCallContext | None = None
+
+    def _one_call(self, what: str) -> int:
+        if isinstance(self._key, int) and self._key >= 0:
+            return self._key
+        raise TraceError(
+            f"{module_expr(self._envoy._alias_path)}.iter[{self._key!r}].{what} names several calls; "
+            f"loop over them with `with ...iter[{self._key!r}]:`, or pick one call"
+        )
+
+    @property
+    def output(self) -> Proxy:
+        """The output of the selected call."""
+        call = self._one_call("output")
+        return self._envoy._require_tracer("output")._access(self._envoy._path, "output", call)
+
+    @output.setter
+    def output(self, value: object) -> None:
+        call = self._one_call("output")
+        self._envoy._require_tracer("output")._write_access(self._envoy._path, "output", value, call)
+
+    @property
+    def input(self) -> Proxy:
+        """The first positional argument of the selected call."""
+        return self._envoy._require_tracer("input")._access(self._envoy._path, "input", self._one_call("input"))
+
+    @property
+    def inputs(self) -> Proxy:
+        """The ``(args, kwargs)`` of the selected call."""
+        return self._envoy._require_tracer("inputs")._access(self._envoy._path, "inputs", self._one_call("inputs"))
+
+    def __enter__(self) -> EachCallContext:
+        selection = calls_from([self._key] if isinstance(self._key, int) else self._key)
+        tracer = self._envoy._require_tracer("iter")
+        self._loop = tracer._loop_over_calls((self._envoy._path,), sticky=False, **selection)
+        return self._loop.__enter__()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if self._loop is not None:
+            self._loop.__exit__(exc_type, exc, tb)
 
 
 _RESERVED = ("output", "input", "inputs")

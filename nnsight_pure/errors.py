@@ -28,3 +28,9 @@ class UnexecutedInterventionWarning(UserWarning):
 
 class GraphvizNotFoundError(RuntimeError):
     """Drawing a picture needs Graphviz's ``dot`` program, and it is not installed."""
+
+
+class MissedCallsWarning(UserWarning):
+    """A loop over calls (``.all()``, ``.iter[a:b]``) missed calls that did
+    happen: its invoke was still waiting for an access written before the loop
+    (say ``model.generator.output``, which comes last) when they happened."""

@@ -34,22 +34,25 @@ Semantics (docs/interpreter.md explains them with examples):
 
 from __future__ import annotations
 
+import itertools
 import threading
 import warnings
 import weakref
 from contextlib import ExitStack
 from typing import Any, Callable, Generator, Sequence
 
+import attrs
 import torch
 from torch.utils.hooks import RemovableHandle
 
 from .batching import BatchGroups, merge_rows, narrow_rows
-from .errors import OutOfOrderError, TraceError, UnexecutedInterventionWarning
+from .errors import MissedCallsWarning, OutOfOrderError, TraceError, UnexecutedInterventionWarning
 from .graph import Graph, Node, SourceLoc
 from .hooks import install_hooks
+from .ops import EachCall
 from .plan import (
-    BRIDGE, COND, EXEC, EXPORT, GET, GRAD, HOOK, ITEM, ITER, SAVE, SET, SETGRAD, STOP, TRACE,
-    EventKey, Plan, ProgramKey, Site, Step, grad_key, plan_for,
+    BRIDGE, CALLS, COND, EXEC, EXPORT, GET, GRAD, HOOK, ITEM, ITER, SAVE, SET, SETGRAD, STOP, TRACE,
+    EventKey, Plan, ProgramKey, Site, Step, grad_key, in_scope, plan_for,
 )
 from .printing import format_node, module_expr, program_label
 from .results import Results
@@ -63,10 +66,22 @@ _NOT_RUN: dict[int, Any] = {}
 
 WAIT_EVENT, WAIT_VALUE, WAIT_STEP = 0, 1, 2
 
-Request = tuple[int, Any, int]
+Request = tuple[int, Any, int, bool]
 """What a program waits for, at which step: ``(WAIT_EVENT, event key, step)``,
 ``(WAIT_VALUE, node, step)`` (another invoke's value) or ``(WAIT_STEP, node,
-step)`` (another invoke's access of the same module call, written earlier)."""
+step)`` (another invoke's access of the same module call, written earlier);
+and whether the end of the run may end the wait (inside an open-ended loop
+over calls, which ends when the model stops calling)."""
+
+_END: Any = object()
+"""Sent to a wait that the end of the run ends (see `Request`)."""
+
+Offsets = tuple[tuple[tuple[str, ...], int], ...]
+"""The call shifts of the enclosing loops over calls: ``(scope, i)`` each."""
+
+
+class _CallsEnded(Exception):
+    """The model stopped calling while a loop over calls waited for a call."""
 
 Program = Generator[Request, Any, None]
 """A generator folding steps. After ``WAIT_EVENT`` it receives ``(value,
@@ -88,9 +103,17 @@ class EarlyStop(BaseException):
 class _Frame:
     """One execution of one graph: its environment and bookkeeping."""
 
-    __slots__ = ("plan", "env", "uses", "ran", "captures", "item", "keep", "children")
+    __slots__ = ("plan", "env", "uses", "ran", "captures", "item", "keep", "children", "offsets", "open_ended")
 
-    def __init__(self, plan: Plan, captures: Sequence[Any] = (), item: Any = None, keep: frozenset[int] = frozenset()) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        captures: Sequence[Any] = (),
+        item: Any = None,
+        keep: frozenset[int] = frozenset(),
+        offsets: Offsets = (),
+        open_ended: bool = False,
+    ) -> None:
         size = len(plan.steps)
         self.plan = plan
         self.env: list[Any] = [_UNSET] * size
@@ -100,6 +123,20 @@ class _Frame:
         self.item = item
         self.keep = keep  # nodes a later node outside this graph reads (exports)
         self.children: dict[int, Results] = {}
+        self.offsets = offsets  # the call shifts of enclosing loops over calls
+        self.open_ended = open_ended  # inside a loop over calls that ends with the run
+
+    def key_of(self, step: Step) -> EventKey:
+        """The event a module access waits for: its call, shifted by the loops over calls."""
+        assert step.key is not None
+        return self.shifted(step.key)
+
+    def shifted(self, key: EventKey) -> EventKey:
+        """``key`` with its call shifted by the enclosing loops over calls."""
+        if not self.offsets or key[1] == "grad":
+            return key
+        path, site, call = key
+        return (path, site, call + sum(i for scope, i in self.offsets if in_scope(path, scope)))
 
     def results(self, stopped: bool = False, blocked: dict[ProgramKey, tuple[int, int]] | None = None) -> Results:
         env = self.env
@@ -153,6 +190,9 @@ class _Run:
         # so that a gradient hook goes on the tensor the model actually uses.
         self.views: dict[int, tuple[weakref.ref[torch.Tensor], weakref.ref[torch.Tensor], int, int]] = {}
         self.grad_hooks: list[RemovableHandle] = []
+        self.latest: dict[tuple[str, Site], EventKey] = {}  # the kept call of each dynamic site
+        self.ended = False  # the model's method has returned
+        self.missed: list[EventKey] = []  # calls a loop over calls waited for in vain
         self.thread = threading.get_ident()
         self._modules: dict[str, torch.nn.Module] = {}
         self.programs = [_Program(key, self._fold(self.frame, steps)) for key, steps in plan.programs]
@@ -170,20 +210,21 @@ class _Run:
             for step in steps:
                 for index in step.foreign:
                     if env[index] is _UNSET:
-                        yield (WAIT_VALUE, index, step.index)
+                        yield (WAIT_VALUE, index, step.index, False)
                 for index in step.after:
                     if not ran[index]:
-                        yield (WAIT_STEP, index, step.index)
+                        yield (WAIT_STEP, index, step.index, False)
                 code = step.code
                 if code == EXEC:
-                    if step.guard is not None and step.guard[0] != self.current:
+                    if step.guard is not None and frame.shifted(step.guard[0]) != self.current:
                         raise self._out_of_order(step, step.guard[1])
                     args, kwargs = step.resolve(env)
                     assert step.run is not None
                     env[step.index] = step.run(self, args, kwargs)
                 elif code == GET:
-                    assert step.key is not None
-                    value, _ = yield (WAIT_EVENT, step.key, step.index)
+                    value, _ = yield (WAIT_EVENT, frame.key_of(step), step.index, frame.open_ended)
+                    if value is _END:
+                        raise _CallsEnded()
                     env[step.index] = narrow_rows(_extract(value, step), self.groups, step.invoke, self._remember_view)
                 elif code == HOOK:
                     # The node's own step (GRAD/SETGRAD) runs when the hook fires.
@@ -191,11 +232,12 @@ class _Run:
                     self._hook_gradient(step, args[0])
                 elif code == GRAD:
                     assert step.key is not None
-                    value, _ = yield (WAIT_EVENT, step.key, step.index)
+                    value, _ = yield (WAIT_EVENT, step.key, step.index, False)
                     env[step.index] = value
                 elif code == SET or code == SETGRAD:
-                    assert step.key is not None
-                    _, is_current = yield (WAIT_EVENT, step.key, step.index)
+                    value, is_current = yield (WAIT_EVENT, frame.key_of(step), step.index, frame.open_ended)
+                    if value is _END:
+                        raise _CallsEnded()
                     if not is_current:
                         raise self._out_of_order(step, None)
                     args, _ = step.resolve(env)
@@ -223,6 +265,8 @@ class _Run:
                         env[step.index] = child.exports()
                 elif code == ITER:
                     yield from self._loop(frame, step)
+                elif code == CALLS:
+                    yield from self._each_call(frame, step)
                 elif code == TRACE:
                     args, kwargs = step.resolve(env)
                     if self.trace_runner is None:
@@ -242,7 +286,7 @@ class _Run:
                 if step.unused and step.index not in keep:
                     env[step.index] = _UNSET
                 ran[step.index] = True
-        except (EarlyStop, GeneratorExit):
+        except (EarlyStop, GeneratorExit, _CallsEnded):
             raise
         except BaseException as error:
             if error is not self.failed:  # not yet noted by a body's fold
@@ -273,6 +317,32 @@ class _Run:
             except BaseException as error:
                 add_note(error, f"nnsight_pure: in iteration {number} of the loop at {short(step.node.source)}")
                 raise
+            self._finish_body(frame, step, child)
+
+    def _each_call(self, frame: _Frame, step: Step) -> Program:
+        """Run a loop over calls: its body once per call index, accesses shifted.
+
+        An open-ended loop (``stop=None``) ends when the model stops calling:
+        the last, unfinished iteration is dropped and the program goes on.
+        """
+        op = step.node.op
+        assert isinstance(op, EachCall)
+        args, _ = step.resolve(frame.env)
+        body = _body(step)
+        calls: Any = op.calls or (itertools.count(op.start, op.step) if op.stop is None else range(op.start, op.stop, op.step))
+        frame.env[step.index] = _NOT_RUN
+        open_ended = frame.open_ended or (op.stop is None and not op.calls)
+        for call in calls:
+            child = _Frame(body, args, call, step.exports, frame.offsets + ((op.scope, call),), open_ended)
+            try:
+                yield from self._fold(child, body.steps)
+            except EarlyStop:
+                self._finish_body(frame, step, child)
+                return
+            except _CallsEnded:
+                if frame.open_ended and not (op.stop is None and not op.calls):
+                    raise  # an enclosing open-ended loop ends too
+                return
             self._finish_body(frame, step, child)
 
     @staticmethod
@@ -384,18 +454,24 @@ class _Run:
             message: Any = None
             if program.started:
                 assert program.request is not None
-                wait, what, _ = program.request
+                wait, what, _, may_end = program.request
                 if wait == WAIT_EVENT:
                     if what == self.current:
                         message = (self.activation, True)
                     elif what in self.kept:
                         message = (self.kept[what], False)
+                    elif self.ended and may_end:
+                        path, site, call = what
+                        if self.calls.get((path, site), 0) > call:
+                            self.missed.append(what)  # it happened, unseen: warn
+                        message = (_END, False)
                     else:
                         break
-                    left = self.readers[what] - 1
-                    self.readers[what] = left
-                    if left <= 0:
-                        self.kept.pop(what, None)
+                    if what in self.readers:
+                        left = self.readers[what] - 1
+                        self.readers[what] = left
+                        if left <= 0:
+                            self.kept.pop(what, None)
                 elif wait == WAIT_VALUE and self.frame.env[what] is _UNSET:
                     break
                 elif wait == WAIT_STEP and not self.frame.ran[what]:
@@ -430,7 +506,8 @@ class _Run:
         call = self.calls.get(site_key, 0)
         self.calls[site_key] = call + 1
         key = (path, site, call)
-        if key not in self.plan.event_keys:
+        dynamic = site_key in self.plan.dynamic_sites
+        if key not in self.plan.event_keys and not dynamic:
             return None
         # (A hooked call made by a running program, say an ad-hoc call with
         # hook=True, resumes only the other programs; the running one finds the
@@ -442,9 +519,23 @@ class _Run:
             if self.readers.get(key, 0) > 0:
                 # Later nodes read this call again: keep its final value for them.
                 self.kept[key] = self.activation
+            elif dynamic:
+                # A loop over calls may still read this call (a look back within
+                # its step): keep the latest call of the site only.
+                previous = self.latest.get(site_key)
+                if previous is not None and previous not in self.plan.event_keys:
+                    self.kept.pop(previous, None)
+                self.kept[key] = self.activation
+                self.latest[site_key] = key
             return self.activation if self.swapped else None
         finally:
             self.current, self.activation, self.swapped = outer
+
+    def end_of_run(self) -> None:
+        """The model's method returned: end the loops over calls still waiting
+        for a call (the programs go on after them, with what was kept)."""
+        self.ended = True
+        self.advance_all()
 
     def module(self, path: str) -> torch.nn.Module:
         """The submodule at ``path`` (looked up once per run)."""
@@ -462,10 +553,20 @@ class _Run:
         if not stopped:
             for program in self.programs:
                 if not program.done and program.request is not None:
-                    wait, what, at = program.request
+                    wait, what, at, _ = program.request
                     waited = at if wait == WAIT_EVENT else what
                     blocked[program.key] = (at, waited)
                     _warn_unexecuted_writes(self.plan, graph, program.key, at, waited)
+        for path, site, call in self.missed:
+            seen = self.calls.get((path, site), 0)
+            warnings.warn(
+                f"a loop over calls of {_event_text((path, site, 0)).removesuffix('.output').removesuffix('.input')} "
+                f"missed calls {call} to {seen - 1}: they happened while its invoke was still waiting "
+                "for an access written before the loop (a module the model calls later, such as "
+                "model.generator). Write the loop before such accesses.",
+                MissedCallsWarning,
+                stacklevel=5,
+            )
         self.close()
         return self.frame.results(stopped, blocked), self.frame.exports()
 
@@ -588,23 +689,27 @@ def run_trace(
     where: SourceLoc | None = None,
     captures: Sequence[Any] = (),
     keep: frozenset[int] = frozenset(),
+    keep_result: bool = False,
 ) -> tuple[Results, dict[int, Any]]:
     """Run a trace's ``graph`` over one call of ``fn(*args, **kwargs)`` on ``root``.
 
     ``interleave(interleaver, *args, fn=fn, **kwargs)`` runs the model with the
     hooks in place (the model class's `interleave`). ``captures`` are the
     values of the graph's bridges; ``keep`` the nodes whose values to hand
-    back (for later traces of a session). Returns the results and those
-    values. Errors propagate with a note naming the user's line; no hook
-    outlives the call.
+    back (for later traces of a session); ``keep_result`` keeps what the
+    method returns in the results. Returns the results and those values.
+    Errors propagate with a note naming the user's line; no hook outlives
+    the call.
     """
     run = _Run(plan_for(graph), root, groups, captures, keep)
     stopped = False
+    returned = None
     try:
         run.advance_all()  # the part of each program that needs no module value
         # The model runs even when no node needs it: a trace promises one run
         # (the user's own hooks, train-mode statistics and other effects).
-        interleave(Interleaver(run), *args, fn=fn, **kwargs)
+        returned = interleave(Interleaver(run), *args, fn=fn, **kwargs)
+        run.end_of_run()
     except EarlyStop:
         stopped = True
     except BaseException as error:
@@ -612,7 +717,10 @@ def run_trace(
             add_note(error, f"nnsight_pure: raised by the model during the trace opened at\n  {describe(where)}")
         run.close()
         raise
-    return run.finish(stopped, graph)
+    results, exported = run.finish(stopped, graph)
+    if keep_result:
+        results = attrs.evolve(results, returned=returned)
+    return results, exported
 
 
 def run_session(graph: Graph, trace_runner: TraceRunner) -> Results:

@@ -198,6 +198,24 @@ class Iterate:
 
 
 @attrs.frozen
+class EachCall:
+    """Run ``body`` once per call index ``i`` in ``range(start, stop, step)``
+    (``stop=None``: until the model stops calling), or in ``calls`` when
+    given, each time shifting the module accesses in ``body`` under the
+    ``scope`` paths (``""``: every module) by ``i`` calls. This is ``.all()``
+    and ``.iter[...]``: one value per generation step. The arguments are the
+    body's bridges.
+    """
+
+    body: Graph
+    start: int = 0
+    stop: int | None = None
+    step: int = 1
+    scope: tuple[str, ...] = ("",)
+    calls: tuple[int, ...] = ()
+
+
+@attrs.frozen
 class TraceRun:
     """Inside a session: run a trace of the session's model.
 
@@ -228,9 +246,16 @@ Op = Union[
     Export,
     Cond,
     Iterate,
+    EachCall,
     TraceRun,
 ]
 """Every operation kind a node can hold (a closed union)."""
 
-ContextOp = Union[Cond, Iterate, TraceRun]
+ContextOp = Union[Cond, Iterate, EachCall, TraceRun]
 """The kinds that hold a sub-graph."""
+
+
+def first_bridge(op: Op) -> int:
+    """Where a context node's bridges start among its arguments (after the
+    condition, collection or inputs; an `EachCall` has only bridges)."""
+    return 0 if isinstance(op, EachCall) else 1

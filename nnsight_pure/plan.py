@@ -32,6 +32,7 @@ from .ops import (
     Call,
     CallMethod,
     Cond,
+    EachCall,
     Export,
     GetAttr,
     Grad,
@@ -66,6 +67,11 @@ def grad_key(index: int) -> EventKey:
     return ("", "grad", index)
 
 
+def in_scope(path: str, scope: tuple[str, ...]) -> bool:
+    """Whether module ``path`` is one of the ``scope`` modules or below one."""
+    return any(not prefix or path == prefix or path.startswith(prefix + ".") for prefix in scope)
+
+
 def site_of(kind: AccessKind) -> Site:
     """The hook that carries a module value: inputs before the call, output after."""
     return "post" if kind == "output" else "pre"
@@ -74,7 +80,7 @@ def site_of(kind: AccessKind) -> Site:
 # Step kinds: the interpreter dispatches on these small ints in its hot loop.
 # HOOK puts a gradient hook on a tensor (for the GRAD or SETGRAD step of the
 # same node, which runs when the hook fires).
-EXEC, GET, SET, SAVE, STOP, BRIDGE, ITEM, EXPORT, COND, ITER, TRACE, GRAD, SETGRAD, HOOK = range(14)
+EXEC, GET, SET, SAVE, STOP, BRIDGE, ITEM, EXPORT, COND, ITER, TRACE, GRAD, SETGRAD, HOOK, CALLS = range(15)
 
 KEEP_UNTIL_THE_END = 1 << 30
 """Reader count for module calls read inside a loop body: every iteration
@@ -138,8 +144,10 @@ class Plan:
     """Everything the interpreter needs to run one graph (see module docstring).
 
     ``readers`` counts, per module call, the steps (here and in nested
-    condition and loop bodies) that read or write it; ``touches`` lists the
-    module calls the graph reads or writes, each with whether it writes.
+    condition and loop bodies) that read or write it; ``dynamic_sites`` are
+    the module hooks whose call index is only known at run time (accesses
+    inside a loop over calls, `EachCall`); ``touches`` lists the module calls
+    the graph reads or writes, each with whether it writes.
     """
 
     steps: tuple[Step, ...]
@@ -150,6 +158,7 @@ class Plan:
     event_keys: frozenset[EventKey]
     readers: dict[EventKey, int]
     hook_sites: tuple[tuple[str, Site], ...]
+    dynamic_sites: frozenset[tuple[str, Site]]
     writes: frozenset[int]
     touches: frozenset[tuple[EventKey, bool]]
 
@@ -280,7 +289,7 @@ def op_function(op: Op) -> Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]
             return lambda state, args, kwargs: state.module(path).forward(*args, **kwargs)
         case (
             ModuleGet() | ModuleSet() | Save() | Stop() | Grad() | SetGrad() | Bridge() | IterItem()
-            | Export() | Cond() | Iterate() | TraceRun()
+            | Export() | Cond() | Iterate() | EachCall() | TraceRun()
         ):
             raise AssertionError(f"{type(op).__name__} is not an ordinary node")
 
@@ -311,6 +320,8 @@ def _step(graph: Graph, node: Node) -> Step:
             return Step(index, COND, node, resolve, invoke=invoke, body=plan_for(body))
         case Iterate(body):
             return Step(index, ITER, node, resolve, invoke=invoke, body=plan_for(body))
+        case EachCall(body):
+            return Step(index, CALLS, node, resolve, invoke=invoke, body=plan_for(body))
         case TraceRun(body):
             # A trace is its own run (with its own hooks): its plan is made then.
             return Step(index, TRACE, node, resolve, invoke=invoke)
@@ -344,8 +355,8 @@ def _accesses(step: Step) -> list[tuple[EventKey, bool]]:
         found.append((step.key, True))
     elif step.guard is not None:
         found.append((step.guard[0], True))
-    elif step.body is not None:
-        found.extend(step.body.touches)
+    elif step.body is not None and step.code != CALLS:
+        found.extend(step.body.touches)  # (a loop over calls shifts its body's calls: not static)
     return found
 
 
@@ -403,6 +414,7 @@ def compile_plan(graph: Graph) -> Plan:
     sites: set[tuple[str, Site]] = set()
     writes = set()
     touches: set[tuple[EventKey, bool]] = set()
+    dynamic: set[tuple[str, Site]] = set()
     programs: dict[ProgramKey, list[Step]] = {}
 
     def uses_in(arguments: Sequence[object]) -> list[int]:
@@ -428,11 +440,17 @@ def compile_plan(graph: Graph) -> Plan:
             if step.key[1] != "grad":
                 sites.add((step.key[0], step.key[1]))
         if step.body is not None:
-            # A loop reads its body's module calls again at every iteration.
-            again = step.code == ITER
+            # A loop reads its body's module calls again at every iteration; a
+            # loop over calls reads a different call of its scope's modules.
+            again = step.code in (ITER, CALLS)
+            scope = node.op.scope if isinstance(node.op, EachCall) else None
             for key, count in step.body.readers.items():
+                if scope is not None and key[1] != "grad" and in_scope(key[0], scope):
+                    dynamic.add((key[0], key[1]))
+                    continue
                 readers[key] = KEEP_UNTIL_THE_END if again else min(readers.get(key, 0) + count, KEEP_UNTIL_THE_END)
             sites.update(step.body.hook_sites)
+            dynamic.update(step.body.dynamic_sites)
         if step.code == EXPORT:
             source = node.args[0]
             assert type(source) is Ref, "an export's argument is its context node"
@@ -454,6 +472,7 @@ def compile_plan(graph: Graph) -> Plan:
         event_keys=frozenset(readers),
         readers=readers,
         hook_sites=tuple(sorted(sites)),
+        dynamic_sites=frozenset(dynamic),
         writes=frozenset(writes),
         touches=frozenset(touches),
     )

@@ -14,6 +14,7 @@ from .ops import (
     Call,
     CallMethod,
     Cond,
+    EachCall,
     Export,
     GetAttr,
     Grad,
@@ -87,6 +88,11 @@ def format_op(op: Op, node: Node) -> str:
             return f"cond {node.args[0]!r}{_bridges(node)}"
         case Iterate():
             return f"iter {node.args[0]!r}{_bridges(node)}"
+        case EachCall(_, start, stop, step, scope, listed):
+            calls = ", ".join(map(str, listed)) if listed else f"{start}:{'' if stop is None else stop}" + (f":{step}" if step != 1 else "")
+            modules = ", ".join(module_expr(path) for path in scope)
+            captured = f" bridging ({', '.join(repr(arg) for arg in node.args)})" if node.args else ""
+            return f"each call [{calls}] of {modules}{captured}"
         case TraceRun(_, method):
             how = f"trace {method}" if method else "trace"
             keywords = "".join(f", {name}={node.kwargs[name]!r}" for name in sorted(node.kwargs))
@@ -115,7 +121,7 @@ def _bridges(node: Node) -> str:
 def body_of(node: Node) -> Graph | None:
     """The sub-graph a context node holds, if any."""
     op = node.op
-    return op.body if isinstance(op, (Cond, Iterate, TraceRun)) else None
+    return op.body if isinstance(op, (Cond, Iterate, EachCall, TraceRun)) else None
 
 
 def format_node(node: Node) -> str:

@@ -26,13 +26,15 @@ class Results:
     it stopped at and the node it was waiting for (a module access, or a
     node of another invoke). ``children`` holds, per context node (a
     condition, a loop, a trace of a session), the results of the last run of
-    its body.
+    its body. ``returned`` is the method's own result, kept only on request
+    (``trace=False``).
     """
 
     values: Mapping[int, Any]
     stopped: bool = False
     blocked: Mapping[ProgramKey, tuple[int, int]] = attrs.field(factory=dict)
     children: Mapping[int, Results] = attrs.field(factory=dict)
+    returned: Any = None  # what the model's method returned, when asked for
 
     def has(self, index: int) -> bool:
         return index in self.values

@@ -36,6 +36,7 @@ from .ops import (
     Call,
     CallMethod,
     Cond,
+    EachCall,
     Export,
     GetAttr,
     Grad,
@@ -51,6 +52,7 @@ from .ops import (
     Stop,
     TraceRun,
 )
+from .ops import first_bridge
 from .printing import _invoke_inputs, body_of
 
 
@@ -82,6 +84,7 @@ STYLES: Mapping[type, Style] = {
     TraceRun: Style("hexagon", "purple", "LocalBackendExecuteProtocol", "running a trace of the session"),
     Stop: Style("hexagon", "red", "EarlyStopProtocol", "an early stop"),
     Iterate: Style("hexagon", "blue", "Iterator", "a loop whose body is a sub-graph"),
+    EachCall: Style("hexagon", "blue", "Iterator", "a body run once per call of modules (.all(), .iter[a:b])"),
     Cond: Style("hexagon", "#FF8C00", "Condition", "a condition whose body is a sub-graph"),
 }
 """The style of each op kind (every kind of `Op` has one)."""
@@ -129,7 +132,7 @@ def node_label(op: Op) -> str:
             return "item"
         case (
             ModuleGet() | ModuleSet() | ModuleAttr() | ApplyModule() | Bridge() | Export()
-            | Cond() | Iterate() | TraceRun() | Grad() | SetGrad()
+            | Cond() | Iterate() | EachCall() | TraceRun() | Grad() | SetGrad()
         ):
             return type(op).__name__
 
@@ -157,6 +160,9 @@ def op_fields(node: Node) -> list[tuple[str, str]]:
         case TraceRun(_, method):
             fields = [("inputs", _invoke_inputs(node.args[0]) or "()")]
             return fields + ([("method", repr(method))] if method else [])
+        case EachCall(_, start, stop, step, scope, listed):
+            calls = ", ".join(map(str, listed)) if listed else f"{start}:{'' if stop is None else stop}" + (f":{step}" if step != 1 else "")
+            return [("calls", calls), ("scope", ", ".join(repr(_path_text(p)) for p in scope))]
         case Call() | CallMethod() | Save() | Stop() | IterItem() | Cond() | Iterate() | Grad() | SetGrad():
             return []
 
@@ -225,7 +231,8 @@ class _Writer:
         for position, arg in enumerate(args):
             if position == 0 and isinstance(node.op, TraceRun):
                 continue  # drawn as its inputs= box
-            label = f"bridge {position - 1}" if context and position > 0 else ""
+            bridges = first_bridge(node.op)
+            label = f"bridge {position - bridges}" if context and position >= bridges else ""
             self.argument(arg, node_id, f"{node_id}_a{position}", prefix, indent, label)
         for name in sorted(node.kwargs):
             self.argument(node.kwargs[name], node_id, f"{node_id}_k_{name}", prefix, indent, name, keyword=True)
@@ -258,7 +265,8 @@ class _Writer:
             if next(node_refs(inner), None) is None:  # a root of the body
                 self.edge(node_id, inner_id, indent, style="dashed", color=style.color)
             if isinstance(inner.op, Bridge):
-                captured = node.args[1 + inner.op.slot] if 1 + inner.op.slot < len(node.args) else None
+                position = first_bridge(node.op) + inner.op.slot
+                captured = node.args[position] if position < len(node.args) else None
                 if type(captured) is Ref:
                     self.edge(f"{prefix}{captured.index}", inner_id, indent, style="dotted", color="brown")
 
@@ -367,6 +375,7 @@ def legend_examples() -> dict[str, Graph]:
         "Export": grown((Cond(grown(get)), (True,)), (Export(0), (Ref(0),))),
         "Cond": grown(get, (Cond(grown((Bridge(0), ()), (Save(), (Ref(0),)))), (True, Ref(0)))),
         "Iterate": grown(get, (Iterate(body), ((0, 1, 2), Ref(0)))),
+        "EachCall": grown((EachCall(grown(get, (Save(), (Ref(0),))), 0, None, 1, ("layer1",)), ())),
         "TraceRun": grown((TraceRun(grown(get, (Save(), (Ref(0),)))), ((((TensorConst(_example_input()),), DictConst(())),),))),
     }
 

@@ -34,6 +34,7 @@ from . import active
 
 if TYPE_CHECKING:
     from ..models.handle import ModelHandle
+    from .calls import EachCallContext
     from .conditional import Conditional
     from .iterator import IteratorContext
     from .tracer import Tracer
@@ -300,17 +301,39 @@ class GraphContext:
         loop; otherwise the trace's model run, or the session."""
         self._within("stop").record(Stop())
 
-    def iter(self, collection: Any) -> IteratorContext:
-        """A block run once per item of ``collection`` (``with ... as item:``)."""
-        from .iterator import IteratorContext
-
-        return IteratorContext(self._within("iter"), collection, user_location())
+    @property
+    def iter(self) -> IterSelector:
+        """``ctx.iter(collection)``: a block run once per item of ``collection``
+        (``with ... as item:``); inside a trace, ``ctx.iter[i]``, ``[a:b]`` or
+        ``[[i, j]]``: a block run once per selected call of every module."""
+        return IterSelector(self)
 
     def cond(self, condition: Any) -> Conditional:
         """A block run only when ``condition`` is true at run time."""
         from .conditional import Conditional
 
         return Conditional(self._within("cond"), condition, user_location())
+
+
+class IterSelector:
+    """What ``ctx.iter`` gives: call it with a collection, or index it with calls."""
+
+    def __init__(self, context: GraphContext) -> None:
+        self._context = context
+
+    def __call__(self, collection: Any) -> IteratorContext:
+        from .iterator import IteratorContext
+
+        return IteratorContext(self._context._within("iter"), collection, user_location())
+
+    def __getitem__(self, key: Any) -> EachCallContext:
+        from .calls import EachCallContext, calls_from
+
+        trace = self._context._trace
+        if trace is None:
+            raise TraceError("iter[...] selects calls of modules, so it needs a trace")
+        selection = calls_from([key] if isinstance(key, int) else key)
+        return EachCallContext(trace._current(), ("",), user_location(), **selection)
 
 
 class BodyContext(GraphContext):

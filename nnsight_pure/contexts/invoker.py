@@ -29,4 +29,4 @@ class Invoker:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        self.tracer._exit_invoke(self)
+        self.tracer._exit_invoke(self, exc_type is None)

@@ -17,7 +17,10 @@ from ..graph import SourceLoc
 from ..ops import AccessKind, ApplyModule, ModuleGet, ModuleSet, Op, TraceRun
 from ..plan import EventKey
 from ..proxy import Proxy
+from ..plan import in_scope
 from ..scan import UNKNOWN, fake_copy, fake_value, new_mode, scan
+from ..source import user_location
+from .calls import EachCallContext
 from ..source import short
 from . import active
 from .base import GraphContext
@@ -62,7 +65,11 @@ class Tracer(GraphContext):
         self._sizes: list[int | None] = []
         self._invoker: Invoker | None = None
         self._implicit: Invoker | None = None
-        self._accesses: dict[tuple[GraphContext, str, AccessKind, int | None], Proxy] = {}
+        self._accesses: dict[tuple[GraphContext, str, AccessKind, int | None, int], Proxy] = {}
+        self._offsets: list[tuple[str, int]] = []  # .next(): (module path, calls to skip)
+        self._fixed: dict[str, int] = {}  # envoy.iter = n: that module's call, from now on
+        self._sticky: list[tuple[EachCallContext, int | None]] = []  # .all() loops (and their invoke)
+        self._keep_result = False  # keep what the method returns (trace=False)
 
     @property
     def _trace(self) -> Tracer:
@@ -80,6 +87,7 @@ class Tracer(GraphContext):
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        self._close_sticky(exc_type is None)
         self._pop()
         if self._implicit is not None and self._invoker is self._implicit:
             self._implicit.__exit__(None, None, None)
@@ -100,7 +108,8 @@ class Tracer(GraphContext):
             return
         try:
             results, _ = self._model._run_trace(
-                self._graph, self._method, self._prepared, self._sizes, self._method_kwargs, self._where
+                self._graph, self._method, self._prepared, self._sizes, self._method_kwargs, self._where,
+                keep_result=self._keep_result,
             )
         except BaseException:
             self._release()
@@ -155,8 +164,9 @@ class Tracer(GraphContext):
         self._invoke = index
         return self._invoke
 
-    def _exit_invoke(self, invoker: Invoker) -> None:
+    def _exit_invoke(self, invoker: Invoker, ok: bool = True) -> None:
         if self._invoker is invoker:
+            self._close_sticky(ok, only_invoke=self._invoke)
             self._invoker = None
             self._invoke = None
 
@@ -166,19 +176,21 @@ class Tracer(GraphContext):
 
     # --- module accesses (called by envoys) ------------------------------------------
 
-    def _access(self, path: str, kind: AccessKind) -> Proxy:
+    def _access(self, path: str, kind: AccessKind, call: int | None = None) -> Proxy:
         """The proxy for a module value in the current block and invoke (one node per value)."""
         context = self._current()
-        key = (context, path, kind, self._invoke)
+        call = self._call_of(path) if call is None else call
+        key = (context, path, kind, self._invoke, call)
         proxy = self._accesses.get(key)
         if proxy is None:
-            proxy = context.record(ModuleGet(path, kind, 0))
+            proxy = context.record(ModuleGet(path, kind, call))
             self._accesses[key] = proxy
         return proxy
 
-    def _write_access(self, path: str, kind: AccessKind, value: Any) -> None:
+    def _write_access(self, path: str, kind: AccessKind, value: Any, call: int | None = None) -> None:
         """Replace a module value in the current block and invoke."""
-        self._current().record(ModuleSet(path, kind, 0), (value,))
+        call = self._call_of(path) if call is None else call
+        self._current().record(ModuleSet(path, kind, call), (value,))
         # Later reads of this module, in any invoke, must be new nodes that run
         # after the write and see its value: forget the cached accesses.
         for key in [key for key in self._accesses if key[1] == path]:
@@ -201,7 +213,8 @@ class Tracer(GraphContext):
         if self._fake_model is None:
             assert self._fake_mode is not None
             faked = self._model._shallow_copy()
-            object.__setattr__(faked, "_model", fake_copy(self._model._model, self._fake_mode))
+            fake_module = fake_copy(self._model._model, self._fake_mode)
+            object.__setattr__(faked, "_handle", self._model._handle.with_module(fake_module))
             self._fake_model = faked
         return self._fake_model
 
@@ -214,6 +227,52 @@ class Tracer(GraphContext):
     def _hooked(self, op: ApplyModule) -> ApplyModule:
         """How an ad-hoc module call is recorded here (an edit makes them hooked)."""
         return op
+
+    # --- which call of a module (generation steps, loops) -------------------------------
+
+    def _call_of(self, path: str) -> int:
+        """The call of module ``path`` that an access reads now (after ``.next()``s)."""
+        if path in self._fixed:
+            return self._fixed[path]
+        return sum(skip for prefix, skip in self._offsets if in_scope(path, (prefix,)))
+
+    def _skip_calls(self, path: str, count: int) -> None:
+        self._current()
+        self._offsets.append((path, count))
+
+    def _loop_over_calls(self, scope: tuple[str, ...], sticky: bool, **selection: Any) -> EachCallContext:
+        """A block over calls of the ``scope`` modules; a sticky one opens now and
+        stays open until its invoke or this trace ends."""
+        context = EachCallContext(self._current(), scope, user_location(), **selection)
+        if sticky:
+            context._begin(True)
+            self._sticky.append((context, self._invoke))
+        return context
+
+    def _close_sticky(self, record: bool, only_invoke: int | None | object = ...) -> None:
+        """Close the sticky loops (those opened in ``only_invoke``, if given), innermost first."""
+        while self._sticky and (only_invoke is ... or self._sticky[-1][1] == only_invoke):
+            context, _ = self._sticky.pop()
+            context._close(record)
+
+    def _close_last_loop(self, scope: tuple[str, ...]) -> None:
+        """End the sticky loop ``with envoy.all():`` opened, at the end of its block."""
+        for position in range(len(self._sticky) - 1, -1, -1):
+            context, _ = self._sticky[position]
+            if context._op_fields[3] == scope:
+                del self._sticky[position]
+                context._close(True)
+                return
+
+    def all(self) -> EachCallContext:
+        """Run what follows (or the ``with`` block) once per generation step: every
+        module access reads the step's call."""
+        return self._loop_over_calls(("",), sticky=True)
+
+    def next(self, increment: int = 1) -> Tracer:
+        """From now on, every module access reads ``increment`` calls later."""
+        self._skip_calls("", increment)
+        return self
 
     def _current(self) -> GraphContext:
         """The innermost open block, which must be this trace or inside it."""

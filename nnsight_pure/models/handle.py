@@ -13,15 +13,32 @@ import torch
 
 
 class ModelHandle:
-    """The torch module a wrapper traces, and its envoy-level aliases."""
+    """The torch module a wrapper traces, and its envoy-level aliases.
+
+    The module can be replaced (a language model's real weights replacing its
+    meta-device skeleton); ``generation`` counts replacements, so envoys know
+    to look their module up again.
+    """
 
     def __init__(self, module: torch.nn.Module, rename: Mapping[str, str] | None = None) -> None:
         self.module = module
+        self.generation = 0
         rename = dict(rename or {})
         for real, alias in rename.items():
             if not alias.isidentifier():
                 raise ValueError(f"rename maps module names to identifiers; got {real!r}: {alias!r}")
         self._by_name = {real.strip("."): alias for real, alias in rename.items()}
+
+    def replace(self, module: torch.nn.Module) -> None:
+        """Trace ``module`` from now on (same structure, say with real weights)."""
+        self.module = module
+        self.generation += 1
+
+    def with_module(self, module: torch.nn.Module) -> ModelHandle:
+        """A new handle for another module, with the same aliases."""
+        copy = ModelHandle(module)
+        copy._by_name = dict(self._by_name)
+        return copy
 
     @property
     def renames(self) -> bool:

@@ -43,7 +43,6 @@ class NNsight:
 
     __methods__: ClassVar[dict[str, str]] = {}
 
-    _model: torch.nn.Module
     _handle: ModelHandle
     _envoy: Envoy
     _edits: Graph | None
@@ -52,10 +51,14 @@ class NNsight:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"NNsight wraps a torch.nn.Module; got {type(model).__name__}")
         handle = ModelHandle(model, rename)
-        object.__setattr__(self, "_model", model)
         object.__setattr__(self, "_handle", handle)
         object.__setattr__(self, "_envoy", _envoy_class(model)(handle, model, "", ""))
         object.__setattr__(self, "_edits", None)
+
+    @property
+    def _model(self) -> torch.nn.Module:
+        """The torch module traced (it may be replaced, e.g. when weights load)."""
+        return self._handle.module
 
     # --- tracing ----------------------------------------------------------------------
 
@@ -98,9 +101,11 @@ class NNsight:
         if not trace:
             if not inputs:
                 raise ValueError("trace=False runs the model at once, so it needs inputs")
+            tracer._keep_result = True
             with tracer:
-                output = self._envoy.output.save()
-            return output.value
+                pass
+            assert tracer._results is not None
+            return tracer._results.returned
         return tracer
 
     def scan(self, *inputs: Any, **kwargs: Any) -> Tracer:
@@ -170,8 +175,10 @@ class NNsight:
         where: SourceLoc | None,
         captures: tuple[Any, ...] = (),
         keep: frozenset[int] = frozenset(),
+        keep_result: bool = False,
     ) -> tuple[Results, dict[int, Any]]:
         """Batch the invokes' prepared inputs and run ``graph`` over one call of the method."""
+        self._before_run()
         batched: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         for args, kwargs in prepared:
             batched = self._batch(batched, *args, **kwargs)
@@ -193,7 +200,11 @@ class NNsight:
             where,
             captures,
             keep,
+            keep_result,
         )
+
+    def _before_run(self) -> None:
+        """Called before each real run (not before scans): a subclass loads its weights here."""
 
     def _run_trace_node(
         self,

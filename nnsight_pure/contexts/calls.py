@@ -1,0 +1,73 @@
+"""EachCallContext: a block run once per call of some modules (generation steps).
+
+``with model.lm_head.all():``, ``with model.h[0].iter[1:3]:`` and
+``tracer.all()`` record their block as the body of an `EachCall` node: at
+run time it runs once per call index, and in it every access to a module in
+scope reads that call. Opened without ``with`` (``envoy.all()``), the block
+stays open until its invoke or trace ends (nnsight's "sticky" selection).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..graph import SourceLoc
+from ..ops import EachCall
+from ..source import short
+from .base import GraphContext
+
+
+class EachCallContext(GraphContext):
+    """A block over calls ``range(start, stop, step)`` (or ``calls``) of ``scope``."""
+
+    def __init__(
+        self,
+        parent: GraphContext,
+        scope: tuple[str, ...],
+        where: SourceLoc | None,
+        start: int = 0,
+        stop: int | None = None,
+        step: int = 1,
+        calls: tuple[int, ...] = (),
+    ) -> None:
+        super().__init__(parent._handle, where, parent)
+        if step < 1 or start < 0 or (stop is not None and stop < 0) or any(call < 0 for call in calls):
+            raise ValueError(f"calls are counted from 0 with a positive step; got start={start}, stop={stop}, step={step}")
+        self._op_fields = (start, stop, step, scope, calls)
+        self._sticky = False
+
+    def _begin(self, sticky: bool) -> EachCallContext:
+        self._push()
+        self._sticky = sticky
+        return self
+
+    def __enter__(self) -> EachCallContext:
+        if not self._open:
+            self._push()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        self._close(exc_type is None)
+
+    def _close(self, record: bool) -> None:
+        if self._closed:
+            return
+        self._pop()
+        if record:
+            assert self._parent is not None
+            start, stop, step, scope, calls = self._op_fields
+            self._parent._close_child(self, EachCall(self._graph, start, stop, step, scope, calls), ())
+
+    def __repr__(self) -> str:
+        return f"<loop over calls opened at {short(self._where)}>"
+
+
+def calls_from(key: Any) -> dict[str, Any]:
+    """The call selection of an ``iter[...]`` key: an int, a slice or a list of ints."""
+    if isinstance(key, slice):
+        if key.start is not None and key.start < 0 or key.stop is not None and key.stop < 0:
+            raise ValueError("iter[...] counts calls from 0; negative indexes have no meaning here")
+        return {"start": key.start or 0, "stop": key.stop, "step": key.step or 1}
+    if isinstance(key, (list, tuple)):
+        return {"calls": tuple(int(call) for call in key)}
+    raise TypeError(f"iter[...] takes an int, a slice or a list of ints; got {type(key).__name__}")

@@ -1,0 +1,248 @@
+"""LanguageModel: Hugging Face causal language models, with tokenizing, padding and generation.
+
+``LanguageModel("gpt2")`` (a hub id or a local folder) loads the config and
+tokenizer at once and the weights lazily: the module tree is built on the
+meta device, so it can be printed and traced (and scanned) before any weight
+is read; the real weights load at the first real run (or at once with
+``dispatch=True``), through ``from_pretrained``.
+
+Inputs may be strings, token ids (lists or tensors), or a tokenizer's
+``BatchEncoding``/dict. Several invokes are left-padded together, each
+keeping its own attention mask, and the position ids are derived from the
+attention mask, so a padded row computes exactly what the prompt computes
+alone (nnsight #672 and TransformerLens #1609 silently did not).
+
+transformers is imported only when a LanguageModel is made (it is an
+optional extra: ``pip install nnsight_pure[lm]``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, ClassVar, Mapping
+
+import torch
+
+from ..util import WrapperModule
+from .nnsight import NNsight
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as error:  # pragma: no cover - transformers is a dev dependency
+        raise ImportError(
+            "LanguageModel needs the transformers package: pip install nnsight_pure[lm]"
+        ) from error
+    return transformers
+
+
+class LanguageModel(NNsight):
+    """A traceable Hugging Face causal language model.
+
+    Args:
+        model: a hub repo id or a local folder (loaded with ``from_pretrained``),
+            or an already built ``PreTrainedModel`` (then ``tokenizer`` is needed
+            unless it can be loaded from the model's ``name_or_path``).
+        tokenizer: a tokenizer to use instead of loading one.
+        automodel: the ``transformers`` auto class (or its name) that builds the model.
+        dispatch: load the real weights now instead of at the first run.
+        device_map, torch_dtype: passed to ``from_pretrained``.
+        rename: envoy aliases, as for `NNsight`.
+        **kwargs: passed to ``from_pretrained`` (and ``AutoConfig``), e.g. ``revision``.
+
+    ``model.generate(...)`` opens a trace of the model's ``generate``;
+    ``model.generator.output`` is then the generated ids.
+    """
+
+    __methods__: ClassVar[dict[str, str]] = {"generate": "_generate"}
+
+    tokenizer: Any
+    config: Any
+    repo_id: str | None
+
+    def __init__(
+        self,
+        model: str | torch.nn.Module,
+        *,
+        tokenizer: Any = None,
+        automodel: Any = "AutoModelForCausalLM",
+        dispatch: bool = False,
+        device_map: Any = None,
+        torch_dtype: Any = None,
+        rename: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        transformers = _transformers()
+        if isinstance(automodel, str):
+            automodel = getattr(transformers, automodel)
+        load_kwargs = dict(kwargs)
+        if device_map is not None:
+            load_kwargs["device_map"] = device_map
+        if torch_dtype is not None:
+            load_kwargs["dtype"] = torch_dtype
+        if isinstance(model, torch.nn.Module):
+            module, repo_id, dispatched = model, getattr(getattr(model, "config", None), "_name_or_path", None), True
+            config = getattr(model, "config", None)
+            if tokenizer is None:
+                if not repo_id:
+                    raise ValueError("a LanguageModel made from a module needs tokenizer=...")
+                tokenizer = transformers.AutoTokenizer.from_pretrained(repo_id, padding_side="left")
+        else:
+            repo_id = str(model)
+            config = transformers.AutoConfig.from_pretrained(repo_id, **kwargs)
+            if tokenizer is None:
+                tokenizer = transformers.AutoTokenizer.from_pretrained(repo_id, padding_side="left")
+            if dispatch:
+                module = automodel.from_pretrained(repo_id, config=config, **load_kwargs)
+            else:
+                with torch.device("meta"):
+                    module = automodel.from_config(config)
+            dispatched = dispatch
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if "generator" not in module._modules:
+            module.generator = WrapperModule()  # the generated ids pass through it
+        super().__init__(module, rename)
+        for name, value in (
+            ("tokenizer", tokenizer),
+            ("config", config),
+            ("repo_id", repo_id),
+            ("_automodel", automodel),
+            ("_load_kwargs", load_kwargs),
+            ("_dispatched", dispatched),
+        ):
+            object.__setattr__(self, name, value)
+
+    # --- weights ----------------------------------------------------------------------
+
+    @property
+    def dispatched(self) -> bool:
+        """Whether the real weights are loaded (else the model is on the meta device)."""
+        return bool(self._dispatched)
+
+    def dispatch(self) -> None:
+        """Load the real weights now (``from_pretrained``); modules attached to the
+        meta-device model are carried over."""
+        if self._dispatched:
+            return
+        skeleton = self._model
+        real = self._automodel.from_pretrained(self.repo_id, config=self.config, **self._load_kwargs)
+        for path, module in skeleton.named_modules():
+            parent_path, _, name = path.rpartition(".")
+            try:
+                real.get_submodule(path)
+            except AttributeError:
+                real.get_submodule(parent_path).add_module(name, module)  # an attachment
+        self._handle.replace(real)
+        object.__setattr__(self, "_dispatched", True)
+
+    def _before_run(self) -> None:
+        self.dispatch()
+
+    # --- inputs -----------------------------------------------------------------------
+
+    def _tokenize(self, value: Any, what: str, **tokenizer_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask)`` for text, token ids or an encoding."""
+        tokenizer = self.tokenizer
+        if isinstance(value, str) or (isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value)):
+            texts = [value] if isinstance(value, str) else list(value)
+            encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", **tokenizer_kwargs)
+            return encoded["input_ids"], encoded["attention_mask"]
+        if isinstance(value, Mapping) or hasattr(value, "input_ids") and hasattr(value, "keys"):
+            ids = torch.as_tensor(value["input_ids"])
+            ids = ids.unsqueeze(0) if ids.ndim == 1 else ids
+            mask = value.get("attention_mask") if hasattr(value, "get") else None
+            mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).reshape(ids.shape)
+            return ids, mask
+        if isinstance(value, torch.Tensor):
+            ids = value.unsqueeze(0) if value.ndim == 1 else value
+            return ids, torch.ones_like(ids)
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) for v in value):
+            ids = torch.tensor([list(value)])
+            return ids, torch.ones_like(ids)
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, (list, tuple)) for v in value):
+            padded = tokenizer.pad({"input_ids": [list(v) for v in value]}, return_tensors="pt", padding_side="left")
+            return padded["input_ids"], padded["attention_mask"]
+        raise TypeError(
+            f"{what} must be a string, a list of strings, token ids (a list or a tensor) or a "
+            f"tokenizer encoding; got {type(value).__name__}"
+        )
+
+    def _prepare_input(self, *inputs: Any, **kwargs: Any) -> tuple[tuple[tuple[Any, ...], dict[str, Any]], int]:
+        """One invoke's inputs as ``input_ids``/``attention_mask`` (and ``labels``)."""
+        input_ids = kwargs.pop("input_ids", None)
+        attention_mask = kwargs.pop("attention_mask", None)
+        labels = kwargs.pop("labels", None)
+        if len(inputs) > 1 or (inputs and input_ids is not None):
+            raise TypeError("an invoke takes one input: a prompt, a list of prompts, ids, or input_ids=...")
+        if inputs:
+            ids, mask = self._tokenize(inputs[0], "the input", **kwargs)
+        elif input_ids is not None:
+            encoding = {"input_ids": input_ids}
+            if attention_mask is not None:
+                encoding["attention_mask"] = attention_mask
+            ids, mask = self._tokenize(encoding, "input_ids")
+        else:
+            raise TypeError("an invoke needs an input: a prompt, a list of prompts, ids, or input_ids=...")
+        prepared: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        if labels is not None:
+            label_ids, label_mask = self._tokenize(labels, "labels")
+            prepared["labels"] = label_ids.masked_fill(label_mask == 0, -100)
+        return ((), prepared), int(ids.shape[0])
+
+    def _batch(
+        self,
+        batched_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Left-pad the invokes to one length and stack them, each keeping its own mask."""
+        if batched_inputs is None:
+            return args, kwargs
+        _, batch = batched_inputs
+        width = max(batch["input_ids"].shape[1], kwargs["input_ids"].shape[1])
+        fill = {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0, "labels": -100}
+        joined = {}
+        for name, value in kwargs.items():
+            if name in fill:
+                joined[name] = torch.cat([_left_pad(batch[name], width, fill[name]), _left_pad(value, width, fill[name])])
+            else:
+                joined[name] = value
+        return (), joined
+
+    # --- running ----------------------------------------------------------------------
+
+    def _with_positions(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Position ids from the attention mask, so left padding shifts nothing."""
+        mask = inputs.get("attention_mask")
+        if mask is None or "position_ids" in inputs:
+            return inputs
+        if "position_ids" not in inspect.signature(self._model.forward).parameters:
+            return inputs
+        positions = mask.long().cumsum(-1) - 1
+        positions = positions.masked_fill(mask == 0, 1)
+        return {**inputs, "position_ids": positions}
+
+    def _on_device(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        device = self.device
+        return {k: v.to(device) if isinstance(v, torch.Tensor) and device is not None else v for k, v in inputs.items()}
+
+    def _execute(self, *args: Any, **kwargs: Any) -> Any:
+        return self._model(*args, **self._on_device(self._with_positions(kwargs)))
+
+    def _generate(self, *args: Any, max_new_tokens: int = 1, **kwargs: Any) -> Any:
+        """Generate (``max_new_tokens`` defaults to 1, as in nnsight); the ids go
+        through ``model.generator`` so that ``.generator.output`` can be traced."""
+        kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        model: Any = self._model  # a PreTrainedModel: generate and the generator child
+        output = model.generate(*args, max_new_tokens=max_new_tokens, **self._on_device(kwargs))
+        return model.generator(output)
+
+
+def _left_pad(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    missing = width - tensor.shape[1]
+    if missing <= 0:
+        return tensor
+    pad = torch.full((tensor.shape[0], missing), value, dtype=tensor.dtype, device=tensor.device)
+    return torch.cat([pad, tensor], dim=1)
