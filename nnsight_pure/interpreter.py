@@ -234,7 +234,7 @@ class _Run:
                     assert step.key is not None
                     value, _ = yield (WAIT_EVENT, step.key, step.index, False)
                     env[step.index] = value
-                elif code == SET or code == SETGRAD:
+                elif code in (SET, SETGRAD):
                     value, is_current = yield (WAIT_EVENT, frame.key_of(step), step.index, frame.open_ended)
                     if value is _END:
                         raise _CallsEnded()
