@@ -9,7 +9,10 @@
     print(hidden.value)
 
 Every operation inside the block adds a node to an immutable `Graph`; the
-interpreter runs the graph once when the block exits.
+interpreter runs the graph once when the block exits. Graphs are also data:
+``graph = nnsight.trace(model, fn)`` builds one without running,
+``nnsight.run(model, graph, x)`` replays it, ``to_json``/``from_json`` store
+it, ``compose`` and ``prune`` transform it.
 """
 
 from .arguments import Ref as Ref
@@ -37,6 +40,14 @@ from .contexts.invoker import Invoker as Invoker
 from .contexts.iterator import IteratorContext as IteratorContext
 from .contexts.session import Session as Session
 from .contexts.tracer import Tracer as Tracer
+from .functional import edit as edit
+from .functional import run as run
+from .functional import trace as trace
+from .passes import compose as compose
+from .passes import prune as prune
+from .serialize import SerializationError as SerializationError
+from .serialize import from_json as from_json
+from .serialize import to_json as to_json
 from .functions import apply as apply
 from .functions import bool as bool
 from .functions import cond as cond
@@ -67,6 +78,7 @@ __all__ = [
     "Proxy",
     "Ref",
     "Results",
+    "SerializationError",
     "Session",
     "SourceLoc",
     "TraceError",
@@ -75,18 +87,25 @@ __all__ = [
     "WrapperModule",
     "apply",
     "bool",
+    "compose",
     "cond",
     "dict",
+    "edit",
     "float",
     "format_graph",
+    "from_json",
     "int",
     "iter",
     "list",
     "log",
+    "prune",
     "render",
+    "run",
     "set",
     "stop",
     "str",
     "to_dot",
+    "to_json",
+    "trace",
     "tuple",
 ]

@@ -169,6 +169,23 @@ def refs_in(value: object) -> Iterator[Ref]:
         yield from refs_in(value.step)
 
 
+def map_refs(arg: object, fn: Callable[[Ref], object]) -> object:
+    """``arg`` with every `Ref` inside it replaced by ``fn(ref)`` (constants kept as they are)."""
+    if type(arg) is Ref:
+        return fn(arg)
+    if type(arg) is tuple:
+        return tuple(map_refs(item, fn) for item in arg)
+    if type(arg) is ListConst:
+        return ListConst(tuple(map_refs(item, fn) for item in arg.items))
+    if type(arg) is TupleOf:
+        return TupleOf(arg.cls, tuple(map_refs(item, fn) for item in arg.items))
+    if type(arg) is DictConst:
+        return DictConst(tuple((key, map_refs(item, fn)) for key, item in arg.items))
+    if type(arg) is SliceConst:
+        return SliceConst(map_refs(arg.start, fn), map_refs(arg.stop, fn), map_refs(arg.step, fn))
+    return arg
+
+
 def freeze(value: object, proxy_type: type, to_ref: Callable[[Any], object]) -> object:
     """Turn a user value into a node argument.
 

@@ -76,10 +76,12 @@ class Graph:
     """An immutable intervention program: nodes in program order.
 
     Build one with `Graph()` and `add`; every builder returns a new graph and
-    leaves the one it was given unchanged.
+    leaves the one it was given unchanged. ``outputs`` names what a run
+    returns: an argument tree (tuples, lists, dicts) of `Ref`s, or ``None``.
     """
 
     nodes: PVector[Node] = attrs.field(factory=pvector, converter=_nodes)
+    outputs: object = attrs.field(default=None, eq=structural_key)
 
     def add(
         self,
@@ -103,7 +105,18 @@ class Graph:
             invoke,
             source,
         )
-        return Graph(self.nodes.append(node)), ref
+        return Graph(self.nodes.append(node), self.outputs), ref
+
+    def with_outputs(self, outputs: object) -> Graph:
+        """A new graph returning ``outputs`` (a tree of `Ref`s to its nodes)."""
+        return Graph(self.nodes, outputs)
+
+    def digest(self) -> str:
+        """A content hash, the same in any process: the SHA-256 of the graph's
+        canonical JSON (source lines excluded). For caching results by graph."""
+        from .serialize import digest
+
+        return digest(self)
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -153,13 +166,10 @@ def users(graph: Graph) -> list[list[int]]:
 
 
 def saved_refs(graph: Graph) -> frozenset[int]:
-    """Indexes of the nodes whose values are saved (outlive the run)."""
-    return frozenset(
-        ref.index
-        for node in graph.nodes
-        if isinstance(node.op, Save)
-        for ref in node_refs(node)
-    )
+    """Indexes of the nodes whose values outlive the run: saved, or outputs."""
+    saved = {ref.index for node in graph.nodes if isinstance(node.op, Save) for ref in node_refs(node)}
+    saved.update(ref.index for ref in refs_in(graph.outputs))
+    return frozenset(saved)
 
 
 def use_counts(graph: Graph) -> list[int]:
@@ -174,6 +184,9 @@ class GraphError(ValueError):
 def check_graph(graph: Graph) -> None:
     """Raise `GraphError` unless every node sits at its own index and only
     refers to earlier nodes (the invariants every graph value keeps)."""
+    for ref in refs_in(graph.outputs):
+        if not 0 <= ref.index < len(graph.nodes):
+            raise GraphError(f"the outputs refer to {ref!r}, which is not a node")
     for position, node in enumerate(graph.nodes):
         if node.ref.index != position:
             raise GraphError(f"node at position {position} has ref {node.ref!r}")

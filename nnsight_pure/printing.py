@@ -148,7 +148,10 @@ def format_graph(graph: Graph, *, indent: str = "  ") -> str:
     """
     if not len(graph):
         return "graph {}"
-    return "graph {\n" + "\n".join(_lines(graph, indent, indent)) + "\n}"
+    lines = _lines(graph, indent, indent)
+    if graph.outputs is not None:
+        lines.append(f"{indent}outputs {graph.outputs!r}")
+    return "graph {\n" + "\n".join(lines) + "\n}"
 
 
 def _lines(graph: Graph, prefix: str, indent: str) -> list[str]:

@@ -217,6 +217,21 @@ class NNsight:
         """Run a trace of a session (its inputs are known only now)."""
         op = node.op
         assert isinstance(op, TraceRun)
+        return self._run_invokes(op.body, op.method, invokes, method_kwargs, node.source, captures, keep)
+
+    def _run_invokes(
+        self,
+        graph: Graph,
+        method: str | None,
+        invokes: Any,
+        method_kwargs: dict[str, Any],
+        where: SourceLoc | None,
+        captures: tuple[Any, ...] = (),
+        keep: frozenset[int] = frozenset(),
+        keep_result: bool = False,
+    ) -> tuple[Results, dict[int, Any]]:
+        """Prepare each invoke's inputs (``(args, kwargs)``, or ``None`` for an
+        invoke without inputs), then run ``graph`` over them."""
         prepared: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
         sizes: list[int | None] = []
         for invoke in invokes:
@@ -227,7 +242,7 @@ class NNsight:
             (args, prepared_kwargs), size = self._prepare_input(*inputs, **kwargs)
             prepared.append((tuple(args), dict(prepared_kwargs)))
             sizes.append(size)
-        return self._run_trace(op.body, op.method, prepared, sizes, method_kwargs, node.source, captures, keep)
+        return self._run_trace(graph, method, prepared, sizes, method_kwargs, where, captures, keep, keep_result)
 
     def interleave(self, interleaver: Interleaver, *args: Any, fn: Callable[..., Any] | str | None = None, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` (default `_execute`) with the trace's hooks in place.

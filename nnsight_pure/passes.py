@@ -1,0 +1,291 @@
+"""Pure passes over graphs: composition and pruning.
+
+Each takes graph values and returns a new one; none runs anything. They keep
+the graph invariants (`check_graph`): nodes in program order, each referring
+only to earlier ones, bodies with their own numbering.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Iterable, Mapping
+
+import attrs
+import torch
+
+from .arguments import DictConst, Ref, map_refs, refs_in
+from .graph import Graph, GraphError, Node, node_refs
+from .ops import (
+    ApplyModule,
+    Bridge,
+    Call,
+    CallMethod,
+    Cond,
+    EachCall,
+    Export,
+    GetAttr,
+    Grad,
+    IterItem,
+    Iterate,
+    ModuleAttr,
+    ModuleGet,
+    ModuleSet,
+    SetGrad,
+    TraceRun,
+)
+from .printing import format_node
+from .source import short
+
+
+# --- what a graph is ------------------------------------------------------------------
+
+_TRACE_OPS = (ModuleGet, ModuleSet, ModuleAttr, ApplyModule, Grad, SetGrad, EachCall)
+
+
+def graph_kind(graph: Graph) -> str | None:
+    """``"session"`` (it runs traces), ``"trace"`` (it reads or writes a
+    model), or ``None`` (neither: plain computation, or empty)."""
+    if any(isinstance(node.op, TraceRun) for node in graph.nodes):
+        return "session"
+    if any(isinstance(node.op, _TRACE_OPS) for node in graph.nodes):
+        return "trace"
+    return None
+
+
+def invoke_count(graph: Graph) -> int:
+    """How many invokes a trace graph's nodes use (``1 + `` the largest index)."""
+    return 1 + max((node.invoke for node in graph.nodes if node.invoke is not None), default=-1)
+
+
+def check_standalone(graph: Graph, what: str) -> None:
+    """Refuse a graph that only makes sense inside another: the body of a
+    trace of a session, whose `Bridge` nodes read values of that session."""
+    for node in graph.nodes:
+        if isinstance(node.op, Bridge):
+            raise GraphError(
+                f"{what}: `{format_node(node)}` (made at {short(node.source)}) reads a value "
+                "from an enclosing session, so this graph is the body of a session's trace and "
+                "cannot stand alone; use the session's graph"
+            )
+
+
+# --- composition ----------------------------------------------------------------------
+
+
+def _append(graph: Graph, nodes: Iterable[Node], offset: int) -> Graph:
+    """``graph`` followed by ``nodes``, their refs moved up by ``offset``."""
+
+    def shift(ref: Ref) -> Ref:
+        return Ref(ref.index + offset)
+
+    for node in nodes:
+        graph, _ = graph.add(
+            node.op,
+            tuple(map_refs(arg, shift) for arg in node.args),
+            {name: map_refs(value, shift) for name, value in node.kwargs.items()},
+            node.source,
+            node.invoke,
+        )
+    return graph
+
+
+def _merge_outputs(first: object, second: object) -> object:
+    if first is None:
+        return second
+    if second is None:
+        return first
+    if type(first) is DictConst and type(second) is DictConst:
+        keys = [key for key, _ in first.items]
+        clash = [key for key, _ in second.items if key in keys]
+        if clash:
+            raise ValueError(f"compose: both graphs name the output(s) {clash!r}; rename one")
+        return DictConst(first.items + second.items)
+    return (first, second)
+
+
+def compose(first: Graph, second: Graph) -> Graph:
+    """One graph that runs ``first``'s nodes, then ``second``'s, in the same run.
+
+    This is exactly what writing both in one trace does: same invokes, same
+    program order (so ``second``'s writes must come after ``first``'s reads
+    in the model, as in one trace). Outputs merge: two dicts into one dict
+    (names must differ), otherwise ``(first's, second's)``; a graph without
+    outputs adds none. Both must be trace graphs, or both session graphs.
+    """
+    check_standalone(first, "compose")
+    check_standalone(second, "compose")
+    kinds = {graph_kind(first), graph_kind(second)} - {None}
+    if len(kinds) > 1:
+        raise GraphError("compose: a session's graph and a trace's graph cannot be composed")
+    offset = len(first)
+    merged = _append(first, second.nodes, offset)
+    outputs = map_refs(second.outputs, lambda ref: Ref(ref.index + offset))
+    return merged.with_outputs(_merge_outputs(first.outputs, outputs))
+
+
+def as_edit(graph: Graph) -> Graph:
+    """``graph`` made into edits: every node outside any invoke (so it applies
+    to every row of every later batch), no outputs. A graph of several invokes
+    cannot be one edit."""
+    check_standalone(graph, "edit")
+    if graph_kind(graph) == "session":
+        raise GraphError("a session's graph cannot be an edit: edits are trace graphs")
+    if invoke_count(graph) > 1:
+        raise GraphError(
+            f"this graph has {invoke_count(graph)} invokes; an edit applies to every row, so it "
+            "must be written in one invoke (or none)"
+        )
+    edit = Graph()
+    for node in graph.nodes:
+        edit, _ = edit.add(node.op, tuple(node.args), dict(node.kwargs), node.source, None)
+    return edit
+
+
+# --- pruning --------------------------------------------------------------------------
+
+_IN_PLACE_NAMES = ("iadd", "iand", "iconcat", "ifloordiv", "ilshift", "imatmul", "imod", "imul",
+                   "ior", "ipow", "irshift", "isub", "itruediv", "ixor", "setitem", "delitem")
+_IN_PLACE_OPERATORS = frozenset(
+    getattr(operator, spelling)
+    for name in _IN_PLACE_NAMES
+    for spelling in (name, f"__{name}__")
+    if hasattr(operator, spelling)
+)
+_PURE_OPERATORS = frozenset(
+    getattr(operator, name)
+    for name in dir(operator)
+    if not name.startswith("_") and name not in _IN_PLACE_NAMES
+    and name not in ("attrgetter", "methodcaller", "itemgetter", "call")
+)
+_PURE_BUILTINS = frozenset(
+    {abs, all, any, bool, dict, divmod, enumerate, float, int, isinstance, len, list, max, min,
+     pow, range, reversed, round, set, slice, sorted, str, sum, tuple, zip}
+)
+_RANDOM = ("rand", "normal", "bernoulli", "multinomial", "dropout", "poisson", "uniform",
+           "exponential", "cauchy", "geometric", "gumbel", "sample", "rrelu")
+_EFFECTFUL_METHODS = frozenset(
+    {"add", "sort", "append", "extend", "insert", "pop", "remove", "clear", "update", "setdefault",
+     "discard", "popitem", "reverse", "backward", "register_hook", "register_post_accumulate_grad_hook",
+     "retain_grad", "record_stream", "put", "index_put", "apply_"}
+)
+_TENSOR_METHODS = frozenset(dir(torch.Tensor))
+
+
+def _pure_name(name: str) -> bool:
+    """A torch function or tensor method name that neither writes in place nor draws random numbers."""
+    return not name.endswith("_") and not any(part in name for part in _RANDOM)
+
+
+def _pure_call(fn: object, kwargs: Mapping[str, object]) -> bool:
+    if "out" in kwargs:
+        return False
+    if fn in _PURE_OPERATORS or fn in _PURE_BUILTINS:
+        return True
+    if getattr(fn, "__module__", None) == "math":
+        return True
+    from .serialize import callable_name
+
+    name = callable_name(fn)
+    if name is None or not name.startswith("torch."):
+        return False
+    last = name.rpartition(".")[2]
+    if name.startswith("torch.Tensor."):
+        return _pure_method(last, kwargs)
+    return _pure_name(last)
+
+
+def _pure_method(name: str, kwargs: Mapping[str, object]) -> bool:
+    if "out" in kwargs or name not in _TENSOR_METHODS or name in _EFFECTFUL_METHODS:
+        return False
+    if name.startswith("__"):
+        function = getattr(operator, name, None)
+        return function is not None and function in _PURE_OPERATORS
+    return _pure_name(name)
+
+
+def is_pure(node: Node) -> bool:
+    """True when dropping ``node``, if nothing uses its value, cannot change a
+    run's values: a read, or a computation known to write nothing in place
+    and draw no random numbers. Anything unknown counts as an effect."""
+    match node.op:
+        case ModuleGet() | ModuleAttr() | Grad() | Export() | Bridge():
+            return True
+        case Call(fn):
+            return _pure_call(fn, node.kwargs)
+        case CallMethod(name):
+            return _pure_method(name, node.kwargs)
+        case GetAttr() | IterItem():
+            return True
+        case _:
+            return False
+
+
+def prune(graph: Graph) -> Graph:
+    """``graph`` without the nodes that reach no output, save or effect.
+
+    Kept: saves, outputs, writes (module values, attributes, items,
+    gradients), stops, ad-hoc module calls, traces of a session, calls not
+    known to be pure (see `is_pure`), and everything those use. Bodies are
+    pruned too; a condition or loop left with nothing to do goes. Values of
+    a run never change; a dropped read of a module that is never called no
+    longer holds up the nodes after it, so a pruned graph can only complete
+    more, never differ.
+    """
+    return _prune(graph, frozenset())[0]
+
+
+_CONTEXTS = (Cond, Iterate, EachCall, TraceRun)
+
+
+def _prune(graph: Graph, keep: frozenset[int]) -> tuple[Graph, dict[int, int]]:
+    """Prune ``graph`` keeping also the nodes in ``keep`` (read by the parent's
+    exports); returns the new graph and the old-to-new index of kept nodes."""
+    nodes = graph.nodes
+    live = set(keep) | {ref.index for ref in refs_in(graph.outputs)}
+    exported: dict[int, set[int]] = {}  # context node -> inner nodes its live exports read
+    bodies: dict[int, tuple[Graph, dict[int, int]]] = {}
+    for node in reversed(nodes):
+        index = node.ref.index
+        op = node.op
+        if isinstance(op, _CONTEXTS):
+            body, inner = _prune(op.body, frozenset(exported.get(index, ())))
+            bodies[index] = (body, inner)
+            if len(body) or isinstance(op, TraceRun) or index in live:
+                live.add(index)
+        elif index in live or not is_pure(node):
+            live.add(index)
+        if index not in live:
+            continue
+        if isinstance(op, Export):
+            context = node.args[0]
+            assert type(context) is Ref
+            exported.setdefault(context.index, set()).add(op.index)
+        live.update(ref.index for ref in node_refs(node))
+
+    mapping: dict[int, int] = {}
+
+    def renumber(ref: Ref) -> Ref:
+        return Ref(mapping[ref.index])
+
+    pruned = Graph()
+    for node in nodes:
+        index = node.ref.index
+        if index not in live:
+            continue
+        new_op = node.op
+        if isinstance(new_op, _CONTEXTS):
+            new_op = attrs.evolve(new_op, body=bodies[index][0])
+        elif isinstance(new_op, Export):
+            context = node.args[0]
+            assert type(context) is Ref
+            new_op = Export(bodies[context.index][1][new_op.index])
+        pruned, ref = pruned.add(
+            new_op,
+            tuple(map_refs(arg, renumber) for arg in node.args),
+            {name: map_refs(value, renumber) for name, value in node.kwargs.items()},
+            node.source,
+            node.invoke,
+        )
+        mapping[index] = ref.index
+    return pruned.with_outputs(map_refs(graph.outputs, renumber)), mapping
+

@@ -1,0 +1,415 @@
+"""Graphs as JSON: a versioned format, a whitelist of callables, exact tensors.
+
+``to_json(graph)`` writes a document ``{"format": "nnsight_pure.graph",
+"version": 1, "graph": ...}``; ``from_json(text)`` reads it back, so that
+``from_json(to_json(g)) == g``. Ops are written by kind and fields, bodies
+nested (an op is ``{"type": "ModuleGet", <its fields>}``), arguments tagged
+(``{"ref": 3}``, ``{"tuple": [...]}``, ...), tensor
+constants exactly (``torch.save`` bytes, base64; read back with
+``weights_only=True``, which runs no code).
+
+Callables are written by qualified name and must be on a whitelist: torch's
+tensor functions (``torch.sum``), ``torch.nn.functional``, ``torch.linalg``,
+``torch.special`` and ``torch.fft`` functions, tensor methods, the
+``operator`` and ``math`` modules and a few builtins. Attribute names
+starting with ``_`` are refused too (``x.__class__.__base__`` is how a
+sandbox is escaped), and methods must be those of tensors or of plain Python
+values (no ``str.format``, which reads attributes). A graph holding anything else (a
+lambda, an arbitrary object) cannot be written: the error names the node and
+the line that made it. A document naming a callable off the list, or written
+by a newer version, is refused before anything is built, let alone run.
+
+Pure: text in, values out; ``digest`` hashes the canonical text.
+"""
+
+from __future__ import annotations
+
+import base64
+import builtins
+import hashlib
+import io
+import json
+import math
+import operator
+from typing import Any, Callable, Mapping, get_args
+
+import attrs
+import torch
+
+from .arguments import DictConst, ListConst, Opaque, Ref, SliceConst, TensorConst, TupleOf, refs_in
+from .graph import Graph, Node, SourceLoc
+from .ops import Call, CallMethod, GetAttr, Op, SetAttr
+from .printing import format_node
+from .source import short
+
+FORMAT = "nnsight_pure.graph"
+VERSION = 1
+"""The format version this library writes, and the newest it reads."""
+
+
+class SerializationError(ValueError):
+    """A graph that cannot be written, or a document that must not be read."""
+
+
+# --- the whitelist of callables -------------------------------------------------------
+
+_BUILTINS = frozenset(
+    {
+        "abs", "all", "any", "bool", "dict", "divmod", "enumerate", "float", "int",
+        "isinstance", "len", "list", "max", "min", "pow", "print", "range", "reversed", "round",
+        "set", "slice", "sorted", "str", "sum", "tuple", "zip",
+    }
+)
+_TORCH_NAMESPACES = {
+    "torch.nn.functional": torch.nn.functional,
+    "torch.linalg": torch.linalg,
+    "torch.special": torch.special,
+    "torch.fft": torch.fft,
+}
+_NOT_ON_THE_LIST = frozenset({"from_file"})  # reads files
+_TORCH_FUNCTIONS = frozenset(
+    name for name in dir(torch._C._VariableFunctions) if not name.startswith("_") and name not in _NOT_ON_THE_LIST
+)
+
+
+_SAFE_DUNDERS = frozenset(
+    name
+    for name in dir(operator)
+    if name.startswith("__") and name.endswith("__") and name[2:-2] in dir(operator) and name != "__call__"
+) | {"__len__", "__float__", "__int__", "__bool__", "__complex__", "__reversed__"}
+"""Dunder names that are plain operators (``__add__``, ``__getitem__``), not
+the object machinery (``__class__``, ``__reduce_ex__``, ``__init_subclass__``).
+Calling an arbitrary value (``operator.call``) is not on the list either: with
+it, a method fetched as an attribute would escape the method list below."""
+
+_CALLBACK_TAKERS = frozenset(
+    {"apply_", "map_", "map2_", "register_hook", "register_post_accumulate_grad_hook"}
+)
+"""Tensor methods that call a function they are given: left out, so that no
+value of a run (a bound method read as an attribute) can be called."""
+_KEY_TAKERS = frozenset({"sorted", "max", "min"})  # builtins whose ``key`` is called
+
+_METHOD_NAMES = (
+    frozenset(
+        name
+        for kind in (torch.Tensor, list, dict, set, str, tuple, int, float, bytes)
+        for name in dir(kind)
+        if not name.startswith("_")
+    )
+    | {"to_tuple"}  # transformers' ModelOutput
+) - {"format", "format_map"} - _CALLBACK_TAKERS  # str.format reads attributes: "{0.__class__}".format(x)
+"""Method names a graph may call (`CallMethod`): those of tensors and of
+Python's plain containers, numbers and strings; nothing that reads files."""
+
+
+def _name_refusal(op: Op) -> str | None:
+    """Why an attribute or method name of ``op`` may not be written or read, if so."""
+    if isinstance(op, (GetAttr, SetAttr)) and op.name.startswith("_"):
+        return f"the private attribute {op.name!r} (only public names)"
+    if isinstance(op, CallMethod) and op.name not in _METHOD_NAMES and op.name not in _SAFE_DUNDERS:
+        return (
+            f"the method {op.name!r} (only methods of tensors and of plain Python lists, dicts, "
+            "sets, strings and numbers)"
+        )
+    return None
+
+
+def _callback_refusal(node: Node) -> str | None:
+    """Why ``node`` may not be written or read: a value of the run passed as a
+    function to call (``sorted(xs, key=%3)``), if so."""
+    op = node.op
+    if isinstance(op, Call) and getattr(op.fn, "__name__", None) in _KEY_TAKERS and op.fn is getattr(builtins, op.fn.__name__):
+        if any(True for _ in refs_in(node.kwargs.get("key"))):
+            return f"a value of the run used as the key function of {op.fn.__name__}() (only whitelisted functions can be called)"
+    return None
+
+
+def _resolve(name: str) -> Callable[..., Any]:
+    """The callable a whitelisted name stands for (refusing everything else)."""
+    module, _, attribute = name.rpartition(".")
+    found: Any = None
+    if attribute.startswith("_") and attribute not in _SAFE_DUNDERS:
+        found = None
+    elif module == "operator" and attribute not in ("call", "attrgetter", "methodcaller"):
+        found = getattr(operator, attribute, None)
+    elif module == "builtins" and attribute in _BUILTINS:
+        found = getattr(builtins, attribute)
+    elif module == "math":
+        found = getattr(math, attribute, None)
+    elif module == "torch" and attribute in _TORCH_FUNCTIONS:
+        found = getattr(torch, attribute, None)
+    elif module == "torch.Tensor" and attribute not in _CALLBACK_TAKERS:
+        found = getattr(torch.Tensor, attribute, None)
+    elif module in _TORCH_NAMESPACES:
+        namespace = _TORCH_NAMESPACES[module]
+        found = getattr(namespace, attribute, None)
+        if found is not None and getattr(found, "__module__", "").split(".")[0] != "torch":
+            found = None  # a name the namespace imported from elsewhere
+    if not callable(found):
+        raise SerializationError(
+            f"refused: {name!r} is not on the whitelist of callables (torch tensor functions, "
+            "torch.nn.functional/linalg/special/fft, tensor methods, operator, math, and safe builtins)"
+        )
+    return found  # type: ignore[no-any-return]  # checked callable above
+
+
+_INDEX: dict[int, tuple[str, Any]] = {}
+
+
+def _whitelist_index() -> dict[int, tuple[str, Any]]:
+    """Every whitelisted callable by identity, with its name (built once)."""
+    if not _INDEX:
+        names = [f"torch.{name}" for name in sorted(_TORCH_FUNCTIONS)]
+        names += [f"torch.Tensor.{name}" for name in sorted(dir(torch.Tensor))]
+        for prefix, namespace in _TORCH_NAMESPACES.items():
+            names += [f"{prefix}.{name}" for name in sorted(dir(namespace)) if not name.startswith("_")]
+        names += [f"operator.{name}" for name in sorted(dir(operator)) if not name.startswith("_")]
+        names += [f"math.{name}" for name in sorted(dir(math)) if not name.startswith("_")]
+        names += [f"builtins.{name}" for name in sorted(_BUILTINS)]
+        for name in names:
+            try:
+                found = _resolve(name)
+            except SerializationError:
+                continue
+            _INDEX.setdefault(id(found), (name, found))
+    return _INDEX
+
+
+def callable_name(fn: Any) -> str | None:
+    """The whitelisted qualified name of ``fn``, or ``None`` if it has none."""
+    entry = _whitelist_index().get(id(fn))
+    return entry[0] if entry is not None and entry[1] is fn else None
+
+
+# --- writing --------------------------------------------------------------------------
+
+
+class _Writer:
+    def __init__(self, sources: bool) -> None:
+        self.sources = sources
+        self.node: Node | None = None  # the node being written, for errors
+
+    def fail(self, what: str) -> SerializationError:
+        if self.node is None:
+            return SerializationError(f"cannot serialize the graph's outputs: {what}")
+        return SerializationError(
+            f"cannot serialize `{format_node(self.node)}` (made at {short(self.node.source)}): {what}. "
+            "Only whitelisted callables and plain constants (numbers, strings, tensors, tuples, "
+            "lists, dicts, slices) can be written."
+        )
+
+    def graph(self, graph: Graph) -> dict[str, Any]:
+        outer = self.node
+        nodes = [self.one(node) for node in graph.nodes]
+        self.node = None if outer is None else outer
+        return {"nodes": nodes, "outputs": None if graph.outputs is None else self.arg(graph.outputs)}
+
+    def one(self, node: Node) -> dict[str, Any]:
+        self.node = node
+        refusal = _callback_refusal(node)
+        if refusal is not None:
+            raise self.fail(refusal)
+        written: dict[str, Any] = {"op": self.op(node.op), "args": [self.arg(arg) for arg in node.args]}
+        if node.kwargs:
+            written["kwargs"] = {name: self.arg(node.kwargs[name]) for name in sorted(node.kwargs)}
+        if node.invoke is not None:
+            written["invoke"] = node.invoke
+        if self.sources and node.source is not None:
+            written["source"] = [node.source.filename, node.source.lineno, node.source.function]
+        self.node = node
+        return written
+
+    def op(self, op: Op) -> dict[str, Any]:
+        refusal = _name_refusal(op)
+        if refusal is not None:
+            raise self.fail(refusal)
+        written: dict[str, Any] = {"type": type(op).__name__}
+        for field in attrs.fields(type(op)):
+            value = getattr(op, field.name)
+            if isinstance(value, Graph):
+                written[field.name] = self.graph(value)
+            elif isinstance(op, Call) and field.name == "fn":
+                written["fn"] = self.callable(value)
+            elif isinstance(value, tuple):
+                written[field.name] = list(value)
+            else:
+                written[field.name] = value
+        return written
+
+    def callable(self, fn: Any) -> str:
+        name = callable_name(fn)
+        if name is None:
+            described = getattr(fn, "__qualname__", type(fn).__name__)
+            raise self.fail(f"the callable {described!r} is not on the whitelist")
+        return name
+
+    def arg(self, arg: object) -> Any:
+        kind = type(arg)
+        if arg is None or kind is bool or kind is int or kind is str:
+            return arg
+        if kind is float:
+            value = float(arg)  # type: ignore[arg-type]  # exactly a float
+            return value if math.isfinite(value) else {"float": repr(value)}
+        if type(arg) is Ref:
+            return {"ref": arg.index}
+        if type(arg) is tuple:
+            return {"tuple": [self.arg(item) for item in arg]}
+        if type(arg) is ListConst:
+            return {"list": [self.arg(item) for item in arg.items]}
+        if type(arg) is DictConst:
+            return {"dict": [[self.arg(key), self.arg(value)] for key, value in arg.items]}
+        if type(arg) is SliceConst:
+            return {"slice": [self.arg(arg.start), self.arg(arg.stop), self.arg(arg.step)]}
+        if type(arg) is TensorConst:
+            buffer = io.BytesIO()
+            torch.save(arg.tensor.detach().cpu().clone(), buffer)
+            return {"tensor": base64.b64encode(buffer.getvalue()).decode("ascii")}
+        if arg is Ellipsis:
+            return {"ellipsis": True}
+        if kind is complex:
+            return {"complex": [arg.real, arg.imag]}  # type: ignore[attr-defined]  # a complex
+        if kind is bytes:
+            return {"bytes": base64.b64encode(arg).decode("ascii")}  # type: ignore[arg-type]  # bytes
+        if isinstance(arg, torch.Size):
+            return {"size": list(arg)}
+        if isinstance(arg, torch.dtype):
+            return {"dtype": str(arg).removeprefix("torch.")}
+        if isinstance(arg, torch.device):
+            return {"device": str(arg)}
+        if type(arg) is TupleOf:
+            raise self.fail(f"a {arg.cls.__name__} (a tuple subclass) has no safe way back")
+        if type(arg) is Opaque:
+            raise self.fail(f"a {type(arg.value).__name__} constant")
+        if callable(arg):
+            return {"callable": self.callable(arg)}
+        raise self.fail(f"a {kind.__name__} constant")
+
+
+def to_json(graph: Graph, *, sources: bool = True, indent: int | None = None) -> str:
+    """The graph as a versioned JSON document (``sources=False`` drops the
+    user's line of each node). Raises `SerializationError` naming the node."""
+    document = {"format": FORMAT, "version": VERSION, "graph": _Writer(sources).graph(graph)}
+    return json.dumps(document, indent=indent, sort_keys=True, ensure_ascii=True)
+
+
+def digest(graph: Graph) -> str:
+    """SHA-256 of the canonical JSON of ``graph``, without source lines: equal
+    graphs have equal digests, in any process."""
+    return hashlib.sha256(to_json(graph, sources=False).encode("utf-8")).hexdigest()
+
+
+# --- reading --------------------------------------------------------------------------
+
+_OPS: Mapping[str, type] = {kind.__name__: kind for kind in get_args(Op)}
+
+
+def _arg(value: Any) -> object:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, list):
+        raise SerializationError("a bare JSON list is not an argument (lists are tagged)")
+    if not isinstance(value, dict) or len(value) != 1:
+        raise SerializationError(f"unreadable argument {value!r}")
+    ((tag, body),) = value.items()
+    if tag == "ref":
+        return Ref(int(body))
+    if tag == "tuple":
+        return tuple(_arg(item) for item in body)
+    if tag == "list":
+        return ListConst(tuple(_arg(item) for item in body))
+    if tag == "dict":
+        return DictConst(tuple((_arg(key), _arg(item)) for key, item in body))
+    if tag == "slice":
+        return SliceConst(*(_arg(part) for part in body))
+    if tag == "tensor":
+        loaded = torch.load(io.BytesIO(base64.b64decode(body)), weights_only=True)
+        if not isinstance(loaded, torch.Tensor):
+            raise SerializationError("a tensor constant did not hold a tensor")
+        return TensorConst(loaded)
+    if tag == "float":
+        return float(body)
+    if tag == "ellipsis":
+        return Ellipsis
+    if tag == "complex":
+        return complex(*body)
+    if tag == "bytes":
+        return base64.b64decode(body)
+    if tag == "size":
+        return torch.Size(body)
+    if tag == "dtype":
+        dtype = getattr(torch, str(body), None)
+        if not isinstance(dtype, torch.dtype):
+            raise SerializationError(f"unknown dtype {body!r}")
+        return dtype
+    if tag == "device":
+        return torch.device(body)
+    if tag == "callable":
+        return _resolve(str(body))
+    raise SerializationError(f"unknown argument tag {tag!r}")
+
+
+def _op(value: Mapping[str, Any]) -> Op:
+    kind = _OPS.get(str(value.get("type")))
+    if kind is None:
+        raise SerializationError(f"unknown op kind {value.get('type')!r}")
+    fields: dict[str, Any] = {}
+    for field in attrs.fields(kind):
+        if field.name not in value:
+            continue
+        item = value[field.name]
+        if field.name == "body":
+            fields["body"] = _graph(item)
+        elif kind is Call and field.name == "fn":
+            fields["fn"] = _resolve(str(item))
+        elif isinstance(item, list):
+            fields[field.name] = tuple(item)
+        else:
+            fields[field.name] = item
+    op: Op = kind(**fields)
+    refusal = _name_refusal(op)
+    if refusal is not None:
+        raise SerializationError(f"refused: {refusal}")
+    return op
+
+
+def _graph(value: Mapping[str, Any]) -> Graph:
+    graph = Graph()
+    for node in value["nodes"]:
+        source = None
+        if node.get("source") is not None:
+            filename, lineno, function = node["source"]
+            source = SourceLoc(str(filename), int(lineno), str(function))
+        graph, _ = graph.add(
+            _op(node["op"]),
+            tuple(_arg(arg) for arg in node.get("args", [])),
+            {name: _arg(arg) for name, arg in node.get("kwargs", {}).items()} or None,
+            source,
+            node.get("invoke"),
+        )
+        refusal = _callback_refusal(graph.nodes[-1])
+        if refusal is not None:
+            raise SerializationError(f"refused: {refusal}")
+    outputs = value.get("outputs")
+    return graph.with_outputs(None if outputs is None else _arg(outputs))
+
+
+def from_json(text: str) -> Graph:
+    """Read a graph written by `to_json`. Refuses (with `SerializationError`)
+    other formats, newer versions, and callables off the whitelist."""
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SerializationError(f"not JSON: {error}") from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise SerializationError(f"not an nnsight_pure graph (format {FORMAT!r} expected)")
+    version = document.get("version")
+    if not isinstance(version, int) or version > VERSION:
+        raise SerializationError(
+            f"this graph was written in format version {version!r}; this nnsight_pure reads "
+            f"versions up to {VERSION}: upgrade nnsight_pure to read it"
+        )
+    from .graph import check_graph
+
+    graph = _graph(document["graph"])
+    check_graph(graph)
+    return graph
