@@ -35,10 +35,14 @@ def structural_key(value: object) -> object:
 
     ``1``, ``1.0`` and ``True`` compare equal in Python but do different things
     to a tensor (integer vs float arithmetic, masks), so two graphs that differ
-    only there must not be equal.
+    only there must not be equal. Floats compare by their exact bits, so a NaN
+    constant equals itself (and a graph read back from JSON equals the one
+    written).
     """
     kind = type(value)
-    if kind is bool or kind is int or kind is float or kind is complex:
+    if kind is float:
+        return (kind, value.hex())  # type: ignore[attr-defined]  # exactly a float: NaN equals NaN, -0.0 is not 0.0
+    if kind is bool or kind is int or kind is complex:
         return (kind, value)
     if isinstance(value, tuple):
         return (kind, tuple(structural_key(item) for item in value))
@@ -65,12 +69,11 @@ class TensorConst:
         a, b = self.tensor, other.tensor
         if a is b:
             return True
-        return (
-            a.dtype == b.dtype
-            and a.shape == b.shape
-            and a.device == b.device
-            and bool(torch.equal(a, b))
-        )
+        if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
+            return False
+        if a.is_floating_point() or a.is_complex():
+            return bool(((a == b) | (a.isnan() & b.isnan())).all())  # NaN constants equal themselves
+        return bool(torch.equal(a, b))
 
     def __hash__(self) -> int:
         return hash((TensorConst, self.tensor.dtype, tuple(self.tensor.shape)))

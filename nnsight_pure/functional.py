@@ -23,10 +23,12 @@ from .graph import Graph
 from .interpreter import run_session
 from .models.nnsight import NNsight
 from .ops import Call
-from .passes import as_edit, check_standalone, compose, graph_kind, invoke_count
+from .errors import TraceError
+from .passes import as_edit, check_standalone, compose, graph_kind, invoke_count, module_paths
+from .printing import format_node
 from .proxy import Proxy
 from .results import Results
-from .source import user_location
+from .source import short, user_location
 
 F = TypeVar("F", bound=Callable[..., Any])
 Invokes = Sequence["tuple[tuple[Any, ...], dict[str, Any]] | None"]
@@ -136,6 +138,7 @@ def run(
             raise TypeError("a session's graph takes no inputs: each of its traces holds its own")
         results = run_session(graph, wrapper._run_trace_node)
         return attrs.evolve(results, graph=graph)
+    _check_modules(graph, wrapper._model)
     needed = invoke_count(graph)
     if invokes is None:
         if needed > 1:
@@ -154,6 +157,23 @@ def run(
         graph, _method(wrapper, method), list(invokes), kwargs, user_location(), keep_result=keep_result
     )
     return attrs.evolve(results, graph=graph)
+
+
+def _check_modules(graph: Graph, root: torch.nn.Module) -> None:
+    """Refuse, before anything runs, a graph naming a module ``root`` lacks
+    (a graph traced on another model, or read from a file)."""
+    checked: set[str] = set()
+    for path, node in module_paths(graph):
+        if path in checked:
+            continue
+        try:
+            root.get_submodule(path)
+        except AttributeError:
+            raise TraceError(
+                f"`{format_node(node)}` (made at {short(node.source)}) names the module {path!r}, "
+                f"which this {type(root).__name__} does not have: was the graph traced on another model?"
+            ) from None
+        checked.add(path)
 
 
 def edit(model: NNsight | torch.nn.Module, graph: Graph, *, inplace: bool = False) -> NNsight:

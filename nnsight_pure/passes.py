@@ -8,7 +8,7 @@ only to earlier ones, bodies with their own numbering.
 from __future__ import annotations
 
 import operator
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import attrs
 import torch
@@ -67,6 +67,19 @@ def check_standalone(graph: Graph, what: str) -> None:
                 "from an enclosing session, so this graph is the body of a session's trace and "
                 "cannot stand alone; use the session's graph"
             )
+
+
+def module_paths(graph: Graph) -> Iterator[tuple[str, Node]]:
+    """Every module path the graph (bodies included) names, with its node."""
+    for node in graph.nodes:
+        op = node.op
+        if isinstance(op, (ModuleGet, ModuleSet, ModuleAttr, ApplyModule)):
+            yield op.path, node
+        elif isinstance(op, EachCall):
+            for path in op.scope:
+                yield path, node
+        if isinstance(op, _CONTEXTS):
+            yield from module_paths(op.body)
 
 
 # --- composition ----------------------------------------------------------------------

@@ -267,7 +267,7 @@ class _Writer:
         if arg is Ellipsis:
             return {"ellipsis": True}
         if kind is complex:
-            return {"complex": [arg.real, arg.imag]}  # type: ignore[attr-defined]  # a complex
+            return {"complex": [self.arg(arg.real), self.arg(arg.imag)]}  # type: ignore[attr-defined]  # a complex
         if kind is bytes:
             return {"bytes": base64.b64encode(arg).decode("ascii")}  # type: ignore[arg-type]  # bytes
         if isinstance(arg, torch.Size):
@@ -322,7 +322,10 @@ def _arg(value: Any) -> object:
     if tag == "slice":
         return SliceConst(*(_arg(part) for part in body))
     if tag == "tensor":
-        loaded = torch.load(io.BytesIO(base64.b64decode(body)), weights_only=True)
+        try:
+            loaded = torch.load(io.BytesIO(base64.b64decode(body)), weights_only=True)
+        except Exception as error:  # torch raises many kinds for bad bytes; none must pass as a tensor
+            raise SerializationError(f"unreadable tensor constant: {type(error).__name__}") from None
         if not isinstance(loaded, torch.Tensor):
             raise SerializationError("a tensor constant did not hold a tensor")
         return TensorConst(loaded)
@@ -331,7 +334,10 @@ def _arg(value: Any) -> object:
     if tag == "ellipsis":
         return Ellipsis
     if tag == "complex":
-        return complex(*body)
+        real, imag = (_arg(part) for part in body)
+        if not isinstance(real, float) or not isinstance(imag, float):
+            raise SerializationError(f"unreadable complex constant {body!r}")
+        return complex(real, imag)
     if tag == "bytes":
         return base64.b64decode(body)
     if tag == "size":
@@ -348,24 +354,53 @@ def _arg(value: Any) -> object:
     raise SerializationError(f"unknown argument tag {tag!r}")
 
 
+def _is_int(value: object) -> bool:
+    return type(value) is int
+
+
+_FIELD_CHECKS: Mapping[str, Callable[[object], bool]] = {
+    "path": lambda value: type(value) is str,
+    "kind": lambda value: value in ("output", "input", "inputs"),
+    "call": _is_int,
+    "hook": lambda value: type(value) is bool,
+    "name": lambda value: type(value) is str,
+    "slot": _is_int,
+    "index": _is_int,
+    "start": _is_int,
+    "stop": lambda value: value is None or type(value) is int,
+    "step": _is_int,
+    "scope": lambda value: type(value) is tuple and all(type(item) is str for item in value),
+    "calls": lambda value: type(value) is tuple and all(type(item) is int for item in value),
+    "method": lambda value: value is None or type(value) is str,
+}
+"""What each op field may hold (a document is checked before any op is built)."""
+
+
 def _op(value: Mapping[str, Any]) -> Op:
     kind = _OPS.get(str(value.get("type")))
     if kind is None:
         raise SerializationError(f"unknown op kind {value.get('type')!r}")
+    names = {field.name for field in attrs.fields(kind)}
+    unknown = sorted(set(value) - names - {"type"})
+    if unknown:
+        raise SerializationError(f"unknown field(s) {unknown} of a {kind.__name__} op")
     fields: dict[str, Any] = {}
-    for field in attrs.fields(kind):
-        if field.name not in value:
+    for name, item in value.items():
+        if name == "type":
             continue
-        item = value[field.name]
-        if field.name == "body":
+        if name == "body":
             fields["body"] = _graph(item)
-        elif kind is Call and field.name == "fn":
+        elif kind is Call and name == "fn":
             fields["fn"] = _resolve(str(item))
-        elif isinstance(item, list):
-            fields[field.name] = tuple(item)
         else:
-            fields[field.name] = item
-    op: Op = kind(**fields)
+            item = tuple(item) if isinstance(item, list) else item
+            if not _FIELD_CHECKS[name](item):
+                raise SerializationError(f"the field {name!r} of a {kind.__name__} op cannot be {item!r}")
+            fields[name] = item
+    try:
+        op: Op = kind(**fields)
+    except TypeError as error:
+        raise SerializationError(f"a {kind.__name__} op is missing a field: {error}") from None
     refusal = _name_refusal(op)
     if refusal is not None:
         raise SerializationError(f"refused: {refusal}")
@@ -375,6 +410,9 @@ def _op(value: Mapping[str, Any]) -> Op:
 def _graph(value: Mapping[str, Any]) -> Graph:
     graph = Graph()
     for node in value["nodes"]:
+        invoke = node.get("invoke")
+        if invoke is not None and (type(invoke) is not int or invoke < 0):
+            raise SerializationError(f"a node's invoke cannot be {invoke!r}")
         source = None
         if node.get("source") is not None:
             filename, lineno, function = node["source"]
@@ -384,7 +422,7 @@ def _graph(value: Mapping[str, Any]) -> Graph:
             tuple(_arg(arg) for arg in node.get("args", [])),
             {name: _arg(arg) for name, arg in node.get("kwargs", {}).items()} or None,
             source,
-            node.get("invoke"),
+            invoke,
         )
         refusal = _callback_refusal(graph.nodes[-1])
         if refusal is not None:
@@ -410,6 +448,11 @@ def from_json(text: str) -> Graph:
         )
     from .graph import check_graph
 
-    graph = _graph(document["graph"])
-    check_graph(graph)
+    try:
+        graph = _graph(document["graph"])
+        check_graph(graph)
+    except SerializationError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise SerializationError(f"malformed graph document: {type(error).__name__}: {error}") from None
     return graph
