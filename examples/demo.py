@@ -96,7 +96,21 @@ def main() -> None:
         print("(Graphviz's `dot` is not installed, so this is the DOT text; apt-get install graphviz)")
 
     # 5. Saved values behave like their tensors after the trace.
-    print("hidden.sum() + 1 =", (hidden.sum() + 1).item())
+    print("hidden.sum() + 1 =", (hidden.sum() + 1).item(), end="\n\n")
+
+    # 6. Graphs as data: build the ablation once, replay it on new inputs
+    #    without tracing again, and store it as JSON.
+    def ablate(m: nnsight.NNsight) -> dict[str, nnsight.Proxy]:
+        m.layer1.output[:, :5] = 0
+        return {"logits": m.output}
+
+    graph = nnsight.trace(model, ablate)
+    for batch in (clean, corrupt, torch.rand(3, 5)):
+        replayed = nnsight.run(model, graph, batch)["logits"]
+        kept = net.layer1(batch)[:, 5:]
+        assert torch.equal(replayed, net.layer2(net.act(torch.cat([torch.zeros(len(batch), 5), kept], dim=1))))
+    assert nnsight.from_json(nnsight.to_json(graph)) == graph
+    print("ablation graph, replayed on 3 batches; its digest:", graph.digest()[:16])
     print("\nAll results match plain torch.")
 
 

@@ -460,3 +460,27 @@ def test_prune_never_changes_results(steps: list[tuple[str, str, float]], output
     saved_before = sorted((tuple(v.shape), v.sum().item()) for v in before.values.values())
     saved_after = sorted((tuple(v.shape), v.sum().item()) for v in after.values.values())
     assert saved_before == saved_after
+
+
+def test_errors_while_building_leave_nothing_behind() -> None:
+    net = tiny_net()
+    model = nnsight.NNsight(net)
+
+    def broken(m: Any) -> Any:
+        m.layer1.output.save()
+        raise RuntimeError("user bug")
+
+    with pytest.raises(RuntimeError, match="user bug"):
+        nnsight.trace(model, broken)
+    with pytest.raises(AttributeError):
+        nnsight.trace(model, lambda m: m.layer9.output)
+    x = torch.rand(1, 5)
+    with model.trace(x) as outer:
+        foreign = model.layer1.output
+        outer.stop()
+    with pytest.raises(TraceError, match="has no value"):
+        nnsight.trace(model, lambda m: foreign)  # a value of a finished trace that was not saved
+    with pytest.raises(TypeError, match="needs fn"):
+        nnsight.trace(model, 3)  # type: ignore[call-overload]
+    assert hook_counts(net) == {name: (0, 0) for name, _ in net.named_modules()}
+    assert torch.equal(nnsight.run(model, nnsight.trace(model, lambda m: m.output), x).outputs, net(x))
