@@ -11,7 +11,7 @@ compared, hashed, written to JSON and composed.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence, TypeVar, overload
+from typing import Any, Callable, Mapping, Sequence, TypeVar, overload
 
 import attrs
 import torch
@@ -19,8 +19,9 @@ import torch
 from .arguments import freeze
 from .contexts import active
 from .contexts.tracer import Tracer
-from .graph import Graph
+from .graph import Graph, Node
 from .interpreter import run_session
+from .memo import PerGraph
 from .models.nnsight import NNsight
 from .ops import Call
 from .errors import TraceError
@@ -132,14 +133,14 @@ def run(
     by node index.
     """
     wrapper = _wrapper(model)
-    check_standalone(graph, "run")
-    if graph_kind(graph) == "session":
+    facts = _facts(graph)
+    if facts.kind == "session":
         if inputs or invokes is not None or kwargs:
             raise TypeError("a session's graph takes no inputs: each of its traces holds its own")
         results = run_session(graph, wrapper._run_trace_node)
         return attrs.evolve(results, graph=graph)
-    _check_modules(graph, wrapper._model)
-    needed = invoke_count(graph)
+    _check_modules(facts.paths, wrapper._model)
+    needed = facts.invokes
     if invokes is None:
         if needed > 1:
             raise TypeError(
@@ -159,13 +160,31 @@ def run(
     return attrs.evolve(results, graph=graph)
 
 
-def _check_modules(graph: Graph, root: torch.nn.Module) -> None:
+@attrs.frozen
+class _Facts:
+    """What `run` checks of a graph before running it (pure facts of the value)."""
+
+    kind: str | None
+    invokes: int
+    paths: Mapping[str, Node]  # each module path named, with the first node naming it
+
+
+def _find_facts(graph: Graph) -> _Facts:
+    check_standalone(graph, "run")
+    paths: dict[str, Node] = {}
+    for path, node in module_paths(graph):
+        paths.setdefault(path, node)
+    return _Facts(graph_kind(graph), invoke_count(graph), paths)
+
+
+_facts = PerGraph(_find_facts)
+"""The graph's facts, worked out once per graph object (replays skip the walk)."""
+
+
+def _check_modules(paths: Mapping[str, Node], root: torch.nn.Module) -> None:
     """Refuse, before anything runs, a graph naming a module ``root`` lacks
     (a graph traced on another model, or read from a file)."""
-    checked: set[str] = set()
-    for path, node in module_paths(graph):
-        if path in checked:
-            continue
+    for path, node in paths.items():
         try:
             root.get_submodule(path)
         except AttributeError:
@@ -173,7 +192,6 @@ def _check_modules(graph: Graph, root: torch.nn.Module) -> None:
                 f"`{format_node(node)}` (made at {short(node.source)}) names the module {path!r}, "
                 f"which this {type(root).__name__} does not have: was the graph traced on another model?"
             ) from None
-        checked.add(path)
 
 
 def edit(model: NNsight | torch.nn.Module, graph: Graph, *, inplace: bool = False) -> NNsight:

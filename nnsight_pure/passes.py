@@ -8,7 +8,7 @@ only to earlier ones, bodies with their own numbering.
 from __future__ import annotations
 
 import operator
-from typing import Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import attrs
 import torch
@@ -30,6 +30,7 @@ from .ops import (
     ModuleAttr,
     ModuleGet,
     ModuleSet,
+    Op,
     SetGrad,
     TraceRun,
 )
@@ -43,13 +44,24 @@ _TRACE_OPS = (ModuleGet, ModuleSet, ModuleAttr, ApplyModule, Grad, SetGrad, Each
 
 
 def graph_kind(graph: Graph) -> str | None:
-    """``"session"`` (it runs traces), ``"trace"`` (it reads or writes a
-    model), or ``None`` (neither: plain computation, or empty)."""
-    if any(isinstance(node.op, TraceRun) for node in graph.nodes):
-        return "session"
-    if any(isinstance(node.op, _TRACE_OPS) for node in graph.nodes):
-        return "trace"
-    return None
+    """``"session"`` (it runs traces, maybe inside its loops and conditions),
+    ``"trace"`` (it reads or writes a model), or ``None`` (neither: plain
+    computation, or empty)."""
+    kinds = _kinds(graph)
+    return "session" if "session" in kinds else "trace" if "trace" in kinds else None
+
+
+def _kinds(graph: Graph) -> set[str]:
+    found: set[str] = set()
+    for node in graph.nodes:
+        op = node.op
+        if isinstance(op, TraceRun):
+            found.add("session")
+        elif isinstance(op, _TRACE_OPS):
+            found.add("trace")
+        if isinstance(op, (Cond, Iterate)):
+            found |= _kinds(op.body)
+    return found
 
 
 def invoke_count(graph: Graph) -> int:
@@ -85,6 +97,18 @@ def module_paths(graph: Graph) -> Iterator[tuple[str, Node]]:
 # --- composition ----------------------------------------------------------------------
 
 
+def _copy(graph: Graph, node: Node, renumber: Callable[[Ref], Ref], op: Op | None = None) -> tuple[Graph, Ref]:
+    """``graph`` with ``node`` appended, its refs renumbered (and its op
+    replaced by ``op``, if given)."""
+    return graph.add(
+        node.op if op is None else op,
+        tuple(map_refs(arg, renumber) for arg in node.args),
+        {name: map_refs(value, renumber) for name, value in node.kwargs.items()},
+        node.source,
+        node.invoke,
+    )
+
+
 def _append(graph: Graph, nodes: Iterable[Node], offset: int) -> Graph:
     """``graph`` followed by ``nodes``, their refs moved up by ``offset``."""
 
@@ -92,13 +116,7 @@ def _append(graph: Graph, nodes: Iterable[Node], offset: int) -> Graph:
         return Ref(ref.index + offset)
 
     for node in nodes:
-        graph, _ = graph.add(
-            node.op,
-            tuple(map_refs(arg, shift) for arg in node.args),
-            {name: map_refs(value, shift) for name, value in node.kwargs.items()},
-            node.source,
-            node.invoke,
-        )
+        graph, _ = _copy(graph, node, shift)
     return graph
 
 
@@ -148,10 +166,7 @@ def as_edit(graph: Graph) -> Graph:
             f"this graph has {invoke_count(graph)} invokes; an edit applies to every row, so it "
             "must be written in one invoke (or none)"
         )
-    edit = Graph()
-    for node in graph.nodes:
-        edit, _ = edit.add(node.op, tuple(node.args), dict(node.kwargs), node.source, None)
-    return edit
+    return Graph(attrs.evolve(node, invoke=None) for node in graph.nodes)
 
 
 # --- pruning --------------------------------------------------------------------------
@@ -292,13 +307,7 @@ def _prune(graph: Graph, keep: frozenset[int]) -> tuple[Graph, dict[int, int]]:
             context = node.args[0]
             assert type(context) is Ref
             new_op = Export(bodies[context.index][1][new_op.index])
-        pruned, ref = pruned.add(
-            new_op,
-            tuple(map_refs(arg, renumber) for arg in node.args),
-            {name: map_refs(value, renumber) for name, value in node.kwargs.items()},
-            node.source,
-            node.invoke,
-        )
+        pruned, ref = _copy(pruned, node, renumber, new_op)
         mapping[index] = ref.index
     return pruned.with_outputs(map_refs(graph.outputs, renumber)), mapping
 

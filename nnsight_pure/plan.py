@@ -17,14 +17,13 @@ Pure: building a plan reads the graph and nothing else.
 from __future__ import annotations
 
 import operator
-import threading
-import weakref
 from typing import Any, Callable, Literal, Sequence, Union
 
 import attrs
 
 from .arguments import Ref, is_static, refs_in, thaw
 from .graph import Graph, Node, check_graph, node_refs, saved_refs, use_counts
+from .memo import PerGraph
 from .ops import (
     AccessKind,
     ApplyModule,
@@ -478,32 +477,14 @@ def compile_plan(graph: Graph) -> Plan:
     )
 
 
-_PLANS: dict[int, Plan] = {}
-_PLANS_LOCK = threading.Lock()
+_PLANS = PerGraph(compile_plan)
 
 
 def plan_for(graph: Graph) -> Plan:
     """The plan of ``graph``, compiled once per graph object while it lives.
 
-    Keyed by identity, not equality: a plan holds its graph's constants (a
-    tensor constant is held by reference, so a trained parameter must be the
-    graph's own object) and source lines, which an equal graph built
-    elsewhere does not share. Entries go when their graph does, so the cache
-    never keeps tensors alive.
+    Keyed by identity, not equality (see `nnsight_pure.memo`): a plan holds
+    its graph's constants (a tensor constant is held by reference, so a
+    trained parameter must be the graph's own object) and source lines.
     """
-    key = id(graph)
-    with _PLANS_LOCK:
-        plan = _PLANS.get(key)
-    if plan is None:
-        plan = compile_plan(graph)
-        with _PLANS_LOCK:
-            if key not in _PLANS:
-                _PLANS[key] = plan
-                weakref.finalize(graph, _forget_plan, key)
-            plan = _PLANS[key]
-    return plan
-
-
-def _forget_plan(key: int) -> None:
-    with _PLANS_LOCK:
-        _PLANS.pop(key, None)
+    return _PLANS(graph)

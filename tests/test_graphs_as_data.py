@@ -484,3 +484,24 @@ def test_errors_while_building_leave_nothing_behind() -> None:
         nnsight.trace(model, 3)  # type: ignore[call-overload]
     assert hook_counts(net) == {name: (0, 0) for name, _ in net.named_modules()}
     assert torch.equal(nnsight.run(model, nnsight.trace(model, lambda m: m.output), x).outputs, net(x))
+
+
+def test_a_session_whose_traces_are_all_in_a_loop_runs_as_a_session() -> None:
+    net = tiny_net()
+    model = nnsight.NNsight(net)
+    x = torch.rand(1, 5)
+    with model.session() as session:
+        with session.iter([1.0, 2.0]) as scale:
+            with model.trace(x):
+                model.layer1.output = model.layer1.output * scale
+                model.output.save()
+    replayed = nnsight.run(model, session.graph)  # the only trace is inside the loop
+
+    def saved(results: nnsight.Results) -> list[Any]:
+        found = [value for value in results.values.values() if isinstance(value, torch.Tensor)]
+        return found + [value for child in results.children.values() for value in saved(child)]
+
+    (last,) = saved(replayed)  # the loop's last run
+    assert torch.equal(last, net.layer2(net.layer1(x) * 2.0))
+    with pytest.raises(GraphError, match="cannot be composed"):
+        nnsight.compose(session.graph, nnsight.trace(model, lambda m: m.output))
