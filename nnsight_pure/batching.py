@@ -15,6 +15,8 @@ import attrs
 import torch
 import torch.utils._pytree as pytree
 
+from .trees import leaves, map_leaves
+
 
 @attrs.frozen
 class BatchGroups:
@@ -75,7 +77,7 @@ def narrow_rows(
 
     if isinstance(value, torch.Tensor):
         return narrow(value)
-    return pytree.tree_map(narrow, value)
+    return map_leaves(narrow, value)
 
 
 def merge_rows(full: Any, rows: Any, groups: BatchGroups, invoke: int | None, what: str) -> Any:
@@ -159,10 +161,9 @@ def default_batch(
 
 def batch_size_of(args: Sequence[Any], kwargs: dict[str, Any]) -> int:
     """The number of rows an invoke contributes: dim 0 of its first tensor."""
-    for value in list(args) + list(kwargs.values()):
-        for leaf in pytree.tree_leaves(value):
-            if isinstance(leaf, torch.Tensor) and leaf.ndim > 0:
-                return int(leaf.shape[0])
+    for leaf in leaves((args, kwargs)):
+        if isinstance(leaf, torch.Tensor) and leaf.ndim > 0:
+            return int(leaf.shape[0])
     if args and hasattr(args[0], "__len__"):
         return len(args[0])
     return 1

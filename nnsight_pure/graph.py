@@ -13,7 +13,7 @@ This module is pure: no torch hooks, no I/O.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence, cast
 
 import attrs
 from pyrsistent import pmap, pvector
@@ -68,7 +68,12 @@ class Node:
 
 
 def _nodes(nodes: Iterable[Node]) -> PVector[Node]:
+    if type(nodes) is _PVECTOR:
+        return cast("PVector[Node]", nodes)  # already persistent: share it (no O(n) copy per add)
     return pvector(nodes)
+
+
+_PVECTOR: type = type(pvector())
 
 
 @attrs.frozen(cache_hash=True, repr=False)

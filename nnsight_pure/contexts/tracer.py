@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-import torch.utils._pytree as pytree
-
 from ..errors import TraceError
 from ..graph import SourceLoc
 from ..ops import AccessKind, ApplyModule, ModuleGet, ModuleSet, Op, TraceRun
@@ -20,6 +18,7 @@ from ..proxy import Proxy
 from ..plan import in_scope
 from ..scan import UNKNOWN, fake_copy, fake_value, new_mode, scan
 from ..source import user_location
+from ..trees import leaves, map_leaves
 from .calls import EachCallContext
 from ..source import short
 from . import active
@@ -31,7 +30,7 @@ if TYPE_CHECKING:
 
 
 def _holds_proxies(value: Any) -> bool:
-    return any(isinstance(leaf, Proxy) for leaf in pytree.tree_leaves(value))
+    return any(isinstance(leaf, Proxy) for leaf in leaves(value))
 
 
 class Tracer(GraphContext):
@@ -201,7 +200,7 @@ class Tracer(GraphContext):
         assert self._fake_mode is not None
 
         def fake(arg: Any) -> Any:
-            return pytree.tree_map(self._fake_of_leaf, arg)
+            return map_leaves(self._fake_of_leaf, arg)
 
         return fake_value(
             op, args, kwargs, fake, self._scanned.get(invoke, {}), lambda: self._faked()._model,

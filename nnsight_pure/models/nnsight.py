@@ -11,9 +11,9 @@ import functools
 from typing import Any, Callable, ClassVar, Iterator, Mapping, cast
 
 import torch
-import torch.utils._pytree as pytree
 
 from ..batching import BatchGroups, batch_size_of, default_batch
+from ..trees import leaves, map_leaves
 from ..contexts import active
 from ..contexts.editing import EditingTracer
 from ..contexts.session import Session
@@ -291,8 +291,10 @@ class NNsight:
     def _execute(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model on the batched inputs (moved to the model's device)."""
         device = self.device
-        if device is not None:
-            args, kwargs = pytree.tree_map(
+        if device is not None and any(
+            isinstance(leaf, torch.Tensor) and leaf.device != device for leaf in leaves((args, kwargs))
+        ):
+            args, kwargs = map_leaves(
                 lambda leaf: leaf.to(device) if isinstance(leaf, torch.Tensor) and leaf.device != device else leaf,
                 (args, kwargs),
             )
@@ -308,9 +310,8 @@ class NNsight:
     @property
     def device(self) -> torch.device | None:
         """The device of the model's first parameter (``None`` without parameters)."""
-        for parameter in self._model.parameters():
-            return parameter.device
-        return None
+        parameter = _first_parameter(self._model)
+        return None if parameter is None else parameter.device
 
     def get(self, path: str) -> Any:
         """The envoy (or, inside a trace, proxy) at a dotted path: ``get("layer1.output")``."""
@@ -349,3 +350,17 @@ class NNsight:
 
     def __repr__(self) -> str:
         return repr(self._envoy)
+
+
+def _first_parameter(module: torch.nn.Module) -> torch.nn.Parameter | None:
+    """``next(module.parameters())`` without its generator machinery (it is on
+    every run's path): the first parameter, depth first."""
+    for parameter in module._parameters.values():
+        if parameter is not None:
+            return parameter
+    for child in module._modules.values():
+        if child is not None:
+            found = _first_parameter(child)
+            if found is not None:
+                return found
+    return None

@@ -1,0 +1,338 @@
+"""The benchmark scenarios: each a group of cases timed against hand-written hooks.
+
+Every group has a ``baseline``: the same work done with plain torch hooks,
+registered for one forward and removed after it (the physical floor). The
+library's cases are a fresh trace (tracing + planning + running) and a
+replay (``run`` of a graph built once with ``trace``); with the ``nnsight``
+package importable, nnsight's trace joins each group. Before timing, each
+case's result is checked against the baseline's (``torch.equal``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections import OrderedDict
+from typing import Any, Callable
+
+import attrs
+import torch
+
+import nnsight_pure
+
+Case = Callable[[], Any]
+
+
+@attrs.frozen
+class Group:
+    """Cases doing the same work, the first being the hand-written-hooks baseline."""
+
+    name: str
+    title: str
+    cases: dict[str, Case]
+    baseline: str
+    check: Callable[[Any, Any], bool]
+    per: int = 1  # calls of the model per case call (a loop of 100 traces: 100)
+
+
+def nnsight_available() -> bool:
+    return importlib.util.find_spec("nnsight") is not None
+
+
+# --- models ---------------------------------------------------------------------------
+
+
+def tiny() -> torch.nn.Sequential:
+    torch.manual_seed(423)
+    return torch.nn.Sequential(OrderedDict(layer1=torch.nn.Linear(5, 10), layer2=torch.nn.Linear(10, 2)))
+
+
+def chain() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(12)])
+
+
+def gpt2() -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=12, n_embd=256, n_head=8, vocab_size=1000, n_positions=128, use_cache=False)
+    model = GPT2LMHeadModel(config)
+    model.eval()
+    return model
+
+
+# --- the hand-written floor ------------------------------------------------------------
+
+
+class HookDict:
+    """Forward hooks on ``modules`` for one block: each output (or, with
+    ``edit``, its replacement) recorded by name; removed on exit."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], edit: Callable[[str, Any], Any] | None = None) -> None:
+        self.modules = modules
+        self.edit = edit
+        self.seen: dict[str, Any] = {}
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> dict[str, Any]:
+        for name, module in self.modules.items():
+            self.handles.append(module.register_forward_hook(self._hook(name)))
+        return self.seen
+
+    def _hook(self, name: str) -> Callable[..., Any]:
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+            if self.edit is not None:
+                output = self.edit(name, output)
+            self.seen[name] = output
+            return output
+
+        return hook
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and bool(torch.equal(a, b))
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
+# --- groups -----------------------------------------------------------------------------
+
+
+def tiny_group() -> Group:
+    net = tiny()
+    model = nnsight_pure.NNsight(net)
+    x = torch.rand(1, 5)
+
+    def hooks() -> Any:
+        with HookDict({"layer1": net.layer1}) as seen:
+            net(x)
+        return seen["layer1"]
+
+    def trace() -> Any:
+        with model.trace(x):
+            hidden = model.layer1.output.save()
+        return hidden.value
+
+    graph = nnsight_pure.trace(model, lambda m: m.layer1.output)
+
+    def replay() -> Any:
+        return nnsight_pure.run(model, graph, x).outputs
+
+    cases: dict[str, Case] = {"hand-written hooks": hooks, "nnsight_pure trace": trace, "nnsight_pure replay": replay}
+    if nnsight_available():
+        import nnsight
+
+        theirs = nnsight.NNsight(tiny())
+
+        def their_trace() -> Any:
+            with theirs.trace(x):
+                hidden = theirs.layer1.output.save()
+            return getattr(hidden, "value", hidden)
+
+        cases["nnsight trace"] = their_trace
+    return Group("tiny", "1. tiny model (Linear(5,10) → Linear(10,2)), one trace saving layer1.output", cases,
+                 "hand-written hooks", _same)
+
+
+def tiny_loop_group() -> Group:
+    net = tiny()
+    model = nnsight_pure.NNsight(net)
+    inputs = [torch.rand(1, 5) for _ in range(100)]
+
+    def hooks() -> Any:
+        out = []
+        for x in inputs:
+            with HookDict({"layer1": net.layer1}) as seen:
+                net(x)
+            out.append(seen["layer1"])
+        return out
+
+    def traces() -> Any:
+        out = []
+        for x in inputs:
+            with model.trace(x):
+                hidden = model.layer1.output.save()
+            out.append(hidden.value)
+        return out
+
+    graph = nnsight_pure.trace(model, lambda m: m.layer1.output)
+
+    def replays() -> Any:
+        return [nnsight_pure.run(model, graph, x).outputs for x in inputs]
+
+    cases: dict[str, Case] = {"hand-written hooks": hooks, "nnsight_pure trace": traces, "nnsight_pure replay": replays}
+    return Group("tiny_loop", "1b. tiny model, a loop of 100 traces (times per trace)", cases,
+                 "hand-written hooks", _same, per=100)
+
+
+def chain_group() -> Group:
+    net = chain()
+    model = nnsight_pure.NNsight(net)
+    x = torch.rand(1, 16)
+    modules = {str(i): module for i, module in enumerate(net)}
+
+    def hooks() -> Any:
+        with HookDict(modules) as seen:
+            net(x)
+        return [seen[str(i)] for i in range(12)]
+
+    def trace() -> Any:
+        with model.trace(x):
+            saved = [model[i].output.save() for i in range(12)]
+        return [proxy.value for proxy in saved]
+
+    graph = nnsight_pure.trace(model, lambda m: [m[i].output for i in range(12)])
+
+    def replay() -> Any:
+        return nnsight_pure.run(model, graph, x).outputs
+
+    cases: dict[str, Case] = {"hand-written hooks": hooks, "nnsight_pure trace": trace, "nnsight_pure replay": replay}
+    if nnsight_available():
+        import nnsight
+
+        theirs = nnsight.NNsight(chain())
+
+        def their_trace() -> Any:
+            with theirs.trace(x):
+                saved = [theirs._envoy[i].output.save() for i in range(12)]
+            return [getattr(proxy, "value", proxy) for proxy in saved]
+
+        cases["nnsight trace"] = their_trace
+    return Group("chain", "2. chain of 12 Linear(16,16), saving all 12 outputs", cases, "hand-written hooks", _same)
+
+
+def _block_output(output: Any) -> Any:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def gpt2_groups() -> list[Group]:
+    net = gpt2()
+    model = nnsight_pure.NNsight(net)
+    ids = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(1))
+    blocks = {str(i): block for i, block in enumerate(net.transformer.h)}
+
+    def hooks() -> Any:
+        with HookDict(blocks) as seen:
+            net(ids)
+        return [_block_output(seen[str(i)]) for i in range(12)]
+
+    def trace() -> Any:
+        with model.trace(ids):
+            saved = [model.transformer.h[i].output.save() for i in range(12)]
+        return [_block_output(proxy.value) for proxy in saved]
+
+    graph = nnsight_pure.trace(model, lambda m: [m.transformer.h[i].output for i in range(12)])
+
+    def replay() -> Any:
+        return [_block_output(value) for value in nnsight_pure.run(model, graph, ids).outputs]
+
+    saves: dict[str, Case] = {"hand-written hooks": hooks, "nnsight_pure trace": trace, "nnsight_pure replay": replay}
+
+    def zero(name: str, output: Any) -> Any:
+        if name == "5":
+            _block_output(output)[:] = 0
+        return output
+
+    def hooks_zero() -> Any:
+        with HookDict({"5": net.transformer.h[5], "lm_head": net.lm_head}, zero) as seen:
+            net(ids)
+        return seen["lm_head"]
+
+    def trace_zero() -> Any:
+        with model.trace(ids):
+            model.transformer.h[5].output[:] = 0
+            logits = model.lm_head.output.save()
+        return logits.value
+
+    def zero_and_read(m: Any) -> Any:
+        m.transformer.h[5].output[:] = 0
+        return m.lm_head.output
+
+    zero_graph = nnsight_pure.trace(model, zero_and_read)
+
+    def replay_zero() -> Any:
+        return nnsight_pure.run(model, zero_graph, ids).outputs
+
+    zeros: dict[str, Case] = {"hand-written hooks": hooks_zero, "nnsight_pure trace": trace_zero,
+                              "nnsight_pure replay": replay_zero}
+    if nnsight_available():
+        import nnsight
+
+        theirs = nnsight.NNsight(gpt2())
+
+        def their_saves() -> Any:
+            with theirs.trace(ids):
+                saved = [theirs.transformer.h[i].output.save() for i in range(12)]
+            return [_block_output(getattr(proxy, "value", proxy)) for proxy in saved]
+
+        def their_zero() -> Any:
+            with theirs.trace(ids):
+                theirs.transformer.h[5].output[:] = 0
+                logits = theirs.lm_head.output.save()
+            return getattr(logits, "value", logits)
+
+        saves["nnsight trace"] = their_saves
+        zeros["nnsight trace"] = their_zero
+    return [
+        Group("gpt2_saves", "3a. GPT-2 12×256, ids 1×32: save the 12 block outputs", saves, "hand-written hooks", _same),
+        Group("gpt2_zero", "3b. GPT-2 12×256: zero block 5's output, save the logits", zeros, "hand-written hooks", _same),
+    ]
+
+
+def ops_groups(counts: tuple[int, ...] = (10, 100, 1000)) -> list[Group]:
+    """N chained ``x = x * 1.0001`` on one activation (the chain's 6th output)."""
+    net = chain()
+    model = nnsight_pure.NNsight(net)
+    x = torch.rand(1, 16)
+    groups = []
+    for count in counts:
+
+        def hooks(count: int = count) -> Any:
+            result: list[Any] = []
+
+            def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+                value = output
+                for _ in range(count):
+                    value = value * 1.0001
+                result.append(value)
+
+            handle = net[5].register_forward_hook(hook)
+            try:
+                net(x)
+            finally:
+                handle.remove()
+            return result[0]
+
+        def trace(count: int = count) -> Any:
+            with model.trace(x):
+                value = model[5].output
+                for _ in range(count):
+                    value = value * 1.0001
+                saved = value.save()
+            return saved.value
+
+        cases: dict[str, Case] = {"hand-written hooks": hooks, "nnsight_pure trace": trace}
+        if nnsight_available():
+            import nnsight
+
+            theirs = nnsight.NNsight(chain())
+
+            def their_trace(count: int = count) -> Any:
+                with theirs.trace(x):
+                    value = theirs._envoy[5].output
+                    for _ in range(count):
+                        value = value * 1.0001
+                    saved = value.save()
+                return getattr(saved, "value", saved)
+
+            cases["nnsight trace"] = their_trace
+        groups.append(Group(f"ops_{count}", f"4. one trace recording {count} chained ops on one activation", cases,
+                            "hand-written hooks", _same))
+    return groups
