@@ -65,6 +65,8 @@ class Node:
     kwargs: PMap[str, object] = attrs.field(eq=_kwargs_key)
     invoke: int | None = None
     source: SourceLoc | None = attrs.field(default=None, eq=False)
+    # Memo of the node's structure key (see plan.structure_key): not part of its value.
+    _key: object = attrs.field(default=None, init=False, eq=False, repr=False)
 
 
 def _nodes(nodes: Iterable[Node]) -> PVector[Node]:
@@ -87,6 +89,8 @@ class Graph:
 
     nodes: PVector[Node] = attrs.field(factory=pvector, converter=_nodes)
     outputs: object = attrs.field(default=None, eq=structural_key)
+    # Memo of the graph's plan (see plan.plan_for): not part of its value.
+    _plan: object = attrs.field(default=None, init=False, eq=False, repr=False)
 
     def add(
         self,

@@ -39,7 +39,7 @@ import threading
 import warnings
 import weakref
 from contextlib import ExitStack
-from typing import Any, Callable, Generator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Generator, Sequence
 
 import attrs
 import torch
@@ -49,7 +49,7 @@ from .batching import BatchGroups, merge_rows, narrow_rows
 from .errors import MissedCallsWarning, OutOfOrderError, TraceError, UnexecutedInterventionWarning
 from .graph import Graph, Node, SourceLoc
 from .hooks import install_hooks
-from .ops import EachCall
+from .ops import Cond, EachCall, Export, Iterate
 from .plan import (
     BRIDGE, CALLS, COND, EXEC, EXPORT, GET, GRAD, HOOK, ITEM, ITER, SAVE, SET, SETGRAD, STOP, TRACE,
     EventKey, Plan, ProgramKey, Site, Step, grad_key, in_scope, plan_for,
@@ -57,6 +57,9 @@ from .plan import (
 from .printing import format_node, module_expr, program_label
 from .results import Results
 from .source import add_note, describe, short
+
+if TYPE_CHECKING:
+    from pyrsistent.typing import PVector
 
 _UNSET: Any = object()
 """Marks an environment slot whose node has not run (or whose value died)."""
@@ -103,11 +106,13 @@ class EarlyStop(BaseException):
 class _Frame:
     """One execution of one graph: its environment and bookkeeping."""
 
-    __slots__ = ("plan", "env", "uses", "ran", "captures", "item", "keep", "children", "offsets", "open_ended")
+    __slots__ = ("plan", "nodes", "env", "uses", "ran", "captures", "item", "keep", "children", "offsets",
+                 "open_ended")
 
     def __init__(
         self,
         plan: Plan,
+        graph: Graph,
         captures: Sequence[Any] = (),
         item: Any = None,
         keep: frozenset[int] = frozenset(),
@@ -116,6 +121,7 @@ class _Frame:
     ) -> None:
         size = len(plan.steps)
         self.plan = plan
+        self.nodes: PVector[Node] = graph.nodes  # this run's graph: its constants, source lines and bodies
         self.env: list[Any] = [_UNSET] * size
         self.uses = list(plan.uses)
         self.ran = [False] * size
@@ -137,6 +143,16 @@ class _Frame:
             return key
         path, site, call = key
         return (path, site, call + sum(i for scope, i in self.offsets if in_scope(path, scope)))
+
+    def node(self, step: Step) -> Node:
+        """The node ``step`` runs, in this frame's graph."""
+        return self.nodes[step.index]
+
+    def body(self, step: Step) -> tuple[Plan, Graph]:
+        """The plan and graph of a context step's body."""
+        op = self.nodes[step.index].op
+        assert step.body is not None and isinstance(op, (Cond, Iterate, EachCall))
+        return step.body, op.body
 
     def results(self, stopped: bool = False, blocked: dict[ProgramKey, tuple[int, int]] | None = None) -> Results:
         env = self.env
@@ -168,6 +184,7 @@ class _Run:
     def __init__(
         self,
         plan: Plan,
+        graph: Graph,
         root: torch.nn.Module | None,
         groups: BatchGroups,
         captures: Sequence[Any] = (),
@@ -178,7 +195,7 @@ class _Run:
         self.root = root
         self.groups = groups
         self.trace_runner = trace_runner
-        self.frame = _Frame(plan, captures, None, keep)
+        self.frame = _Frame(plan, graph, captures, None, keep)
         self.current: EventKey | None = None
         self.activation: Any = None
         self.swapped = False
@@ -204,7 +221,7 @@ class _Run:
     # --- folding a graph ------------------------------------------------------------
 
     def _fold(self, frame: _Frame, steps: Sequence[Step]) -> Program:
-        env, uses, ran, keep = frame.env, frame.uses, frame.ran, frame.keep
+        env, uses, ran, keep, nodes = frame.env, frame.uses, frame.ran, frame.keep, frame.nodes
         step: Step | None = None
         try:
             for step in steps:
@@ -217,8 +234,8 @@ class _Run:
                 code = step.code
                 if code == EXEC:
                     if step.guard is not None and frame.shifted(step.guard[0]) != self.current:
-                        raise self._out_of_order(step, step.guard[1])
-                    args, kwargs = step.resolve(env)
+                        raise self._out_of_order(frame, step, step.guard[1])
+                    args, kwargs = step.resolve(env, nodes)
                     assert step.run is not None
                     env[step.index] = step.run(self, args, kwargs)
                 elif code == GET:
@@ -228,7 +245,7 @@ class _Run:
                     env[step.index] = narrow_rows(_extract(value, step), self.groups, step.invoke, self._remember_view)
                 elif code == HOOK:
                     # The node's own step (GRAD/SETGRAD) runs when the hook fires.
-                    args, _ = step.resolve(env)
+                    args, _ = step.resolve(env, nodes)
                     self._hook_gradient(step, args[0])
                 elif code == GRAD:
                     assert step.key is not None
@@ -239,8 +256,8 @@ class _Run:
                     if value is _END:
                         raise _CallsEnded()
                     if not is_current:
-                        raise self._out_of_order(step, None)
-                    args, _ = step.resolve(env)
+                        raise self._out_of_order(frame, step, None)
+                    args, _ = step.resolve(env, nodes)
                     if code == SET:
                         self._swap(step, args[0])
                     else:
@@ -253,13 +270,13 @@ class _Run:
                 elif code == ITEM:
                     env[step.index] = frame.item
                 elif code == EXPORT:
-                    args, _ = step.resolve(env)
-                    env[step.index] = _exported(args[0], step)
+                    args, _ = step.resolve(env, nodes)
+                    env[step.index] = _exported(args[0], frame.node(step))
                 elif code == COND:
-                    args, _ = step.resolve(env)
+                    args, _ = step.resolve(env, nodes)
                     env[step.index] = _NOT_RUN
                     if args[0]:
-                        child = _Frame(_body(step), args[1:], None, step.exports)
+                        child = _Frame(*frame.body(step), args[1:], None, step.exports)
                         yield from self._fold(child, child.plan.steps)
                         frame.children[step.index] = child.results()
                         env[step.index] = child.exports()
@@ -268,10 +285,10 @@ class _Run:
                 elif code == CALLS:
                     yield from self._each_call(frame, step)
                 elif code == TRACE:
-                    args, kwargs = step.resolve(env)
+                    args, kwargs = step.resolve(env, nodes)
                     if self.trace_runner is None:
                         raise TraceError("a trace node can only run inside a session")
-                    results, exported = self.trace_runner(step.node, args[0], kwargs, args[1:], step.exports)
+                    results, exported = self.trace_runner(frame.node(step), args[0], kwargs, args[1:], step.exports)
                     frame.children[step.index] = results
                     env[step.index] = exported
                 elif code == STOP:
@@ -292,12 +309,12 @@ class _Run:
             if error is not self.failed:  # not yet noted by a body's fold
                 self.failed = error
                 if step is not None and not isinstance(error, OutOfOrderError):
-                    add_note(error, _node_note(step))
+                    add_note(error, _node_note(frame.node(step)))
             raise
 
     def _loop(self, frame: _Frame, step: Step) -> Program:
         """Run a loop's body once per item; a stop inside it ends the loop."""
-        args, _ = step.resolve(frame.env)
+        args, _ = step.resolve(frame.env, frame.nodes)
         collection, captures = args[0], args[1:]
         try:
             items = iter(collection)
@@ -306,16 +323,16 @@ class _Run:
                 f"cannot loop over a {type(collection).__name__}: it is not iterable"
             ) from None
         frame.env[step.index] = _NOT_RUN
-        body = _body(step)
+        body, body_graph = frame.body(step)
         for number, item in enumerate(items):
-            child = _Frame(body, captures, item, step.exports)
+            child = _Frame(body, body_graph, captures, item, step.exports)
             try:
                 yield from self._fold(child, body.steps)
             except EarlyStop:
                 self._finish_body(frame, step, child)
                 return
             except BaseException as error:
-                add_note(error, f"nnsight_pure: in iteration {number} of the loop at {short(step.node.source)}")
+                add_note(error, f"nnsight_pure: in iteration {number} of the loop at {short(frame.node(step).source)}")
                 raise
             self._finish_body(frame, step, child)
 
@@ -325,15 +342,15 @@ class _Run:
         An open-ended loop (``stop=None``) ends when the model stops calling:
         the last, unfinished iteration is dropped and the program goes on.
         """
-        op = step.node.op
+        op = frame.node(step).op
         assert isinstance(op, EachCall)
-        args, _ = step.resolve(frame.env)
-        body = _body(step)
+        args, _ = step.resolve(frame.env, frame.nodes)
+        body, body_graph = frame.body(step)
         calls: Any = op.calls or (itertools.count(op.start, op.step) if op.stop is None else range(op.start, op.stop, op.step))
         frame.env[step.index] = _NOT_RUN
         open_ended = frame.open_ended or (op.stop is None and not op.calls)
         for call in calls:
-            child = _Frame(body, args, call, step.exports, frame.offsets + ((op.scope, call),), open_ended)
+            child = _Frame(body, body_graph, args, call, step.exports, frame.offsets + ((op.scope, call),), open_ended)
             try:
                 yield from self._fold(child, body.steps)
             except EarlyStop:
@@ -424,8 +441,9 @@ class _Run:
             self.activation = ((first,) + tuple(args[1:]), kwargs)
         self.swapped = True
 
-    def _out_of_order(self, step: Step, access: Node | None) -> OutOfOrderError:
-        write = step.node
+    def _out_of_order(self, frame: _Frame, step: Step, access_index: int | None) -> OutOfOrderError:
+        write = frame.node(step)
+        access = None if access_index is None else frame.nodes[access_index]
         target_key = step.guard[0] if step.guard is not None else step.key
         where_now = f"it is now at {_event_text(self.current)}" if self.current else "it has not started or has returned"
         message = (
@@ -580,19 +598,15 @@ class _Run:
         self.views.clear()
 
 
-def _body(step: Step) -> Plan:
-    assert step.body is not None
-    return step.body
-
-
-def _exported(source: Any, step: Step) -> Any:
+def _exported(source: Any, node: Node) -> Any:
     """A value out of a finished body, or an error saying why it has none."""
+    assert isinstance(node.op, Export)
     try:
-        return source[step.param]
+        return source[node.op.index]
     except KeyError:
         raise ValueError(
             f"this value was made inside a body that did not run, or not that far (a false "
-            f"condition, an empty loop, a stopped trace): `{format_node(step.node)}`"
+            f"condition, an empty loop, a stopped trace): `{format_node(node)}`"
         ) from None
 
 
@@ -629,11 +643,11 @@ def _event_text(key: EventKey | None) -> str:
     return f"{module_expr(path)}.{which}{nth}"
 
 
-def _node_note(step: Step) -> str:
+def _node_note(node: Node) -> str:
     return (
         "nnsight_pure: raised while running the intervention\n"
-        f"  {describe(step.node.source)}\n"
-        f"  node: {format_node(step.node)}"
+        f"  {describe(node.source)}\n"
+        f"  node: {format_node(node)}"
     )
 
 
@@ -701,7 +715,7 @@ def run_trace(
     Errors propagate with a note naming the user's line; no hook outlives
     the call.
     """
-    run = _Run(plan_for(graph), root, groups, captures, keep)
+    run = _Run(plan_for(graph), graph, root, groups, captures, keep)
     stopped = False
     returned = None
     try:
@@ -726,7 +740,7 @@ def run_trace(
 def run_session(graph: Graph, trace_runner: TraceRunner) -> Results:
     """Run a session's ``graph``: its own nodes in order, each trace node
     through ``trace_runner`` (a whole model run). A stop outside loops ends it."""
-    run = _Run(plan_for(graph), None, BatchGroups(), trace_runner=trace_runner)
+    run = _Run(plan_for(graph), graph, None, BatchGroups(), trace_runner=trace_runner)
     program = run._fold(run.frame, run.frame.plan.steps)
     stopped = False
     try:

@@ -8,8 +8,10 @@ outside any invoke), in the order the programs began in the code, records
 the cross-invoke waits that keep accesses of one module call in text order,
 and lists the hook sites the run must install, including those of the
 condition and loop bodies nested in it (each body has a plan of its own).
-Plans depend only on the graph, never on the model or the inputs, and are
-cached per graph value, so replaying a graph pays no planning.
+Plans depend only on the graph's structure, never on the model, the inputs
+or the values of tensor constants, and are cached per structure (see
+`plan_for`), so replaying a graph, or tracing the same code again, pays no
+planning.
 
 Pure: building a plan reads the graph and nothing else.
 """
@@ -17,13 +19,15 @@ Pure: building a plan reads the graph and nothing else.
 from __future__ import annotations
 
 import operator
+import threading
+import types
+from collections import OrderedDict
 from typing import Any, Callable, Literal, Sequence, Union
 
 import attrs
 
-from .arguments import Ref, is_static, refs_in, thaw
+from .arguments import _ATOMS, DictConst, ListConst, Opaque, Ref, SliceConst, TensorConst, TupleOf, refs_in, structural_key, thaw
 from .graph import Graph, Node, check_graph, node_refs, saved_refs, use_counts
-from .memo import PerGraph
 from .ops import (
     AccessKind,
     ApplyModule,
@@ -85,7 +89,9 @@ KEEP_UNTIL_THE_END = 1 << 30
 """Reader count for module calls read inside a loop body: every iteration
 reads them again, so a run keeps their values until it ends."""
 
-Resolver = Callable[[Sequence[Any]], tuple[tuple[Any, ...], dict[str, Any]]]
+Resolver = Callable[[list[Any], Any], tuple[tuple[Any, ...], dict[str, Any]]]
+"""``resolve(env, nodes)``: a node's (args, kwargs) from the run's environment
+and the run's graph nodes (read only for constants a plan may not hold)."""
 
 
 class Step:
@@ -96,19 +102,21 @@ class Step:
     program computes (it waits for them); ``after`` are the accesses of other
     invokes to the same module call that are written before it and must run
     first; ``guard`` is the module call a write must happen in, with the
-    access it writes through. Context steps (condition, loop, trace) carry
-    their body's plan in ``body`` and, in ``exports``, the body nodes whose
-    values later nodes read; ``param`` is a bridge's slot or an export's index.
+    access it writes through (its index). Context steps (condition, loop,
+    trace) carry their body's plan in ``body`` and, in ``exports``, the body
+    nodes whose values later nodes read; ``param`` is a bridge's slot or an
+    export's index. A step holds no graph object: a plan is shared by every
+    graph of the same structure (see `plan_for`), and the run reads what
+    varies (tensor constants, source lines, bodies) from its own graph.
     """
 
-    __slots__ = ("index", "code", "node", "key", "kind", "invoke", "run", "resolve", "release",
+    __slots__ = ("index", "code", "key", "kind", "invoke", "run", "resolve", "release",
                  "foreign", "after", "unused", "guard", "reads", "body", "exports", "param", "program")
 
     def __init__(
         self,
         index: int,
         code: int,
-        node: Node,
         resolve: Resolver,
         *,
         key: EventKey | None = None,
@@ -120,7 +128,6 @@ class Step:
     ) -> None:
         self.index = index
         self.code = code
-        self.node = node
         self.resolve = resolve
         self.key = key
         self.kind = kind
@@ -134,7 +141,7 @@ class Step:
         self.reads: tuple[EventKey, ...] = ()
         self.exports: frozenset[int] = frozenset()
         self.unused = False
-        self.guard: tuple[EventKey, Node] | None = None
+        self.guard: tuple[EventKey, int] | None = None
         self.program: ProgramKey = invoke
 
 
@@ -165,24 +172,61 @@ class Plan:
 # --- resolving arguments -------------------------------------------------------------
 
 
-def _resolver(node: Node) -> Resolver:
-    """A function from the run's environment to the node's (args, kwargs).
+def _bakeable(arg: object) -> bool:
+    """An argument a shared plan may hold: an immutable value that the
+    structure key holds too (so every graph sharing the plan has it)."""
+    kind = type(arg)
+    if kind in _ATOMS:
+        return True
+    if kind is tuple:
+        return all(_bakeable(item) for item in arg)  # type: ignore[attr-defined]  # a tuple
+    if kind is SliceConst:
+        return _bakeable(arg.start) and _bakeable(arg.stop) and _bakeable(arg.step)  # type: ignore[attr-defined]
+    return False
 
-    Static arguments are thawed once here; flat `Ref`s become list lookups.
+
+def _resolver(node: Node) -> Resolver:
+    """How to get the node's (args, kwargs) at run time.
+
+    Immutable constants are thawed once here; flat `Ref`s become list
+    lookups; anything else (tensor constants, fresh lists and dicts) is
+    thawed from the run's own node at each run.
     """
+    index = node.ref.index
     args = tuple(node.args)
-    kwargs = dict(node.kwargs)
-    if all(is_static(arg) for arg in args) and all(is_static(v) for v in kwargs.values()):
+    names = tuple(node.kwargs.keys()) if node.kwargs else ()
+    if all(_bakeable(arg) for arg in args) and all(_bakeable(node.kwargs[name]) for name in names):
         const_args = tuple(thaw(arg, ()) for arg in args)
-        const_kwargs = {name: thaw(value, ()) for name, value in kwargs.items()}
-        return lambda env: (const_args, dict(const_kwargs))
-    if not kwargs and all(type(arg) is Ref or is_static(arg) for arg in args):
+        const_kwargs = {name: thaw(node.kwargs[name], ()) for name in names}
+        if not const_kwargs:
+            return lambda env, nodes: (const_args, {})
+        return lambda env, nodes: (const_args, dict(const_kwargs))
+    if not names and all(type(arg) is Ref or _bakeable(arg) for arg in args):
+        if len(args) == 1:
+            only = args[0]
+            assert type(only) is Ref
+            first = only.index
+            return lambda env, nodes: ((env[first],), {})
+        if len(args) == 2 and type(args[0]) is Ref:
+            left = args[0].index
+            right = args[1]
+            if type(right) is Ref:
+                other = right.index
+                return lambda env, nodes: ((env[left], env[other]), {})
+            constant = thaw(right, ())
+            return lambda env, nodes: ((env[left], constant), {})
         parts = tuple((arg.index, None) if type(arg) is Ref else (-1, thaw(arg, ())) for arg in args)
-        return lambda env: (tuple(env[i] if i >= 0 else c for i, c in parts), {})
-    return lambda env: (
-        tuple(thaw(arg, env) for arg in args),
-        {name: thaw(value, env) for name, value in kwargs.items()},
-    )
+        return lambda env, nodes: (tuple(env[i] if i >= 0 else c for i, c in parts), {})
+
+    def generic(env: list[Any], nodes: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        own = nodes[index]
+        kwargs = own.kwargs
+        return (
+            tuple(thaw(arg, env) for arg in own.args),
+            {name: thaw(kwargs[name], env) for name in names},
+        )
+
+    return generic
 
 
 # --- what a write can touch ----------------------------------------------------------
@@ -298,34 +342,34 @@ def _step(graph: Graph, node: Node) -> Step:
     resolve = _resolver(node)
     match node.op:
         case ModuleGet(path, kind, call):
-            return Step(index, GET, node, resolve, key=(path, site_of(kind), call), kind=kind, invoke=invoke)
+            return Step(index, GET, resolve, key=(path, site_of(kind), call), kind=kind, invoke=invoke)
         case ModuleSet(path, kind, call):
-            return Step(index, SET, node, resolve, key=(path, site_of(kind), call), kind=kind, invoke=invoke)
+            return Step(index, SET, resolve, key=(path, site_of(kind), call), kind=kind, invoke=invoke)
         case Save():
-            return Step(index, SAVE, node, resolve, invoke=invoke)
+            return Step(index, SAVE, resolve, invoke=invoke)
         case Stop():
-            return Step(index, STOP, node, resolve, invoke=invoke)
+            return Step(index, STOP, resolve, invoke=invoke)
         case Grad():
-            return Step(index, GRAD, node, resolve, key=grad_key(index), invoke=invoke)
+            return Step(index, GRAD, resolve, key=grad_key(index), invoke=invoke)
         case SetGrad():
-            return Step(index, SETGRAD, node, resolve, key=grad_key(index), invoke=invoke)
+            return Step(index, SETGRAD, resolve, key=grad_key(index), invoke=invoke)
         case Bridge(slot):
-            return Step(index, BRIDGE, node, resolve, invoke=invoke, param=slot)
+            return Step(index, BRIDGE, resolve, invoke=invoke, param=slot)
         case IterItem():
-            return Step(index, ITEM, node, resolve, invoke=invoke)
+            return Step(index, ITEM, resolve, invoke=invoke)
         case Export(inner):
-            return Step(index, EXPORT, node, resolve, invoke=invoke, param=inner)
+            return Step(index, EXPORT, resolve, invoke=invoke, param=inner)
         case Cond(body):
-            return Step(index, COND, node, resolve, invoke=invoke, body=plan_for(body))
+            return Step(index, COND, resolve, invoke=invoke, body=plan_for(body))
         case Iterate(body):
-            return Step(index, ITER, node, resolve, invoke=invoke, body=plan_for(body))
+            return Step(index, ITER, resolve, invoke=invoke, body=plan_for(body))
         case EachCall(body):
-            return Step(index, CALLS, node, resolve, invoke=invoke, body=plan_for(body))
+            return Step(index, CALLS, resolve, invoke=invoke, body=plan_for(body))
         case TraceRun(body):
             # A trace is its own run (with its own hooks): its plan is made then.
-            return Step(index, TRACE, node, resolve, invoke=invoke)
+            return Step(index, TRACE, resolve, invoke=invoke)
         case Call() | CallMethod() | GetAttr() | SetAttr() | ModuleAttr() | ApplyModule():
-            step = Step(index, EXEC, node, resolve, run=op_function(node.op), invoke=invoke)
+            step = Step(index, EXEC, resolve, run=op_function(node.op), invoke=invoke)
             reads = set()
             for ref in node_refs(node):
                 access = _aliased_access(graph, ref)
@@ -335,7 +379,7 @@ def _step(graph: Graph, node: Node) -> Step:
             if is_inplace(node):
                 access = _written_access(graph, node)
                 if access is not None:
-                    step.guard = (_event_of(access), access)
+                    step.guard = (_event_of(access), access.ref.index)
             return step
 
 
@@ -399,7 +443,7 @@ def _hook_step(step: Step) -> Step:
     It runs where the node is written, in its invoke's program, so it comes
     before the ``backward()`` calls written after it and after those before.
     """
-    return Step(step.index, HOOK, step.node, step.resolve, key=step.key, invoke=step.invoke)
+    return Step(step.index, HOOK, step.resolve, key=step.key, invoke=step.invoke)
 
 
 def compile_plan(graph: Graph) -> Plan:
@@ -477,14 +521,121 @@ def compile_plan(graph: Graph) -> Plan:
     )
 
 
-_PLANS = PerGraph(compile_plan)
-
-
 def plan_for(graph: Graph) -> Plan:
-    """The plan of ``graph``, compiled once per graph object while it lives.
+    """The plan of ``graph``, compiled once per graph structure.
 
-    Keyed by identity, not equality (see `nnsight_pure.memo`): a plan holds
-    its graph's constants (a tensor constant is held by reference, so a
-    trained parameter must be the graph's own object) and source lines.
+    The plan is kept on the graph (replaying it finds it at once) and, when
+    the graph holds no function that could keep large objects alive (a
+    closure, a bound method), in a table keyed by the graph's structure,
+    so that a fresh trace of the same code, with other tensor constants and
+    on other lines, finds it too. A plan holds no graph object (see `Step`).
     """
-    return _PLANS(graph)
+    memo = graph._plan
+    if isinstance(memo, Plan):
+        return memo
+    key = structure_key(graph)
+    shared: Plan | None = None
+    if key is not None:
+        with _PLANS_LOCK:
+            shared = _PLANS.get(key)
+            if shared is not None:
+                _PLANS.move_to_end(key)
+    plan = shared if shared is not None else compile_plan(graph)
+    if key is not None and shared is None:
+        with _PLANS_LOCK:
+            _PLANS[key] = plan
+            while len(_PLANS) > _PLANS_KEPT:
+                _PLANS.popitem(last=False)
+    object.__setattr__(graph, "_plan", plan)
+    return plan
+
+
+_PLANS: OrderedDict[object, Plan] = OrderedDict()
+_PLANS_LOCK = threading.Lock()
+_PLANS_KEPT = 256
+
+
+# --- the structure key -------------------------------------------------------------------
+
+_NOT_SHARED: Any = object()
+
+
+def structure_key(graph: Graph) -> object | None:
+    """What a plan depends on: the graph with its tensor constants and other
+    non-immutable constants replaced by markers (and source lines left out).
+
+    ``None`` when the graph calls a function that could keep large objects
+    alive in a table (a closure, a bound method, a function with defaults):
+    its plan then stays with the graph alone.
+    """
+    key = _graph_key(graph)
+    return None if key is _NOT_SHARED else key
+
+
+def _graph_key(graph: Graph) -> object:
+    keys = []
+    for node in graph.nodes:
+        key = node._key
+        if key is None:
+            key = _node_key(node)
+            object.__setattr__(node, "_key", key)
+        if key is _NOT_SHARED:
+            return _NOT_SHARED
+        keys.append(key)
+    return (tuple(keys), _arg_key(graph.outputs))
+
+
+def _node_key(node: Node) -> object:
+    op = node.op
+    if isinstance(op, (Cond, Iterate, EachCall, TraceRun)):
+        body = _graph_key(op.body)
+        if body is _NOT_SHARED:
+            return _NOT_SHARED
+        fields = tuple(getattr(op, field.name) for field in attrs.fields(type(op)) if field.name != "body")
+        op_key: object = (type(op), body, fields)
+    elif isinstance(op, Call):
+        if not _shareable(op.fn):
+            return _NOT_SHARED
+        op_key = op
+    else:
+        op_key = op
+    kwargs = tuple((name, _arg_key(node.kwargs[name])) for name in node.kwargs) if node.kwargs else ()
+    return (op_key, tuple(_arg_key(arg) for arg in node.args), kwargs, node.invoke)
+
+
+def _arg_key(arg: object) -> object:
+    kind = type(arg)
+    if kind is Ref or kind in _ATOMS:
+        return structural_key(arg)
+    if kind is tuple:
+        return ("tuple", tuple(_arg_key(item) for item in arg))  # type: ignore[attr-defined]  # a tuple
+    if kind is TensorConst:
+        return "tensor"
+    if kind is ListConst:
+        return ("list", tuple(_arg_key(item) for item in arg.items))  # type: ignore[attr-defined]
+    if kind is DictConst:
+        return ("dict", tuple((structural_key(k), _arg_key(v)) for k, v in arg.items))  # type: ignore[attr-defined]
+    if kind is SliceConst:
+        return ("slice", _arg_key(arg.start), _arg_key(arg.stop), _arg_key(arg.step))  # type: ignore[attr-defined]
+    if kind is TupleOf:
+        return ("tupleof", arg.cls, tuple(_arg_key(item) for item in arg.items))  # type: ignore[attr-defined]
+    return "constant"  # read from the run's own graph, never held by a plan
+
+
+_SHAREABLE_BUILTINS = (
+    types.BuiltinFunctionType, types.MethodDescriptorType, types.WrapperDescriptorType,
+    types.ClassMethodDescriptorType,
+)
+
+
+def _shareable(fn: object) -> bool:
+    """A function a table may hold: a builtin or descriptor not bound to an
+    object, a class, or a plain function without closure or defaults."""
+    if isinstance(fn, _SHAREABLE_BUILTINS):
+        owner = getattr(fn, "__self__", None)
+        return owner is None or isinstance(owner, (types.ModuleType, type))
+    if isinstance(fn, type):
+        return True
+    if isinstance(fn, types.FunctionType):
+        return fn.__closure__ is None and not fn.__defaults__ and not fn.__kwdefaults__
+    return False
