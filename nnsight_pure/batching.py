@@ -9,13 +9,14 @@ the total batch size; everything else is passed whole.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import attrs
 import torch
 import torch.utils._pytree as pytree
 
-from .trees import leaves, map_leaves
+from .trees import NOT_FOUND, find_leaf, map_leaves
 
 
 @attrs.frozen
@@ -38,15 +39,21 @@ class BatchGroups:
     @classmethod
     def from_sizes(cls, sizes: Sequence[int | None]) -> BatchGroups:
         """Groups for invokes of these batch sizes (``None``: an empty invoke)."""
-        groups: list[tuple[int, int] | None] = []
-        start = 0
-        for size in sizes:
-            if size is None:
-                groups.append(None)
-            else:
-                groups.append((start, size))
-                start += size
-        return cls(tuple(groups), start)
+        return _groups(tuple(sizes))
+
+
+@functools.lru_cache(maxsize=1024)
+def _groups(sizes: tuple[int | None, ...]) -> BatchGroups:
+    """`BatchGroups.from_sizes`, remembered (every run makes one; few differ)."""
+    groups: list[tuple[int, int] | None] = []
+    start = 0
+    for size in sizes:
+        if size is None:
+            groups.append(None)
+        else:
+            groups.append((start, size))
+            start += size
+    return BatchGroups(tuple(groups), start)
 
 
 def _is_batched(value: object, total: int) -> bool:
@@ -159,11 +166,15 @@ def default_batch(
     return joined_args, joined_kwargs
 
 
+def _has_rows(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.ndim > 0
+
+
 def batch_size_of(args: Sequence[Any], kwargs: dict[str, Any]) -> int:
     """The number of rows an invoke contributes: dim 0 of its first tensor."""
-    for leaf in leaves((args, kwargs)):
-        if isinstance(leaf, torch.Tensor) and leaf.ndim > 0:
-            return int(leaf.shape[0])
+    found = find_leaf((args, kwargs), _has_rows)
+    if found is not NOT_FOUND:
+        return int(found.shape[0])
     if args and hasattr(args[0], "__len__"):
         return len(args[0])
     return 1

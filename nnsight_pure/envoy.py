@@ -181,6 +181,12 @@ class Envoy:
         return envoy
 
     def __getattr__(self, name: str) -> Any:
+        known = self._children.get(name)
+        if known is not None and not self._handle.renames:
+            # The usual case, on every access in every trace: a child already seen.
+            module = self._module
+            if module._modules.get(name) is known._module:
+                return known
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(name)
         child = self._child(name)

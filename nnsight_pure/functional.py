@@ -29,7 +29,8 @@ from .passes import as_edit, check_standalone, compose, graph_kind, invoke_count
 from .printing import format_node
 from .proxy import Proxy
 from .results import Results
-from .source import short, user_location
+from .hooks import submodule
+from .source import add_note, describe, short, user_location
 
 F = TypeVar("F", bound=Callable[..., Any])
 Invokes = Sequence["tuple[tuple[Any, ...], dict[str, Any]] | None"]
@@ -137,8 +138,7 @@ def run(
     if facts.kind == "session":
         if inputs or invokes is not None or kwargs:
             raise TypeError("a session's graph takes no inputs: each of its traces holds its own")
-        results = run_session(graph, wrapper._run_trace_node)
-        return attrs.evolve(results, graph=graph)
+        return run_session(graph, wrapper._run_trace_node)
     _check_modules(facts.paths, wrapper._model)
     needed = facts.invokes
     if invokes is None:
@@ -154,10 +154,13 @@ def run(
         raise TypeError(f"this graph has {needed} invokes but invokes= gives inputs for {len(invokes)}")
     if not any(invoke is not None for invoke in invokes):
         raise ValueError("run needs inputs for the model: none were given")
-    results, _ = wrapper._run_invokes(
-        graph, _method(wrapper, method), list(invokes), kwargs, user_location(), keep_result=keep_result
-    )
-    return attrs.evolve(results, graph=graph)
+    try:
+        results, _ = wrapper._run_invokes(graph, _method(wrapper, method), list(invokes), kwargs, None, keep_result=keep_result)
+    except BaseException as error:
+        # Where run was called is found only now: it costs a stack walk on every run.
+        add_note(error, f"nnsight_pure: raised by the model while running the graph given to nnsight_pure.run at\n  {describe(user_location())}")
+        raise
+    return results
 
 
 @attrs.frozen
@@ -186,7 +189,7 @@ def _check_modules(paths: Mapping[str, Node], root: torch.nn.Module) -> None:
     (a graph traced on another model, or read from a file)."""
     for path, node in paths.items():
         try:
-            root.get_submodule(path)
+            submodule(root, path)
         except AttributeError:
             raise TraceError(
                 f"`{format_node(node)}` (made at {short(node.source)}) names the module {path!r}, "

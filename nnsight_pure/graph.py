@@ -47,6 +47,7 @@ def _kwargs_key(kwargs: PMap[str, object]) -> object:
 
 
 _NO_KWARGS: PMap[str, object] = pmap()
+_REFS = [Ref(index) for index in range(4096)]  # shared: a Ref is an immutable value
 
 
 @attrs.frozen(cache_hash=True)
@@ -105,7 +106,8 @@ class Graph:
         Every `Ref` inside ``args`` and ``kwargs`` must point to a node of
         this graph (`check_graph` verifies it). The input graph is unchanged.
         """
-        ref = Ref(len(self.nodes))
+        index = len(self.nodes)
+        ref = _REFS[index] if index < len(_REFS) else Ref(index)
         node = Node(
             ref,
             op,

@@ -1,15 +1,14 @@
 """Installing torch module hooks: the only place that touches hook APIs.
 
 Hooks go only on the modules a plan names and are prepended, so they see the
-module's own value before any hook of the user's. Each handle's removal is
-pushed on the caller's `ExitStack`, so closing the stack removes them all
-whatever happened. The user's own hooks are never touched.
+module's own value before any hook of the user's. The caller removes them
+with `remove_hooks` in a ``finally``, whatever happened. The user's own
+hooks are never touched.
 """
 
 from __future__ import annotations
 
 import threading
-from contextlib import ExitStack
 from typing import Any, Callable, Sequence
 
 import torch
@@ -48,24 +47,43 @@ def install_hooks(
     root: torch.nn.Module,
     sites: Sequence[tuple[str, Site]],
     on_event: OnEvent,
-    stack: ExitStack,
-) -> None:
-    """Hook every ``(path, site)`` of ``root``; closing ``stack`` removes them."""
-    modules = [(root.get_submodule(path), path, site) for path, site in sites]
+) -> list[RemovableHandle]:
+    """Hook every ``(path, site)`` of ``root``; returns the handles, for
+    `remove_hooks`. If any registration fails, those made are removed first."""
+    modules = [(submodule(root, path), path, site) for path, site in sites]
+    handles: list[RemovableHandle] = []
     with _REGISTRY_LOCK:
-        for module, path, site in modules:
-            if site == "pre":
-                handle = module.register_forward_pre_hook(
-                    _pre_hook(path, on_event), with_kwargs=True, prepend=True
-                )
-            else:
-                handle = module.register_forward_hook(_post_hook(path, on_event), prepend=True)
-            stack.callback(_remover(handle))
+        try:
+            for module, path, site in modules:
+                if site == "pre":
+                    handles.append(module.register_forward_pre_hook(
+                        _pre_hook(path, on_event), with_kwargs=True, prepend=True
+                    ))
+                else:
+                    handles.append(module.register_forward_hook(_post_hook(path, on_event), prepend=True))
+        except BaseException:
+            for handle in handles:
+                handle.remove()
+            raise
+    return handles
 
 
-def _remover(handle: RemovableHandle) -> Callable[[], None]:
-    def remove() -> None:
-        with _REGISTRY_LOCK:
+def remove_hooks(handles: list[RemovableHandle]) -> None:
+    """Remove hooks made by `install_hooks` (each at most once)."""
+    with _REGISTRY_LOCK:
+        for handle in handles:
             handle.remove()
+        handles.clear()
 
-    return remove
+
+def submodule(root: torch.nn.Module, path: str) -> torch.nn.Module:
+    """``root.get_submodule(path)``, by the child dictionaries (it is on every
+    run's path); torch's own lookup gives the error for a missing module."""
+    module = root
+    if path:
+        for name in path.split("."):
+            child = module._modules.get(name)
+            if child is None:
+                return root.get_submodule(path)  # raises AttributeError naming the module
+            module = child
+    return module

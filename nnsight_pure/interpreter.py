@@ -38,7 +38,6 @@ import itertools
 import threading
 import warnings
 import weakref
-from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any, Callable, Generator, Sequence
 
 import attrs
@@ -48,7 +47,7 @@ from torch.utils.hooks import RemovableHandle
 from .batching import BatchGroups, merge_rows, narrow_rows
 from .errors import MissedCallsWarning, OutOfOrderError, TraceError, UnexecutedInterventionWarning
 from .graph import Graph, Node, SourceLoc
-from .hooks import install_hooks
+from .hooks import install_hooks, remove_hooks, submodule
 from .ops import Cond, EachCall, Export, Iterate
 from .plan import (
     BRIDGE, CALLS, COND, EXEC, EXPORT, GET, GRAD, HOOK, ITEM, ITER, SAVE, SET, SETGRAD, STOP, TRACE,
@@ -154,10 +153,15 @@ class _Frame:
         assert step.body is not None and isinstance(op, (Cond, Iterate, EachCall))
         return step.body, op.body
 
-    def results(self, stopped: bool = False, blocked: dict[ProgramKey, tuple[int, int]] | None = None) -> Results:
+    def results(
+        self,
+        stopped: bool = False,
+        blocked: dict[ProgramKey, tuple[int, int]] | None = None,
+        graph: Graph | None = None,
+    ) -> Results:
         env = self.env
         values = {i: env[i] for i in self.plan.saved if env[i] is not _UNSET}
-        return Results(values=values, stopped=stopped, blocked=blocked or {}, children=self.children)
+        return Results(values, stopped, blocked or {}, self.children, None, graph)
 
     def exports(self) -> dict[int, Any]:
         env = self.env
@@ -508,6 +512,9 @@ class _Run:
     def advance_all(self) -> None:
         """Resume the programs in order until none can move (a value one of them
         computes may let an earlier one go on)."""
+        if len(self.programs) == 1:
+            self._advance(self.programs[0])  # alone, it goes as far as it can at once
+            return
         moved = True
         while moved:
             moved = False
@@ -521,11 +528,13 @@ class _Run:
         if threading.get_ident() != self.thread:
             return None  # another thread's run of the same model
         site_key = (path, site)
-        call = self.calls.get(site_key, 0)
-        self.calls[site_key] = call + 1
+        calls = self.calls
+        call = calls.get(site_key, 0)
+        calls[site_key] = call + 1
         key = (path, site, call)
-        dynamic = site_key in self.plan.dynamic_sites
-        if key not in self.plan.event_keys and not dynamic:
+        plan = self.plan
+        dynamic = site_key in plan.dynamic_sites
+        if not dynamic and key not in plan.event_keys:
             return None
         # (A hooked call made by a running program, say an ad-hoc call with
         # hook=True, resumes only the other programs; the running one finds the
@@ -561,7 +570,7 @@ class _Run:
         if module is None:
             if self.root is None:
                 raise TraceError(f"{module_expr(path)} can only be used inside a trace")
-            module = self.root.get_submodule(path)
+            module = submodule(self.root, path)
             self._modules[path] = module
         return module
 
@@ -586,7 +595,7 @@ class _Run:
                 stacklevel=5,
             )
         self.close()
-        return self.frame.results(stopped, blocked), self.frame.exports()
+        return self.frame.results(stopped, blocked, graph), self.frame.exports()
 
     def close(self) -> None:
         """End every program and remove the gradient hooks that never fired."""
@@ -675,18 +684,16 @@ class Interleaver:
 
     def __init__(self, run: _Run) -> None:
         self._run = run
-        self._stack = ExitStack()
+        self._handles: list[RemovableHandle] = []
 
     def __enter__(self) -> Interleaver:
         root = self._run.root
         assert root is not None
-        with ExitStack() as stack:
-            install_hooks(root, self._run.plan.hook_sites, self._run.on_event, stack)
-            self._stack = stack.pop_all()
+        self._handles = install_hooks(root, self._run.plan.hook_sites, self._run.on_event)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stack.close()
+        remove_hooks(self._handles)
 
 
 Interleave = Callable[..., Any]
@@ -727,7 +734,7 @@ def run_trace(
     except EarlyStop:
         stopped = True
     except BaseException as error:
-        if error is not run.failed:
+        if error is not run.failed and where is not None:
             add_note(error, f"nnsight_pure: raised by the model during the trace opened at\n  {describe(where)}")
         run.close()
         raise
@@ -749,4 +756,4 @@ def run_session(graph: Graph, trace_runner: TraceRunner) -> Results:
             raise TraceError(f"a module access outside any trace cannot run: {request!r}")
     except EarlyStop:
         stopped = True
-    return run.frame.results(stopped)
+    return run.frame.results(stopped, graph=graph)

@@ -569,7 +569,24 @@ def structure_key(graph: Graph) -> object | None:
     its plan then stays with the graph alone.
     """
     key = _graph_key(graph)
-    return None if key is _NOT_SHARED else key
+    return None if key is _NOT_SHARED else _Key(key)
+
+
+class _Key:
+    """A structure key with its hash computed once (a table lookup hashes it
+    and a hit compares it; both are C-level walks of plain tuples)."""
+
+    __slots__ = ("items", "hash")
+
+    def __init__(self, items: object) -> None:
+        self.items = items
+        self.hash = hash(items)
+
+    def __hash__(self) -> int:
+        return self.hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (isinstance(other, _Key) and self.hash == other.hash and self.items == other.items)
 
 
 def _graph_key(graph: Graph) -> object:
@@ -585,6 +602,22 @@ def _graph_key(graph: Graph) -> object:
     return (tuple(keys), _arg_key(graph.outputs))
 
 
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _op_key(op: Op) -> object:
+    """An op as a plain tuple (hashed and compared in C, unlike attrs classes)."""
+    kind = type(op)
+    names = _FIELDS.get(kind)
+    if names is None:
+        names = _FIELDS[kind] = tuple(field.name for field in attrs.fields(kind))
+    if not names:
+        return kind
+    if kind is Call:
+        return (kind, op.fn)  # type: ignore[union-attr]  # a Call
+    return (kind,) + tuple(getattr(op, name) for name in names)
+
+
 def _node_key(node: Node) -> object:
     op = node.op
     if isinstance(op, (Cond, Iterate, EachCall, TraceRun)):
@@ -593,24 +626,29 @@ def _node_key(node: Node) -> object:
             return _NOT_SHARED
         fields = tuple(getattr(op, field.name) for field in attrs.fields(type(op)) if field.name != "body")
         op_key: object = (type(op), body, fields)
-    elif isinstance(op, Call):
-        if not _shareable(op.fn):
-            return _NOT_SHARED
-        op_key = op
+    elif isinstance(op, Call) and not _shareable(op.fn):
+        return _NOT_SHARED
     else:
-        op_key = op
-    kwargs = tuple((name, _arg_key(node.kwargs[name])) for name in node.kwargs) if node.kwargs else ()
-    return (op_key, tuple(_arg_key(arg) for arg in node.args), kwargs, node.invoke)
+        op_key = _op_key(op)
+    args = node.args
+    if len(args) == 1:
+        args_key: object = _arg_key(args[0])
+    else:
+        args_key = tuple([_arg_key(arg) for arg in args])
+    kwargs = tuple([(name, _arg_key(node.kwargs[name])) for name in node.kwargs]) if node.kwargs else ()
+    return (op_key, args_key, kwargs, node.invoke)
 
 
 def _arg_key(arg: object) -> object:
     kind = type(arg)
-    if kind is Ref or kind in _ATOMS:
+    if kind is Ref:
+        return -1 - arg.index  # type: ignore[attr-defined]  # a Ref (negative: no atom key is an int)
+    if kind in _ATOMS:
         return structural_key(arg)
     if kind is tuple:
         return ("tuple", tuple(_arg_key(item) for item in arg))  # type: ignore[attr-defined]  # a tuple
     if kind is TensorConst:
-        return "tensor"
+        return ("tensor",)  # (no atom's key is a 1-tuple: a string stays a string)
     if kind is ListConst:
         return ("list", tuple(_arg_key(item) for item in arg.items))  # type: ignore[attr-defined]
     if kind is DictConst:
@@ -619,7 +657,7 @@ def _arg_key(arg: object) -> object:
         return ("slice", _arg_key(arg.start), _arg_key(arg.stop), _arg_key(arg.step))  # type: ignore[attr-defined]
     if kind is TupleOf:
         return ("tupleof", arg.cls, tuple(_arg_key(item) for item in arg.items))  # type: ignore[attr-defined]
-    return "constant"  # read from the run's own graph, never held by a plan
+    return ("constant",)  # read from the run's own graph, never held by a plan
 
 
 _SHAREABLE_BUILTINS = (

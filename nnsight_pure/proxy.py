@@ -94,24 +94,30 @@ def to_values(value: Any) -> Any:
 
 
 def _binary(fn: Callable[[Any, Any], Any]) -> Callable[[Proxy, Any], Any]:
+    op = Call(fn)  # one op value for every use (ops are immutable)
+
     def method(self: Proxy, other: Any) -> Any:
-        return record(Call(fn), (self, other))
+        return record(op, (self, other))
 
     method.__name__ = f"__{fn.__name__.strip('_')}__"
     return method
 
 
 def _reflected(fn: Callable[[Any, Any], Any]) -> Callable[[Proxy, Any], Any]:
+    op = Call(fn)
+
     def method(self: Proxy, other: Any) -> Any:
-        return record(Call(fn), (other, self))
+        return record(op, (other, self))
 
     method.__name__ = f"__r{fn.__name__.strip('_')}__"
     return method
 
 
 def _unary(fn: Callable[[Any], Any]) -> Callable[[Proxy], Any]:
+    op = Call(fn)
+
     def method(self: Proxy) -> Any:
-        return record(Call(fn), (self,))
+        return record(op, (self,))
 
     method.__name__ = f"__{fn.__name__.strip('_')}__"
     return method
@@ -138,10 +144,11 @@ class Proxy:
         pending: tuple[Proxy, str] | None = None,
         fake: Any = UNKNOWN,
     ) -> None:
-        object.__setattr__(self, "_context", context)
-        object.__setattr__(self, "_ref", ref)
-        object.__setattr__(self, "_pending", pending)
-        object.__setattr__(self, "_fake", fake)
+        # (The slots' own setters: this class's __setattr__ records a node.)
+        _SET_CONTEXT(self, context)
+        _SET_REF(self, ref)
+        _SET_PENDING(self, pending)
+        _SET_FAKE(self, fake)
 
     # --- nnsight's proxy API ---------------------------------------------------------
 
@@ -366,3 +373,14 @@ class Proxy:
             return self._pending[0]._has_value()
         assert self._ref is not None
         return self._context.has_value(self._ref)
+
+
+def _slot_setter(name: str) -> Callable[[Proxy, Any], None]:
+    setter: Callable[[Proxy, Any], None] = Proxy.__dict__[name].__set__  # the slot's descriptor
+    return setter
+
+
+_SET_CONTEXT = _slot_setter("_context")
+_SET_REF = _slot_setter("_ref")
+_SET_PENDING = _slot_setter("_pending")
+_SET_FAKE = _slot_setter("_fake")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import linecache
 import os
 import sys
-from types import FrameType
+from types import CodeType, FrameType
 
 import torch
 
@@ -36,10 +36,27 @@ def user_location() -> SourceLoc | None:
     frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         code = frame.f_code
-        if not _is_internal(code.co_filename):
-            return SourceLoc(code.co_filename, frame.f_lineno, code.co_name)
+        internal = _INTERNAL_CODE.get(code)
+        if internal is None:
+            if len(_INTERNAL_CODE) > 50_000:
+                _INTERNAL_CODE.clear()
+            internal = _INTERNAL_CODE[code] = _is_internal(code.co_filename)
+        if not internal:
+            key = (code, frame.f_lineno)
+            location = _LOCATIONS.get(key)
+            if location is None:
+                if len(_LOCATIONS) > 50_000:
+                    _LOCATIONS.clear()
+                location = _LOCATIONS[key] = SourceLoc(code.co_filename, frame.f_lineno, code.co_name)
+            return location
         frame = frame.f_back
     return None  # pragma: no cover - there is always a caller
+
+
+# Every trace walks the stack for each node it records: remember which code
+# is ours and the locations already made (a SourceLoc is an immutable value).
+_INTERNAL_CODE: dict[CodeType, bool] = {}
+_LOCATIONS: dict[tuple[CodeType, int], SourceLoc] = {}
 
 
 def describe(loc: SourceLoc | None) -> str:

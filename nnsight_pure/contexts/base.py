@@ -129,15 +129,15 @@ class GraphContext:
         """Append ``op`` applied to ``args``/``kwargs`` and return a proxy of its value."""
         if not self._open:
             raise TraceError(f"the block opened at {short(self._where)} is not open")
-        frozen_args = tuple(freeze(arg, Proxy, self._argument) for arg in args)
-        frozen_kwargs = {name: freeze(value, Proxy, self._argument) for name, value in kwargs.items()} if kwargs else None
-        self._graph, ref = self._graph.add(
-            op, frozen_args, frozen_kwargs, source or user_location(), self._current_invoke()
-        )
+        argument = self._argument
+        frozen_args = tuple([freeze(arg, Proxy, argument) for arg in args])
+        frozen_kwargs = {name: freeze(value, Proxy, argument) for name, value in kwargs.items()} if kwargs else None
         trace = self._trace
+        invoke = None if trace is None else trace._invoke
+        self._graph, ref = self._graph.add(op, frozen_args, frozen_kwargs, source or user_location(), invoke)
         if trace is None or trace._fake_mode is None:
             return Proxy(self, ref)
-        return Proxy(self, ref, fake=trace._fake_of(op, args, kwargs or {}, self._current_invoke()))
+        return Proxy(self, ref, fake=trace._fake_of(op, args, kwargs or {}, invoke))
 
     _runs = True  # a scan or an edit never runs its graph
     _why_no_run = ""
@@ -239,10 +239,11 @@ class GraphContext:
 
     def value_of(self, ref: Ref) -> Any:
         """The value of a node after the run, or a `ValueError` saying why there is none."""
+        results = self._results
+        if results is not None and ref.index in results.values:
+            return results.values[ref.index]
         node = self._graph.nodes[ref.index]
         made = f"`{format_node(node)}` (made at {short(node.source)})"
-        if self._results is not None and self._results.has(ref.index):
-            return self._results.get(ref.index)
         if not self._ran:
             outer = self._outermost()
             if not outer._runs:

@@ -18,7 +18,7 @@ from ..proxy import Proxy
 from ..plan import in_scope
 from ..scan import UNKNOWN, fake_copy, fake_value, new_mode, scan
 from ..source import user_location
-from ..trees import leaves, map_leaves
+from ..trees import NOT_FOUND, find_leaf, map_leaves
 from .calls import EachCallContext
 from ..source import short
 from . import active
@@ -30,7 +30,11 @@ if TYPE_CHECKING:
 
 
 def _holds_proxies(value: Any) -> bool:
-    return any(isinstance(leaf, Proxy) for leaf in leaves(value))
+    return find_leaf(value, _is_proxy) is not NOT_FOUND
+
+
+def _is_proxy(value: Any) -> bool:
+    return isinstance(value, Proxy)
 
 
 class Tracer(GraphContext):
@@ -231,6 +235,8 @@ class Tracer(GraphContext):
 
     def _call_of(self, path: str) -> int:
         """The call of module ``path`` that an access reads now (after ``.next()``s)."""
+        if not self._offsets and not self._fixed:
+            return 0
         if path in self._fixed:
             return self._fixed[path]
         return sum(skip for prefix, skip in self._offsets if in_scope(path, (prefix,)))

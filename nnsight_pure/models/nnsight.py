@@ -13,7 +13,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, cast
 import torch
 
 from ..batching import BatchGroups, batch_size_of, default_batch
-from ..trees import leaves, map_leaves
+from ..trees import NOT_FOUND, find_leaf, map_leaves
 from ..contexts import active
 from ..contexts.editing import EditingTracer
 from ..contexts.session import Session
@@ -291,9 +291,7 @@ class NNsight:
     def _execute(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model on the batched inputs (moved to the model's device)."""
         device = self.device
-        if device is not None and any(
-            isinstance(leaf, torch.Tensor) and leaf.device != device for leaf in leaves((args, kwargs))
-        ):
+        if device is not None and _elsewhere((args, kwargs), device):
             args, kwargs = map_leaves(
                 lambda leaf: leaf.to(device) if isinstance(leaf, torch.Tensor) and leaf.device != device else leaf,
                 (args, kwargs),
@@ -350,6 +348,16 @@ class NNsight:
 
     def __repr__(self) -> str:
         return repr(self._envoy)
+
+
+def _elsewhere(value: Any, device: torch.device) -> bool:
+    """Whether a tensor in ``value`` is not on ``device`` (a quick look first:
+    this is on every run's path, and inputs are usually where the model is)."""
+    if device.type == "cpu":
+        found = find_leaf(value, lambda leaf: isinstance(leaf, torch.Tensor) and not leaf.is_cpu)
+    else:
+        found = find_leaf(value, lambda leaf: isinstance(leaf, torch.Tensor) and leaf.device != device)
+    return found is not NOT_FOUND
 
 
 def _first_parameter(module: torch.nn.Module) -> torch.nn.Parameter | None:
