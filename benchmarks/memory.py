@@ -46,7 +46,7 @@ def measure_in_this_process(mode: str) -> dict[str, Any]:
     model = nnsight_pure.NNsight(net)
     ids = torch.randint(0, 1000, (8, 32), generator=torch.Generator().manual_seed(1))
     graph = nnsight_pure.trace(model, lambda m: [m.transformer.h[i].output for i in range(12)])
-    blocks = {str(i): block for i, block in enumerate(net.transformer.h)}
+    blocks: dict[str, torch.nn.Module] = {str(i): block for i, block in enumerate(net.transformer.h)}
 
     def run() -> Any:
         if mode == "plain forward":

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import importlib.util
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import attrs
 import torch
 
 import nnsight_pure
+
+if TYPE_CHECKING:
+    from transformers import GPT2LMHeadModel
 
 Case = Callable[[], Any]
 
@@ -38,12 +41,32 @@ def nnsight_available() -> bool:
     return importlib.util.find_spec("nnsight") is not None
 
 
+def _their_value(proxy: Any) -> Any:
+    """A saved value of nnsight: ``.value`` in 0.4, the value itself from 0.5 on."""
+    return getattr(proxy, "value", proxy)
+
+
+def _their_save_all(nnsight: Any, proxies: list[Any]) -> Any:
+    """Save a list of values in a trace: each ``.save()`` in 0.4; ``nnsight.save(list)``
+    from 0.5 on (a list built inside the block does not come out otherwise)."""
+    if hasattr(nnsight, "save"):
+        return nnsight.save(proxies)
+    return [proxy.save() for proxy in proxies]
+
+
 # --- models ---------------------------------------------------------------------------
 
 
-def tiny() -> torch.nn.Sequential:
+class Tiny(torch.nn.Sequential):
+    """The seed example's two-layer net (attributes typed for mypy)."""
+
+    layer1: torch.nn.Linear
+    layer2: torch.nn.Linear
+
+
+def tiny() -> Tiny:
     torch.manual_seed(423)
-    return torch.nn.Sequential(OrderedDict(layer1=torch.nn.Linear(5, 10), layer2=torch.nn.Linear(10, 2)))
+    return Tiny(OrderedDict(layer1=torch.nn.Linear(5, 10), layer2=torch.nn.Linear(10, 2)))
 
 
 def chain() -> torch.nn.Sequential:
@@ -51,13 +74,13 @@ def chain() -> torch.nn.Sequential:
     return torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(12)])
 
 
-def gpt2() -> torch.nn.Module:
+def gpt2() -> GPT2LMHeadModel:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     config = GPT2Config(n_layer=12, n_embd=256, n_head=8, vocab_size=1000, n_positions=128, use_cache=False)
     model = GPT2LMHeadModel(config)
-    model.eval()
+    torch.nn.Module.eval(model)
     return model
 
 
@@ -134,7 +157,7 @@ def tiny_group() -> Group:
         def their_trace() -> Any:
             with theirs.trace(x):
                 hidden = theirs.layer1.output.save()
-            return getattr(hidden, "value", hidden)
+            return _their_value(hidden)
 
         cases["nnsight trace"] = their_trace
     return Group("tiny", "1. tiny model (Linear(5,10) → Linear(10,2)), one trace saving layer1.output", cases,
@@ -176,7 +199,7 @@ def chain_group() -> Group:
     net = chain()
     model = nnsight_pure.NNsight(net)
     x = torch.rand(1, 16)
-    modules = {str(i): module for i, module in enumerate(net)}
+    modules: dict[str, torch.nn.Module] = {str(i): module for i, module in enumerate(net)}
 
     def hooks() -> Any:
         with HookDict(modules) as seen:
@@ -201,8 +224,8 @@ def chain_group() -> Group:
 
         def their_trace() -> Any:
             with theirs.trace(x):
-                saved = [theirs._envoy[i].output.save() for i in range(12)]
-            return [getattr(proxy, "value", proxy) for proxy in saved]
+                saved = _their_save_all(nnsight, [theirs[i].output for i in range(12)])
+            return [_their_value(proxy) for proxy in saved]
 
         cases["nnsight trace"] = their_trace
     return Group("chain", "2. chain of 12 Linear(16,16), saving all 12 outputs", cases, "hand-written hooks", _same)
@@ -216,7 +239,7 @@ def gpt2_groups() -> list[Group]:
     net = gpt2()
     model = nnsight_pure.NNsight(net)
     ids = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(1))
-    blocks = {str(i): block for i, block in enumerate(net.transformer.h)}
+    blocks: dict[str, torch.nn.Module] = {str(i): block for i, block in enumerate(net.transformer.h)}
 
     def hooks() -> Any:
         with HookDict(blocks) as seen:
@@ -269,14 +292,14 @@ def gpt2_groups() -> list[Group]:
 
         def their_saves() -> Any:
             with theirs.trace(ids):
-                saved = [theirs.transformer.h[i].output.save() for i in range(12)]
-            return [_block_output(getattr(proxy, "value", proxy)) for proxy in saved]
+                saved = _their_save_all(nnsight, [theirs.transformer.h[i].output for i in range(12)])
+            return [_block_output(_their_value(proxy)) for proxy in saved]
 
         def their_zero() -> Any:
             with theirs.trace(ids):
                 theirs.transformer.h[5].output[:] = 0
                 logits = theirs.lm_head.output.save()
-            return getattr(logits, "value", logits)
+            return _their_value(logits)
 
         saves["nnsight trace"] = their_saves
         zeros["nnsight trace"] = their_zero
@@ -326,11 +349,11 @@ def ops_groups(counts: tuple[int, ...] = (10, 100, 1000)) -> list[Group]:
 
             def their_trace(count: int = count) -> Any:
                 with theirs.trace(x):
-                    value = theirs._envoy[5].output
+                    value = theirs[5].output
                     for _ in range(count):
                         value = value * 1.0001
                     saved = value.save()
-                return getattr(saved, "value", saved)
+                return _their_value(saved)
 
             cases["nnsight trace"] = their_trace
         groups.append(Group(f"ops_{count}", f"4. one trace recording {count} chained ops on one activation", cases,

@@ -22,7 +22,7 @@ import pathlib
 from contextvars import Token
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
-from ..arguments import Ref, freeze
+from ..arguments import _ATOMS, Ref, freeze
 from ..errors import TraceError
 from ..graph import Graph, SourceLoc, saved_refs
 from ..ops import Bridge, Call, Cond, Export, Iterate, Op, Stop
@@ -129,15 +129,22 @@ class GraphContext:
         """Append ``op`` applied to ``args``/``kwargs`` and return a proxy of its value."""
         if not self._open:
             raise TraceError(f"the block opened at {short(self._where)} is not open")
-        argument = self._argument
-        frozen_args = tuple([freeze(arg, Proxy, argument) for arg in args])
-        frozen_kwargs = {name: freeze(value, Proxy, argument) for name, value in kwargs.items()} if kwargs else None
+        frozen_args = tuple([self._frozen(arg) for arg in args])
+        frozen_kwargs = {name: self._frozen(value) for name, value in kwargs.items()} if kwargs else None
         trace = self._trace
         invoke = None if trace is None else trace._invoke
         self._graph, ref = self._graph.add(op, frozen_args, frozen_kwargs, source or user_location(), invoke)
         if trace is None or trace._fake_mode is None:
             return Proxy(self, ref)
         return Proxy(self, ref, fake=trace._fake_of(op, args, kwargs or {}, invoke))
+
+    def _frozen(self, arg: Any) -> object:
+        """`freeze` with the usual cases first: this block's own proxies, plain numbers."""
+        if type(arg) is Proxy and arg._context is self and arg._pending is None:
+            return arg._ref
+        if type(arg) in _ATOMS:
+            return arg
+        return freeze(arg, Proxy, self._argument)
 
     _runs = True  # a scan or an edit never runs its graph
     _why_no_run = ""
