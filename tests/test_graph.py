@@ -26,7 +26,7 @@ from nnsight_pure.arguments import (
 )
 from nnsight_pure.graph import Graph, GraphError, Node, add, check_graph, saved_refs, use_counts, users
 from nnsight_pure.ops import Call, CallMethod, ModuleGet, ModuleSet, Op, Save, Stop
-from nnsight_pure.plan import compile_plan, is_inplace, plan_for
+from nnsight_pure.plan import compile_plan, is_inplace, plan_for, structure_key
 from nnsight_pure.printing import format_graph
 
 
@@ -198,7 +198,53 @@ def test_format_graph_is_the_same_in_another_process_and_hash_seed() -> None:
 def test_plans_are_cached_per_graph_value() -> None:
     g = build()
     assert plan_for(g) is plan_for(g)
-    assert plan_for(build()) is not None
+    assert plan_for(build()) is plan_for(g)  # an equal graph built again shares it
+
+
+def _scaled(constant: object, fn: Any = operator.mul) -> Graph:
+    g, h = Graph().add(ModuleGet("layer1", "output"))
+    g, r = g.add(Call(fn), (h, constant))
+    return g.add(Save(), (r,))[0]
+
+
+def test_plans_are_shared_by_structure_not_by_constants() -> None:
+    ones, twos = TensorConst(torch.ones(3)), TensorConst(torch.full((3,), 2.0))
+    assert plan_for(_scaled(ones)) is plan_for(_scaled(twos))  # tensors are read from each graph
+    assert structure_key(_scaled(ones)) == structure_key(_scaled(twos))
+    # Immutable constants are part of the structure (a plan may hold them).
+    assert plan_for(_scaled(2)) is not plan_for(_scaled(3))
+    assert plan_for(_scaled(2)) is not plan_for(_scaled(2.0))
+    assert structure_key(_scaled("tensor")) != structure_key(_scaled(ones))  # no marker collides with a string
+    assert plan_for(_scaled(2, operator.add)) is not plan_for(_scaled(2))
+    # A closure could pin large objects in the table: such graphs keep their plan to themselves.
+    big = torch.ones(1000)
+    closure = lambda value, other: value * other + big  # noqa: E731
+    assert structure_key(_scaled(2, closure)) is None
+    assert plan_for(_scaled(2, closure)) is not plan_for(_scaled(2, closure))
+
+
+def test_a_shared_plan_runs_each_graph_with_its_own_constants() -> None:
+    from nnsight_pure.batching import BatchGroups
+    from nnsight_pure.interpreter import run_trace
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    x = torch.rand(1, 3)
+    graphs = [_on_linear(value) for value in (1.0, 2.0, 3.0)]
+    assert plan_for(graphs[0]) is plan_for(graphs[2])
+    for value, graph in zip((1.0, 2.0, 3.0), graphs):
+        results, _ = run_trace(graph, net, _interleave, net, (x,), {}, BatchGroups.from_sizes([1]))
+        assert torch.equal(results.values[1], net(x) * value)
+
+
+def _on_linear(value: float) -> Graph:
+    g, h = Graph().add(ModuleGet("0", "output"))
+    g, r = g.add(Call(operator.mul), (h, TensorConst(torch.full((3,), value))))
+    return g.add(Save(), (r,))[0]
+
+
+def _interleave(interleaver: Any, *args: Any, fn: Any, **kwargs: Any) -> Any:
+    with interleaver:
+        return fn(*args, **kwargs)
 
 
 def test_plan_lists_hook_sites_and_frees() -> None:
