@@ -239,9 +239,13 @@ class _Run:
                 if code == EXEC:
                     if step.guard is not None and frame.shifted(step.guard[0]) != self.current:
                         raise self._out_of_order(frame, step, step.guard[1])
-                    args, kwargs = step.resolve(env, nodes)
-                    assert step.run is not None
-                    env[step.index] = step.run(self, args, kwargs)
+                    direct = step.direct
+                    if direct is not None:
+                        env[step.index] = direct(env)
+                    else:
+                        args, kwargs = step.resolve(env, nodes)
+                        assert step.run is not None
+                        env[step.index] = step.run(self, args, kwargs)
                 elif code == GET:
                     value, _ = yield (WAIT_EVENT, frame.key_of(step), step.index, frame.open_ended)
                     if value is _END:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Literal, Sequence, Union
 import attrs
 
 from .arguments import _ATOMS, DictConst, ListConst, Opaque, Ref, SliceConst, TensorConst, TupleOf, refs_in, structural_key, thaw
-from .graph import Graph, Node, check_graph, node_refs, saved_refs, use_counts
+from .graph import _NO_KWARGS, Graph, Node, check_graph, node_refs, saved_refs, use_counts
 from .ops import (
     AccessKind,
     ApplyModule,
@@ -110,7 +110,7 @@ class Step:
     varies (tensor constants, source lines, bodies) from its own graph.
     """
 
-    __slots__ = ("index", "code", "key", "kind", "invoke", "run", "resolve", "release",
+    __slots__ = ("index", "code", "key", "kind", "invoke", "run", "resolve", "direct", "release",
                  "foreign", "after", "unused", "guard", "reads", "body", "exports", "param", "program")
 
     def __init__(
@@ -129,6 +129,7 @@ class Step:
         self.index = index
         self.code = code
         self.resolve = resolve
+        self.direct: Callable[[list[Any]], Any] | None = None  # a plain call, straight from the environment
         self.key = key
         self.kind = kind
         self.invoke = invoke
@@ -370,6 +371,7 @@ def _step(graph: Graph, node: Node) -> Step:
             return Step(index, TRACE, resolve, invoke=invoke)
         case Call() | CallMethod() | GetAttr() | SetAttr() | ModuleAttr() | ApplyModule():
             step = Step(index, EXEC, resolve, run=op_function(node.op), invoke=invoke)
+            step.direct = _direct_call(node)
             reads = set()
             for ref in node_refs(node):
                 access = _aliased_access(graph, ref)
@@ -381,6 +383,36 @@ def _step(graph: Graph, node: Node) -> Step:
                 if access is not None:
                     step.guard = (_event_of(access), access.ref.index)
             return step
+
+
+def _direct_call(node: Node) -> Callable[[list[Any]], Any] | None:
+    """For the most common node, a function or method on one or two values
+    (``h * 2``, ``a + b``, ``h.sum()``), one closure from the environment to
+    the value: no argument tuples on the hot path."""
+    op = node.op
+    head = node.args[0] if node.args else None
+    if node.kwargs or not 1 <= len(node.args) <= 2 or not isinstance(head, Ref):
+        return None
+    first = head.index
+    if len(node.args) == 1:
+        if type(op) is Call:
+            fn1 = op.fn
+            return lambda env: fn1(env[first])
+        if type(op) is CallMethod:
+            name = op.name
+            return lambda env: getattr(env[first], name)()
+        return None
+    second = node.args[1]
+    if type(op) is not Call:
+        return None
+    fn = op.fn
+    if type(second) is Ref:
+        other = second.index
+        return lambda env: fn(env[first], env[other])
+    if _bakeable(second):
+        constant = thaw(second, ())
+        return lambda env: fn(env[first], constant)
+    return None
 
 
 def _accesses(step: Step) -> list[tuple[EventKey, bool]]:
@@ -626,8 +658,17 @@ def _node_key(node: Node) -> object:
             return _NOT_SHARED
         fields = tuple(getattr(op, field.name) for field in attrs.fields(type(op)) if field.name != "body")
         op_key: object = (type(op), body, fields)
-    elif isinstance(op, Call) and not _shareable(op.fn):
-        return _NOT_SHARED
+    elif type(op) is Call:
+        fn = op.fn
+        try:
+            known = fn in _SHAREABLE
+        except TypeError:  # an unhashable callable
+            return _NOT_SHARED
+        if not known:
+            if not _shareable(fn):
+                return _NOT_SHARED  # (not remembered: that would keep a closure alive)
+            _SHAREABLE.add(fn)
+        op_key = (Call, fn)
     else:
         op_key = _op_key(op)
     args = node.args
@@ -635,14 +676,21 @@ def _node_key(node: Node) -> object:
         args_key: object = _arg_key(args[0])
     else:
         args_key = tuple([_arg_key(arg) for arg in args])
-    kwargs = tuple([(name, _arg_key(node.kwargs[name])) for name in node.kwargs]) if node.kwargs else ()
-    return (op_key, args_key, kwargs, node.invoke)
+    kwargs = node.kwargs
+    if kwargs is _NO_KWARGS:
+        return (op_key, args_key, (), node.invoke)
+    return (op_key, args_key, tuple([(name, _arg_key(kwargs[name])) for name in kwargs]), node.invoke)
+
+
+_SHAREABLE: set[Any] = set()  # callables a table may hold (they hold nothing large, by the same test)
 
 
 def _arg_key(arg: object) -> object:
     kind = type(arg)
     if kind is Ref:
         return -1 - arg.index  # type: ignore[attr-defined]  # a Ref (negative: no atom key is an int)
+    if kind is float:
+        return (float, arg.hex())  # type: ignore[attr-defined]  # as structural_key, inlined: the usual constant
     if kind in _ATOMS:
         return structural_key(arg)
     if kind is tuple:
