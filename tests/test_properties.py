@@ -141,3 +141,53 @@ def test_running_one_graph_twice_gives_the_same_results(program: list[tuple[str,
     # ... and the same as the context manager's own run.
     assert sorted(values) == sorted(first.values)
     assert all(torch.equal(values[i], first.values[i]) for i in values)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    steps=st.lists(
+        st.tuples(st.sampled_from(["mul", "add", "sub_tensor", "getitem", "sum"]), st.sampled_from(["layer1", "layer2"])),
+        min_size=1, max_size=6,
+    ),
+    seeds=st.tuples(st.integers(0, 99), st.integers(0, 99)),
+)
+def test_graphs_sharing_a_plan_run_with_their_own_constants(steps: list[tuple[str, str]], seeds: tuple[int, int]) -> None:
+    """Two traces of one program with different tensor constants share a plan,
+    and each gives exactly what a plan compiled for it alone gives."""
+    import nnsight_pure.plan as plans
+
+    model = nnsight.NNsight(tiny_net())
+    x = torch.rand(2, 5, generator=torch.Generator().manual_seed(7))
+
+    def program(seed: int) -> Any:
+        constant = torch.rand(10, generator=torch.Generator().manual_seed(seed))
+
+        def fn(m: Any) -> Any:
+            outputs = []
+            for kind, path in steps:
+                value = getattr(m, path).output
+                width = 10 if path == "layer1" else 2
+                if kind == "mul":
+                    value = value * constant[:width]
+                elif kind == "add":
+                    value = value + float(seed)
+                elif kind == "sub_tensor":
+                    value = torch.sub(value, constant[:width], alpha=2)
+                elif kind == "getitem":
+                    value = value[:, seed % width]
+                else:
+                    value = value.sum(-1)
+                outputs.append(value)
+            return outputs
+
+        return nnsight.trace(model, fn)
+
+    first, second = program(seeds[0]), program(seeds[1])
+    shared = [nnsight.run(model, graph, x).outputs for graph in (first, second)]
+    if seeds[0] == seeds[1] or "add" not in [kind for kind, _ in steps] and "getitem" not in [kind for kind, _ in steps]:
+        assert plans.plan_for(first) is plans.plan_for(second)
+    for graph, got in zip((first, second), shared):
+        alone = plans.compile_plan(graph)  # a private plan, shared with nothing
+        object.__setattr__(graph, "_plan", alone)
+        expected = nnsight.run(model, graph, x).outputs
+        assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
