@@ -185,6 +185,13 @@ class _Program:
 class _Run:
     """The mutable state of one run of a graph (never shared between runs)."""
 
+    # Defaults (reassigned, never mutated in place; a run is made per trace).
+    current: EventKey | None = None  # the hook event being handled
+    activation: Any = None
+    swapped = False
+    failed: BaseException | None = None
+    ended = False  # the model's method has returned
+
     def __init__(
         self,
         plan: Plan,
@@ -200,19 +207,14 @@ class _Run:
         self.groups = groups
         self.trace_runner = trace_runner
         self.frame = _Frame(plan, graph, captures, None, keep)
-        self.current: EventKey | None = None
-        self.activation: Any = None
-        self.swapped = False
         self.kept: dict[EventKey, Any] = {}
         self.readers = dict(plan.readers)
         self.calls: dict[tuple[str, Site], int] = {}
-        self.failed: BaseException | None = None
         # Rows of invokes handed out as views: id(view) -> (view, base, start, size),
         # so that a gradient hook goes on the tensor the model actually uses.
         self.views: dict[int, tuple[weakref.ref[torch.Tensor], weakref.ref[torch.Tensor], int, int]] = {}
         self.grad_hooks: list[RemovableHandle] = []
         self.latest: dict[tuple[str, Site], EventKey] = {}  # the kept call of each dynamic site
-        self.ended = False  # the model's method has returned
         self.missed: list[EventKey] = []  # calls a loop over calls waited for in vain
         self.thread = threading.get_ident()
         self._modules: dict[str, torch.nn.Module] = {}

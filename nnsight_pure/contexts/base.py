@@ -40,26 +40,32 @@ if TYPE_CHECKING:
     from .tracer import Tracer
 
 
+_EMPTY = Graph()  # every block starts from it (a value: sharing it is safe)
+
+
 class GraphContext:
     """A `with` block that records operations into its own graph value."""
 
+    # Defaults of the state every block starts with (reassigned, never mutated
+    # in place, so they can live on the class: a trace is made per call).
+    _open = False
+    _closed = False
+    _ran = False  # the outermost context has run and handed out results
+    _results: Results | None = None
+    _invoke: int | None = None  # the invoke new nodes belong to (traces)
+    _node_ref: Ref | None = None  # our context node in the parent's graph
+    _token: Token[tuple[GraphContext, ...]] | None = None
+
     def __init__(self, handle: ModelHandle, where: SourceLoc | None, parent: GraphContext | None) -> None:
-        self._graph = Graph()
+        self._graph = _EMPTY
         self._handle = handle
         self._where = where
         self._parent = parent
         self._enclosing_trace: Tracer | None = parent._trace if parent is not None else None
-        self._open = False
-        self._closed = False
-        self._ran = False  # the outermost context has run and handed out results
-        self._results: Results | None = None
-        self._invoke: int | None = None  # the invoke new nodes belong to (traces)
         self._captures: list[object] = []  # per bridge slot: the value in the parent's graph
         self._bridges: dict[int, Ref] = {}  # parent node index -> our bridge node
         self._exports: dict[tuple[int, int], Ref] = {}  # (context node, inner node) -> export node
         self._children: list[GraphContext] = []
-        self._node_ref: Ref | None = None  # our context node in the parent's graph
-        self._token: Token[tuple[GraphContext, ...]] | None = None
 
     @property
     def _trace(self) -> Tracer | None:

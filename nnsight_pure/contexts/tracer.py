@@ -40,6 +40,14 @@ def _is_proxy(value: Any) -> bool:
 class Tracer(GraphContext):
     """The context returned by `NNsight.trace`: record interventions, run on exit."""
 
+    _scan = False
+    _validate = False
+    _fake_mode: Any = None  # a FakeTensorMode (scan/validate)
+    _fake_model: NNsight | None = None  # a wrapper of a fake copy (scan/validate)
+    _invoker: Invoker | None = None
+    _implicit: Invoker | None = None
+    _keep_result = False  # keep what the method returns (trace=False)
+
     def __init__(
         self,
         model: NNsight,
@@ -51,10 +59,10 @@ class Tracer(GraphContext):
         validate: bool = False,
     ) -> None:
         super().__init__(model._handle, where, parent)
-        self._scan = scan
-        self._validate = validate
-        self._fake_mode = new_mode() if scan or validate else None
-        self._fake_model: NNsight | None = None  # a wrapper of a fake copy (scan/validate)
+        if scan or validate:
+            self._scan = scan
+            self._validate = validate
+            self._fake_mode = new_mode()
         self._scanned: dict[int | None, dict[EventKey, Any]] = {}
         if model._edits is not None:
             self._graph = model._edits  # the model's edits run first, then this trace's nodes
@@ -66,13 +74,10 @@ class Tracer(GraphContext):
         self._inputs: list[tuple[tuple[Any, ...], dict[str, Any]] | None] = []
         self._prepared: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
         self._sizes: list[int | None] = []
-        self._invoker: Invoker | None = None
-        self._implicit: Invoker | None = None
         self._accesses: dict[tuple[GraphContext, str, AccessKind, int | None, int], Proxy] = {}
         self._offsets: list[tuple[str, int]] = []  # .next(): (module path, calls to skip)
         self._fixed: dict[str, int] = {}  # envoy.iter = n: that module's call, from now on
         self._sticky: list[tuple[EachCallContext, int | None]] = []  # .all() loops (and their invoke)
-        self._keep_result = False  # keep what the method returns (trace=False)
 
     @property
     def _trace(self) -> Tracer:
