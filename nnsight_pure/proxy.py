@@ -18,6 +18,7 @@ import operator
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from .contexts import active
+from .contexts.active import _OPEN
 from .errors import TraceError
 from .ops import Call, CallMethod, GetAttr, Grad, Op, Save, SetAttr, SetGrad, Stop
 from .plan import op_function
@@ -52,10 +53,10 @@ def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 def record(op: Op, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None) -> Any:
     """Add ``op`` to the innermost open context, or, outside any, compute it
     at once on the values of the (finished) proxies among the arguments."""
-    context = active.innermost()
-    if context is None:
+    stack = _OPEN.get()  # (active.innermost(), inlined: on every recorded operation)
+    if not stack:
         return _compute_now(op, args, kwargs or {})
-    return context.record(op, args, kwargs)
+    return stack[-1].record(op, args, kwargs)
 
 
 def _record_grad(op: Op, args: Sequence[Any]) -> Any:

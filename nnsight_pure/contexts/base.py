@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import pathlib
 from contextvars import Token
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence, cast
 
 from ..arguments import _ATOMS, Ref, freeze
 from ..errors import TraceError
@@ -55,6 +55,7 @@ class GraphContext:
     _invoke: int | None = None  # the invoke new nodes belong to (traces)
     _node_ref: Ref | None = None  # our context node in the parent's graph
     _token: Token[tuple[GraphContext, ...]] | None = None
+    _is_trace = False  # True for a Tracer (which records into itself)
 
     def __init__(self, handle: ModelHandle, where: SourceLoc | None, parent: GraphContext | None) -> None:
         self._graph = _EMPTY
@@ -137,7 +138,7 @@ class GraphContext:
             raise TraceError(f"the block opened at {short(self._where)} is not open")
         frozen_args = tuple([self._frozen(arg) for arg in args])
         frozen_kwargs = {name: self._frozen(value) for name, value in kwargs.items()} if kwargs else None
-        trace = self._trace
+        trace = cast("Tracer", self) if self._is_trace else self._enclosing_trace  # `_trace`, sans property call
         invoke = None if trace is None else trace._invoke
         self._graph, ref = self._graph.add(op, frozen_args, frozen_kwargs, source or user_location(), invoke)
         if trace is None or trace._fake_mode is None:

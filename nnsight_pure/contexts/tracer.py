@@ -40,6 +40,7 @@ def _is_proxy(value: Any) -> bool:
 class Tracer(GraphContext):
     """The context returned by `NNsight.trace`: record interventions, run on exit."""
 
+    _is_trace = True
     _scan = False
     _validate = False
     _fake_mode: Any = None  # a FakeTensorMode (scan/validate)
