@@ -205,6 +205,8 @@ class _Run:
         self.plan = plan
         self.root = root
         self.groups = groups
+        # One invoke over the whole batch (or none): no access ever needs narrowing.
+        self.whole_batch = all(groups.rows(invoke) is None for invoke in range(len(groups.groups)))
         self.trace_runner = trace_runner
         self.frame = _Frame(plan, graph, captures, None, keep)
         self.kept: dict[EventKey, Any] = {}
@@ -249,10 +251,15 @@ class _Run:
                         assert step.run is not None
                         env[step.index] = step.run(self, args, kwargs)
                 elif code == GET:
-                    value, _ = yield (WAIT_EVENT, frame.key_of(step), step.index, frame.open_ended)
+                    key = step.key if not frame.offsets else frame.key_of(step)
+                    value, _ = yield (WAIT_EVENT, key, step.index, frame.open_ended)
                     if value is _END:
                         raise _CallsEnded()
-                    env[step.index] = narrow_rows(_extract(value, step), self.groups, step.invoke, self._remember_view)
+                    if step.kind == "input":
+                        value = _extract(value, step)
+                    if not self.whole_batch:
+                        value = narrow_rows(value, self.groups, step.invoke, self._remember_view)
+                    env[step.index] = value
                 elif code == HOOK:
                     # The node's own step (GRAD/SETGRAD) runs when the hook fires.
                     args, _ = step.resolve(env, nodes)
