@@ -22,8 +22,10 @@ import torch
 
 import nnsight_pure
 from benchmarks import memory
-from benchmarks.harness import Stats, measure
-from benchmarks.scenarios import Group, chain_group, gpt2_groups, nnsight_available, ops_groups, tiny_group, tiny_loop_group
+from benchmarks.harness import Stats, quartiles, measure
+from benchmarks.scenarios import (
+    Group, chain_group, gpt2_groups, nnsight_available, ops_groups, ops_slope_group, tiny_group, tiny_loop_group,
+)
 
 TARGETS = {
     ("tiny", "nnsight_pure trace"): 2.0,
@@ -107,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         groups.extend(gpt2_groups())
     if "ops" in wanted:
         groups.extend(ops_groups())
+        groups.append(ops_slope_group())
 
     results: dict[str, dict[str, Stats]] = {}
     started = time.perf_counter()
@@ -128,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
               f"* wall time: {time.perf_counter() - started:.0f} s", ""]
     lines += _summary(results, memory_result)
     for group in groups:
-        lines += _table(group, results[group.name])
-    if any(name.startswith("ops_") for name in results):
-        lines += _ops_table(results)
+        if group.name != "ops_slope":
+            lines += _table(group, results[group.name])
+    lines += _ops_table(results)
     if memory_result is not None:
         lines += _memory_table(memory_result)
     pathlib.Path(options.out).write_text("\n".join(lines) + "\n")
@@ -138,26 +141,44 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _op_slopes(results: dict[str, dict[str, Stats]]) -> dict[str, float]:
-    """Per tool: (T(1000) - T(100)) / 900 µs per recorded op."""
-    if "ops_100" not in results or "ops_1000" not in results:
+def _op_slopes(results: dict[str, dict[str, Stats]]) -> dict[str, tuple[float, float]]:
+    """Per tool: the median and IQR over rounds of its slope from N=100 to
+    N=1000 (µs per op), both counts measured in the same round."""
+    group = results.get("ops_slope")
+    if group is None:
         return {}
-    return {
-        name: (results["ops_1000"][name].median_us - results["ops_100"][name].median_us) / 900
-        for name in results["ops_100"]
-    }
+    slopes: dict[str, tuple[float, float]] = {}
+    for name in group:
+        if not name.endswith(", N=100"):
+            continue
+        tool = name.removesuffix(", N=100")
+        per_round = [(big - small) / 900 for small, big in zip(group[name].rounds_us, group[f"{tool}, N=1000"].rounds_us)]
+        q1, median, q3 = quartiles(per_round)
+        slopes[tool] = (median, q3 - q1)
+    return slopes
+
+
+def _beyond(results: dict[str, dict[str, Stats]], tool: str) -> tuple[float, float]:
+    """Median and IQR over rounds of (tool's slope - the hooks' slope)."""
+    group = results["ops_slope"]
+
+    def per_round(name: str) -> list[float]:
+        return [(big - small) / 900 for small, big in zip(group[f"{name}, N=100"].rounds_us, group[f"{name}, N=1000"].rounds_us)]
+
+    q1, median, q3 = quartiles([ours - floor for ours, floor in zip(per_round(tool), per_round("hand-written hooks"))])
+    return median, q3 - q1
 
 
 def _ops_table(results: dict[str, dict[str, Stats]]) -> list[str]:
     slopes = _op_slopes(results)
     if not slopes:
         return []
-    floor = slopes["hand-written hooks"]
-    lines = ["### 4b. cost per recorded op", "",
-             "| case | µs per op (slope from N=100 to N=1000) | beyond the op's own compute (minus the hooks' slope) µs |",
+    lines = ["### 4b. cost per recorded op (N = 100 and 1000 timed in the same rounds)", "",
+             "| case | µs per op: median of per-round slopes (IQR) | beyond the op's own compute (minus the hooks' slope, per round) µs |",
              "|---|---|---|"]
-    for name, slope in slopes.items():
-        lines.append(f"| {name} | {slope:.2f} | {slope - floor:.2f} |")
+    for tool, (slope, iqr) in slopes.items():
+        beyond, spread = _beyond(results, tool)
+        lines.append(f"| {tool} | {slope:.2f} ({iqr:.2f}) | {beyond:.2f} ({spread:.2f}) |")
     return lines + [""]
 
 
@@ -176,9 +197,8 @@ def _summary(results: dict[str, dict[str, Stats]], memory_result: dict[str, floa
         if group in results:
             ratio = results[group][case].ratio
             lines.append(f"| {group}: {case} ≤ {target:.1f}× hooks | {ratio:.2f}× | {'yes' if ratio <= target else 'no'} |")
-    slopes = _op_slopes(results)
-    if slopes:
-        beyond = slopes["nnsight_pure trace"] - slopes["hand-written hooks"]
+    if "ops_slope" in results:
+        beyond, _ = _beyond(results, "nnsight_pure trace")
         lines.append(f"| recording ≤ {OP_TARGET_US:.0f} µs per op beyond its compute | {beyond:.2f} µs | "
                      f"{'yes' if beyond <= OP_TARGET_US else 'no'} |")
     if memory_result is not None:

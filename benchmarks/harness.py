@@ -44,7 +44,7 @@ def _calibrate(fn: Callable[[], Any], target_s: float) -> int:
         k *= 4
 
 
-def _quartiles(values: list[float]) -> tuple[float, float, float]:
+def quartiles(values: list[float]) -> tuple[float, float, float]:
     ordered = sorted(values)
     if len(ordered) < 4:
         middle = statistics.median(ordered)
@@ -90,9 +90,9 @@ def measure(
     result: dict[str, Stats] = {}
     base = round_medians[baseline]
     for name in names:
-        q1, median, q3 = _quartiles(samples_us[name])
+        q1, median, q3 = quartiles(samples_us[name])
         ratios = [case / ref for case, ref in zip(round_medians[name], base)]
-        r1, ratio, r3 = _quartiles(ratios)
+        r1, ratio, r3 = quartiles(ratios)
         delta = statistics.median(case - ref for case, ref in zip(round_medians[name], base))
         result[name] = Stats(median, q3 - q1, tuple(round_medians[name]), ratio, r3 - r1, delta)
     return result

@@ -309,53 +309,74 @@ def gpt2_groups() -> list[Group]:
     ]
 
 
-def ops_groups(counts: tuple[int, ...] = (10, 100, 1000)) -> list[Group]:
-    """N chained ``x = x * 1.0001`` on one activation (the chain's 6th output)."""
-    net = chain()
+def _ops_cases(count: int, net: torch.nn.Sequential, theirs: Any) -> dict[str, Case]:
+    """``count`` chained ``x = x * 1.0001`` on one activation (the chain's 6th output)."""
     model = nnsight_pure.NNsight(net)
-    x = torch.rand(1, 16)
-    groups = []
-    for count in counts:
+    x = torch.rand(1, 16, generator=torch.Generator().manual_seed(3))
 
-        def hooks(count: int = count) -> Any:
-            result: list[Any] = []
+    def hooks() -> Any:
+        result: list[Any] = []
 
-            def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-                value = output
-                for _ in range(count):
-                    value = value * 1.0001
-                result.append(value)
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            value = output
+            for _ in range(count):
+                value = value * 1.0001
+            result.append(value)
 
-            handle = net[5].register_forward_hook(hook)
-            try:
-                net(x)
-            finally:
-                handle.remove()
-            return result[0]
+        handle = net[5].register_forward_hook(hook)
+        try:
+            net(x)
+        finally:
+            handle.remove()
+        return result[0]
 
-        def trace(count: int = count) -> Any:
-            with model.trace(x):
-                value = model[5].output
+    def trace() -> Any:
+        with model.trace(x):
+            value = model[5].output
+            for _ in range(count):
+                value = value * 1.0001
+            saved = value.save()
+        return saved.value
+
+    cases: dict[str, Case] = {"hand-written hooks": hooks, "nnsight_pure trace": trace}
+    if theirs is not None:
+
+        def their_trace() -> Any:
+            with theirs.trace(x):
+                value = theirs[5].output
                 for _ in range(count):
                     value = value * 1.0001
                 saved = value.save()
-            return saved.value
+            return _their_value(saved)
 
-        cases: dict[str, Case] = {"hand-written hooks": hooks, "nnsight_pure trace": trace}
-        if nnsight_available():
-            import nnsight
+        cases["nnsight trace"] = their_trace
+    return cases
 
-            theirs = nnsight.NNsight(chain())
 
-            def their_trace(count: int = count) -> Any:
-                with theirs.trace(x):
-                    value = theirs[5].output
-                    for _ in range(count):
-                        value = value * 1.0001
-                    saved = value.save()
-                return _their_value(saved)
+def _their_chain() -> Any:
+    if not nnsight_available():
+        return None
+    import nnsight
 
-            cases["nnsight trace"] = their_trace
-        groups.append(Group(f"ops_{count}", f"4. one trace recording {count} chained ops on one activation", cases,
-                            "hand-written hooks", _same))
-    return groups
+    return nnsight.NNsight(chain())
+
+
+def ops_groups(counts: tuple[int, ...] = (10, 100, 1000)) -> list[Group]:
+    """4: one group per N, each case against the hooks doing the same N ops."""
+    net, theirs = chain(), _their_chain()
+    return [
+        Group(f"ops_{count}", f"4. one trace recording {count} chained ops on one activation",
+              _ops_cases(count, net, theirs), "hand-written hooks", _same)
+        for count in counts
+    ]
+
+
+def ops_slope_group() -> Group:
+    """4b: N = 100 and N = 1000 of every tool in one group, so that each round
+    gives a slope (µs per op) measured moments apart for every tool."""
+    net, theirs = chain(), _their_chain()
+    cases: dict[str, Case] = {}
+    for count in (100, 1000):
+        for name, case in _ops_cases(count, net, theirs).items():
+            cases[f"{name}, N={count}"] = case
+    return Group("ops_slope", "4b. cost per recorded op", cases, "hand-written hooks, N=1000", lambda a, b: True)
