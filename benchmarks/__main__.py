@@ -16,7 +16,6 @@ import pathlib
 import platform
 import sys
 import time
-from typing import Any
 
 import torch
 

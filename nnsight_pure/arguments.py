@@ -147,7 +147,7 @@ class Opaque:
         return f"<{type(self.value).__name__}>"
 
 
-_ATOMS: frozenset[type] = frozenset(
+ATOMS: frozenset[type] = frozenset(
     {int, float, bool, complex, str, bytes, type(None), type(Ellipsis), torch.dtype,
      torch.device, torch.Size, torch.layout, torch.memory_format}
 )
@@ -197,7 +197,7 @@ def freeze(value: object, proxy_type: type, to_ref: Callable[[Any], object]) -> 
     lists, dicts and slices get their frozen wrappers.
     """
     kind = type(value)
-    if kind in _ATOMS:
+    if kind in ATOMS:
         return value
     if isinstance(value, proxy_type):
         return to_ref(value)
@@ -226,18 +226,22 @@ def freeze(value: object, proxy_type: type, to_ref: Callable[[Any], object]) -> 
     return value
 
 
-def is_static(arg: object) -> bool:
-    """True when an argument holds no `Ref` and thaws to an immutable value,
-    so it can be thawed once and reused by every run."""
-    if type(arg) is Ref or type(arg) is ListConst or type(arg) is DictConst:
-        return False
-    if type(arg) is tuple:
-        return all(is_static(item) for item in arg)
-    if type(arg) is SliceConst:
-        return is_static(arg.start) and is_static(arg.stop) and is_static(arg.step)
-    if type(arg) is TupleOf:
-        return all(is_static(item) for item in arg.items)
-    return True
+def is_plain_constant(arg: object) -> bool:
+    """True for an immutable constant made of atoms only (numbers, strings,
+    dtypes, ..., in tuples and slices): equal ones are interchangeable, so
+    it can be thawed once and shared by every graph of the same structure.
+    Tensors, lists, dicts and other objects are not: each run thaws its
+    graph's own."""
+    kind = type(arg)
+    if kind in ATOMS:
+        return True
+    if kind is tuple:
+        return all(is_plain_constant(item) for item in arg)  # type: ignore[attr-defined]  # a tuple
+    if kind is SliceConst:
+        return is_plain_constant(arg.start) and is_plain_constant(arg.stop) and is_plain_constant(arg.step)  # type: ignore[attr-defined]
+    if kind is TupleOf:
+        return all(is_plain_constant(item) for item in arg.items)  # type: ignore[attr-defined]
+    return False
 
 
 def _rebuild_tuple(cls: type, items: tuple[object, ...]) -> object:

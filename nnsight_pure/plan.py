@@ -26,7 +26,7 @@ from typing import Any, Callable, Literal, Sequence, Union
 
 import attrs
 
-from .arguments import _ATOMS, DictConst, ListConst, Opaque, Ref, SliceConst, TensorConst, TupleOf, refs_in, structural_key, thaw
+from .arguments import ATOMS, DictConst, is_plain_constant, ListConst, Ref, SliceConst, TensorConst, TupleOf, refs_in, structural_key, thaw
 from .graph import _NO_KWARGS, Graph, Node, check_graph, node_refs, saved_refs, use_counts
 from .ops import (
     AccessKind,
@@ -173,19 +173,6 @@ class Plan:
 # --- resolving arguments -------------------------------------------------------------
 
 
-def _bakeable(arg: object) -> bool:
-    """An argument a shared plan may hold: an immutable value that the
-    structure key holds too (so every graph sharing the plan has it)."""
-    kind = type(arg)
-    if kind in _ATOMS:
-        return True
-    if kind is tuple:
-        return all(_bakeable(item) for item in arg)  # type: ignore[attr-defined]  # a tuple
-    if kind is SliceConst:
-        return _bakeable(arg.start) and _bakeable(arg.stop) and _bakeable(arg.step)  # type: ignore[attr-defined]
-    return False
-
-
 def _resolver(node: Node) -> Resolver:
     """How to get the node's (args, kwargs) at run time.
 
@@ -196,26 +183,13 @@ def _resolver(node: Node) -> Resolver:
     index = node.ref.index
     args = tuple(node.args)
     names = tuple(node.kwargs.keys()) if node.kwargs else ()
-    if all(_bakeable(arg) for arg in args) and all(_bakeable(node.kwargs[name]) for name in names):
+    if all(is_plain_constant(arg) for arg in args) and all(is_plain_constant(node.kwargs[name]) for name in names):
         const_args = tuple(thaw(arg, ()) for arg in args)
         const_kwargs = {name: thaw(node.kwargs[name], ()) for name in names}
         if not const_kwargs:
             return lambda env, nodes: (const_args, {})
         return lambda env, nodes: (const_args, dict(const_kwargs))
-    if not names and all(type(arg) is Ref or _bakeable(arg) for arg in args):
-        if len(args) == 1:
-            only = args[0]
-            assert type(only) is Ref
-            first = only.index
-            return lambda env, nodes: ((env[first],), {})
-        if len(args) == 2 and type(args[0]) is Ref:
-            left = args[0].index
-            right = args[1]
-            if type(right) is Ref:
-                other = right.index
-                return lambda env, nodes: ((env[left], env[other]), {})
-            constant = thaw(right, ())
-            return lambda env, nodes: ((env[left], constant), {})
+    if not names and all(type(arg) is Ref or is_plain_constant(arg) for arg in args):
         parts = tuple((arg.index, None) if type(arg) is Ref else (-1, thaw(arg, ())) for arg in args)
         return lambda env, nodes: (tuple(env[i] if i >= 0 else c for i, c in parts), {})
 
@@ -409,7 +383,7 @@ def _direct_call(node: Node) -> Callable[[list[Any]], Any] | None:
     if type(second) is Ref:
         other = second.index
         return lambda env: fn(env[first], env[other])
-    if _bakeable(second):
+    if is_plain_constant(second):
         constant = thaw(second, ())
         return lambda env: fn(env[first], constant)
     return None
@@ -691,7 +665,7 @@ def _arg_key(arg: object) -> object:
         return -1 - arg.index  # type: ignore[attr-defined]  # a Ref (negative: no atom key is an int)
     if kind is float:
         return (float, arg.hex())  # type: ignore[attr-defined]  # as structural_key, inlined: the usual constant
-    if kind in _ATOMS:
+    if kind in ATOMS:
         return structural_key(arg)
     if kind is tuple:
         return ("tuple", tuple(_arg_key(item) for item in arg))  # type: ignore[attr-defined]  # a tuple

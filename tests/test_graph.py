@@ -21,7 +21,7 @@ from nnsight_pure.arguments import (
     TensorConst,
     TupleOf,
     freeze,
-    is_static,
+    is_plain_constant,
     thaw,
 )
 from nnsight_pure.graph import Graph, GraphError, Node, add, check_graph, saved_refs, use_counts, users
@@ -109,11 +109,12 @@ def test_unhashable_constants_become_opaque() -> None:
 
 
 def test_static_arguments() -> None:
-    assert is_static((1, SliceConst(None, 2, None)))
-    assert not is_static((1, Ref(0)))
-    assert not is_static(ListConst((1,)))  # a fresh list per run
-    assert not is_static(DictConst((("a", 1),)))
-    assert is_static(TupleOf(tuple, (1,)))
+    assert is_plain_constant((1, SliceConst(None, 2, None)))
+    assert not is_plain_constant((1, Ref(0)))
+    assert not is_plain_constant(ListConst((1,)))  # a fresh list per run
+    assert not is_plain_constant(DictConst((("a", 1),)))
+    assert is_plain_constant(TupleOf(tuple, (1,)))
+    assert not is_plain_constant(TensorConst(torch.ones(1)))  # each graph's own tensor, never shared
 
 
 def test_check_graph_rejects_forward_references() -> None:

@@ -22,7 +22,7 @@ import pathlib
 from contextvars import Token
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence, cast
 
-from ..arguments import _ATOMS, Ref, freeze
+from ..arguments import ATOMS, Ref, freeze
 from ..errors import TraceError
 from ..graph import Graph, SourceLoc, saved_refs
 from ..ops import Bridge, Call, Cond, Export, Iterate, Op, Stop
@@ -149,7 +149,7 @@ class GraphContext:
         """`freeze` with the usual cases first: this block's own proxies, plain numbers."""
         if type(arg) is Proxy and arg._context is self and arg._pending is None:
             return arg._ref
-        if type(arg) in _ATOMS:
+        if type(arg) in ATOMS:
             return arg
         return freeze(arg, Proxy, self._argument)
 
