@@ -22,6 +22,7 @@ from .util import WrapperModule as WrapperModule
 from .errors import MissedCallsWarning as MissedCallsWarning
 from .errors import OutOfOrderError as OutOfOrderError
 from .errors import GraphvizNotFoundError as GraphvizNotFoundError
+from .errors import SweepError as SweepError
 from .errors import TraceError as TraceError
 from .errors import UnexecutedInterventionWarning as UnexecutedInterventionWarning
 from .graph import Graph as Graph
@@ -48,6 +49,9 @@ from .passes import prune as prune
 from .serialize import SerializationError as SerializationError
 from .serialize import from_json as from_json
 from .serialize import to_json as to_json
+from . import reducers as reducers
+from .sweeps import SweepResults as SweepResults
+from .sweeps import sweep as sweep
 from .functions import apply as apply
 from .functions import bool as bool
 from .functions import cond as cond
@@ -81,6 +85,8 @@ __all__ = [
     "SerializationError",
     "Session",
     "SourceLoc",
+    "SweepError",
+    "SweepResults",
     "TraceError",
     "Tracer",
     "UnexecutedInterventionWarning",
@@ -104,6 +110,7 @@ __all__ = [
     "set",
     "stop",
     "str",
+    "sweep",
     "to_dot",
     "to_json",
     "trace",

@@ -34,3 +34,13 @@ class MissedCallsWarning(UserWarning):
     """A loop over calls (``.all()``, ``.iter[a:b]``) missed calls that did
     happen: its invoke was still waiting for an access written before the loop
     (say ``model.generator.output``, which comes last) when they happened."""
+
+
+class SweepError(RuntimeError):
+    """A sweep could not finish for a reason outside the user's code: the
+    workers running a batch kept dying. (An error raised by the model or the
+    graph on a batch keeps its own type, with a note naming the batch.)"""
+
+    def __init__(self, message: str, batch: int | None = None) -> None:
+        super().__init__(message)
+        self.batch = batch

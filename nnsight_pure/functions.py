@@ -16,7 +16,7 @@ from .contexts.base import GraphContext
 from .contexts.conditional import Conditional
 from .contexts.iterator import IteratorContext
 from .errors import TraceError
-from .ops import Call
+from .ops import Call, print_at_run_time
 from .proxy import Proxy
 from .source import user_location
 
@@ -35,7 +35,7 @@ def apply(fn: Any, *args: Any, **kwargs: Any) -> Proxy:
 
 def log(*args: Any) -> None:
     """Print the arguments at run time, with their real values."""
-    _innermost("log").record(Call(builtins.print), args)
+    _innermost("log").record(Call(print_at_run_time), args)
 
 
 def stop() -> None:

@@ -69,6 +69,10 @@ class Node:
     # Memo of the node's structure key (see plan.structure_key): not part of its value.
     _key: object = attrs.field(default=None, init=False, eq=False, repr=False)
 
+    def __reduce__(self) -> tuple[type[Node], tuple[object, ...]]:
+        # Pickled as its value: the memo stays behind (another process keys anew).
+        return (Node, (self.ref, self.op, self.args, self.kwargs, self.invoke, self.source))
+
 
 def _nodes(nodes: Iterable[Node]) -> PVector[Node]:
     if type(nodes) is _PVECTOR:
@@ -92,6 +96,11 @@ class Graph:
     outputs: object = attrs.field(default=None, eq=structural_key)
     # Memo of the graph's plan (see plan.plan_for): not part of its value.
     _plan: object = attrs.field(default=None, init=False, eq=False, repr=False)
+
+    def __reduce__(self) -> tuple[type[Graph], tuple[object, ...]]:
+        # Pickled as its value (for workers of a sweep): the plan holds run-time
+        # closures and is remade where the graph runs.
+        return (Graph, (self.nodes, self.outputs))
 
     def add(
         self,

@@ -11,7 +11,8 @@ This module is pure: no torch hooks, no I/O.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Literal, Union
+import builtins
+from typing import TYPE_CHECKING, Any, Callable, Literal, Union
 
 import attrs
 
@@ -38,6 +39,19 @@ def _callable_key(fn: object) -> object:
     except TypeError:
         return ("unhashable", id(fn))
     return fn
+
+
+def print_at_run_time(*args: Any, **kwargs: Any) -> None:
+    """What a ``log`` node calls: ``builtins.print`` as it is when the node runs.
+
+    Recording the builtin itself would record whatever a library had put in
+    its place when the trace was made (Ray swaps in its own for its progress
+    bars, for good), which no serialization whitelist knows.
+    """
+    builtins.print(*args, **kwargs)
+
+
+print_at_run_time.__name__ = "print"  # how graphs show it (pickled by its qualified name)
 
 
 def callable_name(fn: object) -> str:

@@ -11,7 +11,8 @@ constants exactly (``torch.save`` bytes, base64; read back with
 Callables are written by qualified name and must be on a whitelist: torch's
 tensor functions (``torch.sum``), ``torch.nn.functional``, ``torch.linalg``,
 ``torch.special`` and ``torch.fft`` functions, tensor methods, the
-``operator`` and ``math`` modules and a few builtins. Attribute names
+``operator`` and ``math`` modules, a few builtins, and ``nnsight_pure.print``
+(what ``log`` nodes call: ``print`` as it is at run time). Attribute names
 starting with ``_`` are refused too (``x.__class__.__base__`` is how a
 sandbox is escaped), and methods must be those of tensors or of plain Python
 values (no ``str.format``, which reads attributes). A graph holding anything else (a
@@ -38,7 +39,7 @@ import torch
 
 from .arguments import DictConst, ListConst, Opaque, Ref, SliceConst, TensorConst, TupleOf, refs_in
 from .graph import Graph, Node, SourceLoc
-from .ops import Call, CallMethod, GetAttr, Op, SetAttr
+from .ops import Call, CallMethod, GetAttr, Op, SetAttr, print_at_run_time
 from .printing import format_node
 from .source import short
 
@@ -132,6 +133,8 @@ def _resolve(name: str) -> Callable[..., Any]:
         found = None
     elif module == "operator" and attribute not in ("call", "attrgetter", "methodcaller"):
         found = getattr(operator, attribute, None)
+    elif name == "nnsight_pure.print":
+        found = print_at_run_time  # what log nodes call: the builtin as it is at run time
     elif module == "builtins" and attribute in _BUILTINS:
         found = getattr(builtins, attribute)
     elif module == "math":
@@ -172,6 +175,7 @@ def _whitelist_index() -> dict[int, tuple[str, Any]]:
             except SerializationError:
                 continue
             _INDEX.setdefault(id(found), (name, found))
+        _INDEX[id(print_at_run_time)] = ("nnsight_pure.print", print_at_run_time)
     return _INDEX
 
 

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import builtins
+from typing import Iterator
+
 import pytest
 import torch
 from transformers import GPT2LMHeadModel
@@ -8,6 +11,15 @@ import nnsight_pure as nnsight
 from tests.helpers import TinyNet, tiny_gpt2, tiny_net
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _print_restored() -> Iterator[None]:
+    """Ray replaces ``builtins.print`` for good once its progress bars start
+    (tqdm_ray); put it back so that later tests see the real one."""
+    saved = builtins.print
+    yield
+    builtins.print = saved
 
 
 @pytest.fixture

@@ -16,7 +16,13 @@ def test_there_are_examples() -> None:
     assert sum(len(BLOCK.findall(page.read_text())) for page in PAGES) >= 10
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def _marks(page: Path) -> list[pytest.MarkDecorator]:
+    return [pytest.mark.ray] if 'engine="ray"' in page.read_text() else []
+
+
+@pytest.mark.parametrize(
+    "page", [pytest.param(page, marks=_marks(page), id=page.name) for page in PAGES]
+)
 def test_page_examples_run(page: Path) -> None:
     namespace: dict[str, object] = {"__name__": f"docs_{page.stem}"}
     for number, block in enumerate(BLOCK.findall(page.read_text())):

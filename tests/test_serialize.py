@@ -428,3 +428,23 @@ def test_unserializable_graphs_name_the_node_and_line() -> None:
     outputs = Graph().with_outputs(ListConst((object(),)))
     with pytest.raises(SerializationError, match="outputs"):
         nnsight.to_json(outputs)
+
+
+def test_log_survives_a_library_replacing_print(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Ray (its progress bars) puts its own function in ``builtins.print`` for
+    good; a log recorded after that must still serialize, and print through
+    whatever ``print`` is when it runs."""
+    import builtins
+
+    real = builtins.print
+
+    def replaced(*args: Any, **kwargs: Any) -> None:
+        real("[replaced]", *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "print", replaced)
+    model = nnsight.NNsight(tiny_net())
+    graph = nnsight.trace(model, lambda m: nnsight.log("out", m.output.shape[-1]))
+    read = nnsight.from_json(nnsight.to_json(graph))
+    assert read == graph
+    nnsight.run(model, read, torch.rand(1, 5))
+    assert capsys.readouterr().out == "[replaced] out 2\n"

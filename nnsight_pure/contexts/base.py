@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence, cast
 from ..arguments import ATOMS, Ref, freeze
 from ..errors import TraceError
 from ..graph import Graph, SourceLoc, saved_refs
-from ..ops import Bridge, Call, Cond, Export, Iterate, Op, Stop
+from ..ops import Bridge, Call, Cond, Export, Iterate, Op, Stop, print_at_run_time
 from ..printing import format_node
 from ..proxy import Proxy
 from ..results import Results, missing_value_message
@@ -309,7 +309,7 @@ class GraphContext:
 
     def log(self, *args: Any) -> None:
         """Print the arguments at run time (with their real values)."""
-        self._within("log").record(Call(print), args)
+        self._within("log").record(Call(print_at_run_time), args)
 
     def stop(self) -> None:
         """End the run where execution reaches this point: inside a loop, the

@@ -1,0 +1,136 @@
+"""The Ray engine of `nnsight_pure.sweeps.sweep`: batches on a pool of Ray actors.
+
+Each actor is a `BatchRunner`: it builds its model once with the user's
+``model_factory`` and gets the graph from the object store once (the graph
+is ``ray.put`` a single time and shared by every actor). The driver hands
+each idle actor the next batch (at most two in flight per actor, so data
+transfer overlaps compute) and merges the partial results in batch order.
+
+Ray does the distribution: scheduling actors onto the cluster's resources,
+moving batches and results, and restarting a dead actor (``max_restarts``).
+This module only decides what a failure means. A batch whose actor died is
+put back in the queue and runs again on the next free actor: graphs are
+pure, so running a batch twice is safe and gives the same partial. An
+exception raised by the user's model or graph on a batch ends the sweep at
+once (every actor is killed, nothing waits) with that exception, noting the
+batch. Only this module imports Ray, and only when a sweep asks for it.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Iterator
+
+from .errors import SweepError
+from .sweeps import Batch, BatchRunner, OrderedFold, Spec, note_batch
+
+IN_FLIGHT_PER_ACTOR = 2
+
+
+class _Worker(BatchRunner):
+    """A `BatchRunner` that fetches the graph from the object store once.
+
+    The graph's reference comes boxed in a list with each batch (a few bytes;
+    Ray does not resolve a boxed reference), and is fetched the first time:
+    a restarted actor fetches it again. It is not a constructor argument
+    because Ray cannot promise those to an actor that restarts.
+    """
+
+    def __init__(self, model_factory: Any, *rest: Any) -> None:
+        super().__init__(model_factory, None, *rest)  # the graph comes with the first batch
+
+    def run_graph_batch(self, graph_box: list[Any], start: int, data: Any) -> Any:
+        if self._graph is None:
+            self._graph = _ray().get(graph_box[0])
+        return self.run_batch(start, data)
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ImportError(
+            "engine='ray' needs Ray: pip install 'nnsight_pure[ray]' (or use engine='local')"
+        ) from None
+    return ray
+
+
+def run_on_ray(
+    runner_args: tuple[Any, ...],
+    work: Iterator[Batch],
+    spec: Spec,
+    bar: Any,
+    *,
+    workers: int | None,
+    retries: int,
+    options: dict[str, Any],
+) -> tuple[OrderedFold, list[int]]:
+    """Run every batch of ``work`` on Ray actors; the fold of their partials
+    and the indexes of the batches that ran again after a worker died."""
+    ray = _ray()
+    from ray.exceptions import RayActorError, RayTaskError
+
+    if not ray.is_initialized():
+        ray.init()
+    count = workers if workers is not None else max(1, int(ray.cluster_resources().get("CPU", 1)))
+    if count < 1:
+        raise ValueError(f"workers must be at least 1, got {count}")
+    factory, graph, *rest = runner_args
+    graph_box = [ray.put(graph)]  # once, for every actor
+    actor_class = ray.remote(_Worker).options(
+        max_restarts=retries, max_task_retries=0, **({"num_cpus": 1} | options)
+    )
+    pool = [actor_class.remote(factory, *rest) for _ in range(count)]
+    actors = list(pool)  # those still alive
+    fold = OrderedFold(spec)
+    retried: list[int] = []
+    attempts: collections.Counter[int] = collections.Counter()
+    queue: collections.deque[Batch] = collections.deque()  # batches to run again
+    busy: dict[Any, int] = {id(actor): 0 for actor in actors}
+    deaths: collections.Counter[int] = collections.Counter()  # per actor
+    running: dict[Any, tuple[Any, Batch]] = {}  # result ref -> (actor, batch)
+    exhausted = False
+    try:
+        while True:
+            for actor in actors:
+                while busy[id(actor)] < IN_FLIGHT_PER_ACTOR:
+                    batch = queue.popleft() if queue else None
+                    if batch is None and not exhausted:
+                        batch = next(work, None)
+                        exhausted = batch is None
+                    if batch is None:
+                        break
+                    running[actor.run_graph_batch.remote(graph_box, batch.start, batch.data)] = (actor, batch)
+                    busy[id(actor)] += 1
+            if not running:
+                return fold, retried
+            done, _ = ray.wait(list(running), num_returns=1)
+            for ref in done:
+                actor, batch = running.pop(ref)
+                busy[id(actor)] -= 1
+                try:
+                    part = ray.get(ref)
+                except RayTaskError as error:
+                    cause = error.cause if isinstance(error.cause, BaseException) else error
+                    raise note_batch(cause, batch) from None
+                except RayActorError as error:
+                    deaths[id(actor)] += 1
+                    if deaths[id(actor)] > retries and actor in actors:
+                        actors.remove(actor)  # Ray gave up restarting it
+                    attempts[batch.index] += 1
+                    if attempts[batch.index] > retries:
+                        raise SweepError(
+                            f"batch {batch.index} (examples {batch.start} to {batch.start + batch.size - 1}): "
+                            f"its worker died {attempts[batch.index]} times; last: {error}",
+                            batch.index,
+                        ) from error
+                    if not actors:
+                        raise SweepError(f"every worker died (each more than {retries} times)", batch.index) from error
+                    retried.append(batch.index)
+                    queue.append(batch)
+                    continue
+                fold.add(batch.index, part, batch.size)
+                bar.update(1)
+    finally:
+        for actor in pool:
+            ray.kill(actor, no_restart=True)
