@@ -36,17 +36,18 @@ def mlp(flag: str | None = None) -> torch.nn.Sequential:
     return torch.nn.Sequential(torch.nn.Linear(4, 8), middle, torch.nn.Linear(8, 3))
 
 
+def _probe(m: Any) -> dict[str, Any]:
+    return {
+        "hidden": m[0].output,
+        "score": m[0].output.norm(dim=-1),
+        "logits": m.output,
+        "loss": m.output.pow(2).mean(),
+    }
+
+
 def probe_graph() -> nnsight.Graph:
     """Hidden activations, a score per example, the logits and a per-batch loss."""
-    return nnsight.trace(
-        mlp(),
-        lambda m: {
-            "hidden": m[0].output,
-            "score": m[0].output.norm(dim=-1),
-            "logits": m.output,
-            "loss": m.output.pow(2).mean(),
-        },
-    )
+    return nnsight.trace(mlp(), _probe)
 
 
 def examples(count: int = 37, seed: int = 1) -> list[torch.Tensor]:
@@ -68,15 +69,7 @@ def wide_graph() -> nnsight.Graph:
     """The probe's outputs twice, so one sweep exercises every reducer."""
     return nnsight.trace(
         mlp(),
-        lambda m: {
-            "hidden": m[0].output,
-            "score": m[0].output.norm(dim=-1),
-            "logits": m.output,
-            "loss": m.output.pow(2).mean(),
-            "hidden_histogram": m[0].output,
-            "score_sum": m[0].output.norm(dim=-1),
-            "logits_sum": m.output,
-        },
+        lambda m: _probe(m) | {"hidden_histogram": m[0].output, "score_sum": m[0].output.norm(dim=-1), "logits_sum": m.output},
     )
 
 
