@@ -87,8 +87,10 @@ def run_on_ray(
     attempts: collections.Counter[int] = collections.Counter()
     queue: collections.deque[Batch] = collections.deque()  # batches to run again
     busy: dict[Any, int] = {id(actor): 0 for actor in actors}
-    deaths: collections.Counter[int] = collections.Counter()  # per actor
-    running: dict[Any, tuple[Any, Batch]] = {}  # result ref -> (actor, batch)
+    # Deaths per actor. A task remembers the count when it was sent: the other
+    # tasks in flight on an actor that died fail with it, and count no more.
+    deaths: collections.Counter[int] = collections.Counter()
+    running: dict[Any, tuple[Any, Batch, int]] = {}  # result ref -> (actor, batch, deaths when sent)
     exhausted = False
     try:
         while True:
@@ -100,23 +102,27 @@ def run_on_ray(
                         exhausted = batch is None
                     if batch is None:
                         break
-                    running[actor.run_graph_batch.remote(graph_box, batch.start, batch.data)] = (actor, batch)
+                    ref = actor.run_graph_batch.remote(graph_box, batch.start, batch.data)
+                    running[ref] = (actor, batch, deaths[id(actor)])
                     busy[id(actor)] += 1
             if not running:
                 return fold, retried
             done, _ = ray.wait(list(running), num_returns=1)
             for ref in done:
-                actor, batch = running.pop(ref)
+                actor, batch, deaths_when_sent = running.pop(ref)
                 busy[id(actor)] -= 1
                 try:
                     part = ray.get(ref)
                 except RayTaskError as error:
+                    # The user's own exception (its type and notes kept), chained to
+                    # Ray's, whose text holds the worker's traceback.
                     cause = error.cause if isinstance(error.cause, BaseException) else error
-                    raise note_batch(cause, batch) from None
+                    raise note_batch(cause, batch) from error
                 except RayActorError as error:
-                    deaths[id(actor)] += 1
-                    if deaths[id(actor)] > retries and actor in actors:
-                        actors.remove(actor)  # Ray gave up restarting it
+                    if deaths_when_sent == deaths[id(actor)]:
+                        deaths[id(actor)] += 1
+                        if deaths[id(actor)] > retries and actor in actors:
+                            actors.remove(actor)  # Ray gives up restarting it
                     attempts[batch.index] += 1
                     if attempts[batch.index] > retries:
                         raise SweepError(
@@ -125,7 +131,7 @@ def run_on_ray(
                             batch.index,
                         ) from error
                     if not actors:
-                        raise SweepError(f"every worker died (each more than {retries} times)", batch.index) from error
+                        raise SweepError(f"every worker died more than retries={retries} times", batch.index) from error
                     retried.append(batch.index)
                     queue.append(batch)
                     continue

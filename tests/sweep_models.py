@@ -29,6 +29,18 @@ class DieOnce(torch.nn.Module):
         return x
 
 
+class Die(torch.nn.Module):
+    """Ends the process that calls it (a worker that cannot survive a batch)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        os._exit(1)
+
+
+def doomed() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), Die(), torch.nn.Linear(8, 3))
+
+
 def mlp(flag: str | None = None) -> torch.nn.Sequential:
     """The same weights on every call (each worker builds its own copy)."""
     torch.manual_seed(0)

@@ -17,14 +17,7 @@ import torch
 
 import nnsight_pure as nnsight
 from tests import sweep_models
-from tests.sweep_models import (
-    every_reducer,
-    examples,
-    mlp,
-    probe_graph,
-    reducers,
-    wide_graph,
-)
+from tests.sweep_models import doomed, every_reducer, examples, mlp, probe_graph, reducers, wide_graph
 
 ray = pytest.importorskip("ray")  # the dev extra installs it; without it there is nothing to test
 pytestmark = pytest.mark.ray
@@ -86,6 +79,15 @@ def test_a_user_error_in_batch_k_stops_the_sweep_naming_k() -> None:
     notes = "\n".join(getattr(caught.value, "__notes__", []))
     assert "in batch 3 (examples 12 to 15) of the sweep" in notes
     assert "nnsight_pure.run" in notes  # the worker's own note survives the trip
+
+
+def test_a_batch_that_keeps_killing_its_worker_ends_the_sweep() -> None:
+    graph = nnsight.trace(mlp(), lambda m: m.output)
+    began = time.monotonic()
+    with pytest.raises(nnsight.SweepError, match="batch 0 .*its worker died 2 times") as caught:
+        nnsight.sweep(doomed, graph, examples(8), batch_size=4, engine="ray", workers=1, retries=1, progress=False)
+    assert caught.value.batch == 0
+    assert time.monotonic() - began < 90
 
 
 def test_a_ray_dataset_as_input() -> None:
