@@ -39,6 +39,10 @@ class _Worker(BatchRunner):
     def __init__(self, model_factory: Any, *rest: Any) -> None:
         super().__init__(model_factory, None, *rest)  # the graph comes with the first batch
 
+    def ready(self) -> bool:
+        """Answers once the actor has started (its model is built)."""
+        return True
+
     def run_graph_batch(self, graph_box: list[Any], start: int, data: Any) -> Any:
         if self._graph is None:
             self._graph = _ray().get(graph_box[0])
@@ -81,20 +85,33 @@ def run_on_ray(
         max_restarts=retries, max_task_retries=0, **({"num_cpus": 1} | options)
     )
     pool = [actor_class.remote(factory, *rest) for _ in range(count)]
-    actors = list(pool)  # those still alive
+    # Batches go only to actors that have started: asking for more actors than
+    # the cluster has room for leaves the others waiting, not the sweep.
+    starting: dict[Any, Any] = {actor.ready.remote(): actor for actor in pool}  # ready ref -> actor
+    ready: list[Any] = []
     fold = OrderedFold(spec)
     retried: list[int] = []
     attempts: collections.Counter[int] = collections.Counter()
     queue: collections.deque[Batch] = collections.deque()  # batches to run again
-    busy: dict[Any, int] = {id(actor): 0 for actor in actors}
+    busy: collections.Counter[int] = collections.Counter()  # tasks in flight per actor
     # Deaths per actor. A task remembers the count when it was sent: the other
     # tasks in flight on an actor that died fail with it, and count no more.
     deaths: collections.Counter[int] = collections.Counter()
     running: dict[Any, tuple[Any, Batch, int]] = {}  # result ref -> (actor, batch, deaths when sent)
     exhausted = False
+
+    def died(actor: Any, deaths_when_sent: int) -> bool:
+        """Count a death of ``actor`` (once); False once Ray stops restarting it."""
+        if deaths_when_sent == deaths[id(actor)]:
+            deaths[id(actor)] += 1
+        alive = deaths[id(actor)] <= retries
+        if not alive and actor in ready:
+            ready.remove(actor)
+        return alive
+
     try:
         while True:
-            for actor in actors:
+            for actor in ready:
                 while busy[id(actor)] < IN_FLIGHT_PER_ACTOR:
                     batch = queue.popleft() if queue else None
                     if batch is None and not exhausted:
@@ -105,10 +122,22 @@ def run_on_ray(
                     ref = actor.run_graph_batch.remote(graph_box, batch.start, batch.data)
                     running[ref] = (actor, batch, deaths[id(actor)])
                     busy[id(actor)] += 1
-            if not running:
+            if not running and exhausted and not queue:
                 return fold, retried
-            done, _ = ray.wait(list(running), num_returns=1)
+            if not running and not starting:
+                raise SweepError(f"no worker is left to run the sweep (each died more than retries={retries} times)")
+            done, _ = ray.wait(list(running) + list(starting), num_returns=1)
             for ref in done:
+                if ref in starting:
+                    actor = starting.pop(ref)
+                    try:
+                        ray.get(ref)
+                    except RayActorError:
+                        if died(actor, deaths[id(actor)]):
+                            starting[actor.ready.remote()] = actor  # Ray restarts it
+                        continue
+                    ready.append(actor)
+                    continue
                 actor, batch, deaths_when_sent = running.pop(ref)
                 busy[id(actor)] -= 1
                 try:
@@ -119,10 +148,7 @@ def run_on_ray(
                     cause = error.cause if isinstance(error.cause, BaseException) else error
                     raise note_batch(cause, batch) from error
                 except RayActorError as error:
-                    if deaths_when_sent == deaths[id(actor)]:
-                        deaths[id(actor)] += 1
-                        if deaths[id(actor)] > retries and actor in actors:
-                            actors.remove(actor)  # Ray gives up restarting it
+                    died(actor, deaths_when_sent)
                     attempts[batch.index] += 1
                     if attempts[batch.index] > retries:
                         raise SweepError(
@@ -130,8 +156,6 @@ def run_on_ray(
                             f"its worker died {attempts[batch.index]} times; last: {error}",
                             batch.index,
                         ) from error
-                    if not actors:
-                        raise SweepError(f"every worker died more than retries={retries} times", batch.index) from error
                     retried.append(batch.index)
                     queue.append(batch)
                     continue

@@ -295,3 +295,20 @@ def test_readme_adhoc_module_logit_lens(lm: nnsight.LanguageModel) -> None:
     assert torch.allclose(lens.value, logits.value, atol=1e-5)
     assert torch.equal(tokens.value, logits.value.argmax(dim=2))
     assert isinstance(lm.tokenizer.decode(tokens.value[0]), str)
+
+
+def test_a_sweep_over_prompts(folder: Path, hf: Any) -> None:
+    """A list of prompts in batches (left-padded), each prompt's last logits
+    as if it ran alone; the top prompts by the logit of one token."""
+    import functools
+
+    prompts = [line[: 8 + 3 * i] for i, line in enumerate(CORPUS * 2)]
+    factory = functools.partial(nnsight.LanguageModel, str(folder))
+    graph = nnsight.trace(factory(), lambda m: {"last": m.output.logits[:, -1], "token_5": m.output.logits[:, -1, 5]})
+    swept = nnsight.sweep(factory, graph, prompts, batch_size=4, progress=False,
+                          reduce={"last": nnsight.reducers.concat(), "token_5": nnsight.reducers.top_k(2)})
+    alone = torch.cat([hf(**_ids(factory(), prompt)).logits[:, -1] for prompt in prompts])
+    assert (swept.batches, swept.examples) == (2, 6)
+    assert torch.allclose(swept["last"], alone, atol=1e-5)
+    values, indexes = swept["token_5"]
+    assert indexes.tolist() == torch.sort(alone[:, 5], descending=True, stable=True).indices[:2].tolist()
