@@ -172,6 +172,8 @@ def _has_rows(value: Any) -> bool:
 
 def batch_size_of(args: Sequence[Any], kwargs: dict[str, Any]) -> int:
     """The number of rows an invoke contributes: dim 0 of its first tensor."""
+    if args and type(args[0]) is torch.Tensor and args[0].ndim > 0:
+        return int(args[0].shape[0])  # the usual case, without a walk
     found = find_leaf((args, kwargs), _has_rows)
     if found is not NOT_FOUND:
         return int(found.shape[0])

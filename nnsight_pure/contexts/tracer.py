@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+import torch
+
 from ..errors import TraceError
 from ..graph import SourceLoc
 from ..ops import AccessKind, ApplyModule, ModuleGet, ModuleSet, Op, TraceRun
@@ -29,8 +31,10 @@ if TYPE_CHECKING:
     from ..models.nnsight import NNsight
 
 
-def _holds_proxies(value: Any) -> bool:
-    return find_leaf(value, _is_proxy) is not NOT_FOUND
+def _holds_proxies(inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    if not kwargs and all(type(item) is torch.Tensor for item in inputs):
+        return False  # the usual inputs, at a glance (this is on every trace's path)
+    return find_leaf((inputs, kwargs), _is_proxy) is not NOT_FOUND
 
 
 def _is_proxy(value: Any) -> bool:
@@ -151,7 +155,7 @@ class Tracer(GraphContext):
             self._sizes.append(None)
         else:
             self._inputs.append((invoker.inputs, invoker.kwargs))
-            concrete = not _holds_proxies((invoker.inputs, invoker.kwargs))
+            concrete = not _holds_proxies(invoker.inputs, invoker.kwargs)
             if self._parent is None or (self._scan and concrete):
                 (args, kwargs), size = self._model._prepare_input(*invoker.inputs, **invoker.kwargs)
                 invoker.batch_size = size

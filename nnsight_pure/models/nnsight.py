@@ -8,7 +8,7 @@ for the length of one run.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, ClassVar, Iterator, Mapping, cast
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence, cast
 
 import torch
 
@@ -350,10 +350,13 @@ class NNsight:
         return repr(self._envoy)
 
 
-def _elsewhere(value: Any, device: torch.device) -> bool:
+def _elsewhere(value: tuple[Sequence[Any], Mapping[str, Any]], device: torch.device) -> bool:
     """Whether a tensor in ``value`` is not on ``device`` (a quick look first:
     this is on every run's path, and inputs are usually where the model is)."""
     if device.type == "cpu":
+        args, kwargs = value
+        if not kwargs and all(type(item) is torch.Tensor and item.is_cpu for item in args):
+            return False  # the usual case, without a walk
         found = find_leaf(value, lambda leaf: isinstance(leaf, torch.Tensor) and not leaf.is_cpu)
     else:
         found = find_leaf(value, lambda leaf: isinstance(leaf, torch.Tensor) and leaf.device != device)
