@@ -349,7 +349,8 @@ def sweep(
     """Run ``graph`` over every batch of ``dataset``; return its outputs reduced.
 
     ``model_factory()`` builds the model (an `NNsight` or a torch module):
-    once here, or once per worker, so weights never travel. ``graph`` is a
+    once here, or once per worker, so weights never travel. The local engine
+    also takes the model itself. ``graph`` is a
     graph built by ``nnsight_pure.trace(model, fn)``; its outputs (what
     ``fn`` returned) are what is reduced.
 
@@ -372,6 +373,14 @@ def sweep(
     an error raised by a batch stops the sweep with that error, noting the
     batch. ``progress`` shows a progress bar (tqdm) on stderr.
     """
+    if isinstance(model_factory, (NNsight, torch.nn.Module)):
+        if engine == "ray":
+            raise TypeError(
+                "engine='ray' needs a function that builds the model (model_factory=lambda: "
+                "MyModel(...)), not a model: each worker builds its own, so weights never travel"
+            )
+        model = model_factory
+        model_factory = lambda: model  # noqa: E731 - the local engine may use the model itself
     if not isinstance(graph, Graph):
         raise TypeError(f"sweep runs a Graph (built with nnsight_pure.trace(model, fn)), got {type(graph).__name__}")
     if graph.outputs is None:

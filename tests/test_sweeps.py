@@ -219,3 +219,13 @@ def test_graphs_pickle_as_values() -> None:
     assert copy == graph and copy.digest() == graph.digest()
     after = nnsight.run(model, copy, x)
     assert all(_same(before[name], after[name]) for name in ("hidden", "score", "logits", "loss"))
+
+
+def test_the_local_engine_takes_the_model_itself() -> None:
+    model = nnsight.NNsight(mlp())
+    graph = nnsight.trace(model, lambda m: m.output)
+    data = examples(6)
+    swept = nnsight.sweep(model, graph, data, batch_size=3, progress=False)
+    assert torch.equal(swept.outputs, nnsight.sweep(mlp, graph, data, batch_size=3, progress=False).outputs)
+    with pytest.raises(TypeError, match="weights never travel"):
+        nnsight.sweep(model, graph, data, batch_size=3, progress=False, engine="ray")
