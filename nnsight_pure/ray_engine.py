@@ -21,8 +21,11 @@ from __future__ import annotations
 import collections
 from typing import Any, Iterator
 
+import torch
+
 from .errors import SweepError
 from .sweeps import Batch, BatchRunner, OrderedFold, Spec, note_batch
+from .trees import map_leaves
 
 IN_FLIGHT_PER_ACTOR = 2
 
@@ -46,7 +49,12 @@ class _Worker(BatchRunner):
     def run_graph_batch(self, graph_box: list[Any], start: int, data: Any) -> Any:
         if self._graph is None:
             self._graph = _ray().get(graph_box[0])
-        return self.run_batch(start, data)
+        # Partials travel to the driver, which may have no GPU: send them from the CPU.
+        return map_leaves(_on_cpu, self.run_batch(start, data))
+
+
+def _on_cpu(leaf: Any) -> Any:
+    return leaf.cpu() if isinstance(leaf, torch.Tensor) else leaf
 
 
 def _ray() -> Any:
