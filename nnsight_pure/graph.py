@@ -18,15 +18,19 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence, cast
 import attrs
 from pyrsistent import pmap, pvector
 
+from .arguments import ATOMS, refs_in, structural_key
 from .arguments import Ref as Ref
-from .arguments import refs_in, structural_key
-from .ops import Op, Save
+from .ops import (
+    ApplyModule, Bridge, Call, CallMethod, Export, GetAttr, Grad, IterItem, ModuleAttr, ModuleGet, ModuleSet, Op,
+    Save, SetAttr, SetGrad, Stop,
+)
+from .shareable import shareable
 
 if TYPE_CHECKING:
     from pyrsistent.typing import PMap, PVector
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class SourceLoc:
     """Where in the user's code a node was made (for error messages)."""
 
@@ -117,14 +121,21 @@ class Graph:
         """
         index = len(self.nodes)
         ref = _REFS[index] if index < len(_REFS) else Ref(index)
-        node = Node(
-            ref,
-            op,
-            pvector(args),
-            _NO_KWARGS if not kwargs else pmap(kwargs),
-            invoke,
-            source,
-        )
+        key = None if kwargs else _intern_key(index, op, args, invoke, source)
+        node = None if key is None else _NODES.get(key)
+        if node is None:
+            node = Node(
+                ref,
+                op,
+                pvector(args),
+                _NO_KWARGS if not kwargs else pmap(kwargs),
+                invoke,
+                source,
+            )
+            if key is not None:
+                if len(_NODES) >= _NODES_KEPT:
+                    _NODES.clear()
+                _NODES[key] = node
         return Graph(self.nodes.append(node), self.outputs), ref
 
     def with_outputs(self, outputs: object) -> Graph:
@@ -151,6 +162,46 @@ class Graph:
         from .printing import format_graph
 
         return format_graph(self)
+
+
+# --- shared nodes -------------------------------------------------------------------------
+#
+# Running the same code again records the same nodes: the same operation on
+# the same references and constants, at the same position and source line.
+# Nodes are immutable values, so the graphs of every such trace can share one
+# node object, made (and its structure key worked out, see plan.py) once.
+# Only nodes that hold nothing large are shared: plain operations on
+# references and atoms, and calls of functions that hold nothing.
+
+_NODES: dict[tuple[object, ...], Node] = {}
+_NODES_KEPT = 50_000
+_PLAIN_OPS = frozenset({ModuleGet, ModuleSet, ModuleAttr, ApplyModule, CallMethod, GetAttr, SetAttr, Save, Stop, Grad, SetGrad, Bridge, IterItem, Export})
+
+
+def _intern_key(index: int, op: Op, args: Sequence[object], invoke: int | None, source: SourceLoc | None) -> tuple[object, ...] | None:
+    """What makes a node the same value *and* the same source line, when it
+    holds nothing large (else ``None``: the node is made afresh)."""
+    kind = type(op)
+    if kind is Call:
+        if not shareable(op.fn):  # type: ignore[union-attr]  # a Call
+            return None
+    elif kind not in _PLAIN_OPS:
+        return None  # (an op with a body: keyed by a whole graph)
+    parts: list[object] = [index, op, invoke, source]
+    for arg in args:
+        arg_kind = type(arg)
+        if arg_kind is Ref:
+            parts.append(-1 - arg.index)  # type: ignore[attr-defined]  # a Ref
+        elif arg_kind is float:
+            parts.append(arg.hex())  # type: ignore[attr-defined]  # exact: -0.0 is not 0.0, 1.0 is not 1
+        elif arg_kind in _EXACT_ATOMS:
+            parts.append((arg_kind, arg))
+        else:
+            return None
+    return tuple(parts)
+
+
+_EXACT_ATOMS = ATOMS - {float, complex}  # (float keyed above; complex's -0.0 parts are rare)
 
 
 def add(

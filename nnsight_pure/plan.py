@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import operator
 import threading
-import types
 from collections import OrderedDict
 from typing import Any, Callable, Literal, Sequence, Union
 
 import attrs
 
 from .arguments import ATOMS, DictConst, is_plain_constant, ListConst, Ref, SliceConst, TensorConst, TupleOf, refs_in, structural_key, thaw
+from .shareable import shareable
 from .graph import _NO_KWARGS, Graph, Node, check_graph, node_refs, saved_refs, use_counts
 from .ops import (
     AccessKind,
@@ -634,14 +634,8 @@ def _node_key(node: Node) -> object:
         op_key: object = (type(op), body, fields)
     elif type(op) is Call:
         fn = op.fn
-        try:
-            known = fn in _SHAREABLE
-        except TypeError:  # an unhashable callable
+        if not shareable(fn):
             return _NOT_SHARED
-        if not known:
-            if not _shareable(fn):
-                return _NOT_SHARED  # (not remembered: that would keep a closure alive)
-            _SHAREABLE.add(fn)
         op_key = (Call, fn)
     else:
         op_key = _op_key(op)
@@ -654,9 +648,6 @@ def _node_key(node: Node) -> object:
     if kwargs is _NO_KWARGS:
         return (op_key, args_key, (), node.invoke)
     return (op_key, args_key, tuple([(name, _arg_key(kwargs[name])) for name in kwargs]), node.invoke)
-
-
-_SHAREABLE: set[Any] = set()  # callables a table may hold (they hold nothing large, by the same test)
 
 
 def _arg_key(arg: object) -> object:
@@ -682,20 +673,3 @@ def _arg_key(arg: object) -> object:
     return ("constant",)  # read from the run's own graph, never held by a plan
 
 
-_SHAREABLE_BUILTINS = (
-    types.BuiltinFunctionType, types.MethodDescriptorType, types.WrapperDescriptorType,
-    types.ClassMethodDescriptorType,
-)
-
-
-def _shareable(fn: object) -> bool:
-    """A function a table may hold: a builtin or descriptor not bound to an
-    object, a class, or a plain function without closure or defaults."""
-    if isinstance(fn, _SHAREABLE_BUILTINS):
-        owner = getattr(fn, "__self__", None)
-        return owner is None or isinstance(owner, (types.ModuleType, type))
-    if isinstance(fn, type):
-        return True
-    if isinstance(fn, types.FunctionType):
-        return fn.__closure__ is None and not fn.__defaults__ and not fn.__kwdefaults__
-    return False

@@ -272,3 +272,58 @@ def test_inplace_detection() -> None:
     assert not is_inplace(node(CallMethod("requires_grad_")))
     assert not is_inplace(node(CallMethod("add")))
     assert not is_inplace(node(Call(operator.add)))
+
+
+# --- nodes shared between traces of the same code ------------------------------------------
+
+
+def _traced(model: Any, x: torch.Tensor, factor: Any) -> Graph:
+    with model.trace(x) as tracer:
+        (model.layer1.output * factor).save()
+    graph: Graph = tracer.graph
+    return graph
+
+
+def test_running_the_same_code_again_shares_its_nodes() -> None:
+    import nnsight_pure as nnsight
+    from tests.helpers import tiny_net
+
+    model = nnsight.NNsight(tiny_net())
+    x = torch.rand(1, 5)
+    first, second = _traced(model, x, 2.0), _traced(model, x, 2.0)
+    assert first == second
+    assert all(a is b for a, b in zip(first.nodes, second.nodes))  # made (and keyed) once
+    assert first.nodes[1]._key is not None  # the plan's key of the node is worked out once too
+
+
+def test_shared_nodes_keep_constants_exact_and_tensors_apart() -> None:
+    import nnsight_pure as nnsight
+    from tests.helpers import tiny_net
+
+    model = nnsight.NNsight(tiny_net())
+    x = torch.rand(1, 5)
+    by_int, by_float = _traced(model, x, 1), _traced(model, x, 1.0)
+    assert type(by_int.nodes[1].args[1]) is int and type(by_float.nodes[1].args[1]) is float
+    zero, minus_zero = _traced(model, x, 0.0), _traced(model, x, -0.0)
+    assert str(minus_zero.nodes[1].args[1]) == "-0.0" and str(zero.nodes[1].args[1]) == "0.0"
+    one, other = _traced(model, x, torch.ones(1)), _traced(model, x, torch.ones(1))
+    assert one.nodes[1] is not other.nodes[1]  # a tensor constant is never shared
+    scale = 3.0
+    closure, again = (
+        nnsight.trace(model, lambda m: nnsight.apply(lambda v: v * scale, m.layer1.output)) for _ in range(2)
+    )
+    assert closure.nodes[1] is not again.nodes[1]  # a closure is never held by the table
+
+
+def test_shared_nodes_keep_their_own_source_lines() -> None:
+    import nnsight_pure as nnsight
+    from tests.helpers import tiny_net
+
+    model = nnsight.NNsight(tiny_net())
+    with model.trace(torch.rand(1, 5)) as tracer:
+        a = model.layer1.output * 2.0
+        b = model.layer1.output * 2.0  # the same node value, another line
+    nodes = tracer.graph.nodes
+    assert nodes[1].source is not None and nodes[2].source is not None
+    assert nodes[2].source.lineno == nodes[1].source.lineno + 1
+    del a, b
