@@ -110,7 +110,7 @@ class ApplyModule:
     hook: bool = False
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)  # one Call per operator is hashed on every record
 class Call:
     """Call a Python or torch function on the arguments."""
 
