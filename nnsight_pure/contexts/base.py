@@ -136,9 +136,13 @@ class GraphContext:
         """Append ``op`` applied to ``args``/``kwargs`` and return a proxy of its value."""
         if not self._open:
             raise TraceError(f"the block opened at {short(self._where)} is not open")
-        frozen_args = tuple([self._frozen(arg) for arg in args])
-        frozen_kwargs = {name: self._frozen(value) for name, value in kwargs.items()} if kwargs else None
-        trace = cast("Tracer", self) if self._is_trace else self._enclosing_trace  # `_trace`, sans property call
+        frozen = self._frozen
+        if len(args) == 2:  # the usual: a binary operator
+            frozen_args: tuple[object, ...] = (frozen(args[0]), frozen(args[1]))
+        else:
+            frozen_args = tuple([frozen(arg) for arg in args])
+        frozen_kwargs = {name: frozen(value) for name, value in kwargs.items()} if kwargs else None
+        trace: Tracer | None = self if self._is_trace else self._enclosing_trace  # type: ignore[assignment]  # `_trace`, sans calls
         invoke = None if trace is None else trace._invoke
         self._graph, ref = self._graph.add(op, frozen_args, frozen_kwargs, source or user_location(), invoke)
         if trace is None or trace._fake_mode is None:
