@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import pathlib
 from contextvars import Token
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 from ..arguments import ATOMS, Ref, freeze
 from ..errors import TraceError
