@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import torch
 
 from .errors import SweepError
+from .graph import SourceLoc
 from .sweeps import Batch, BatchRunner, OrderedFold, Spec, note_batch
 from .trees import map_leaves
 
@@ -76,6 +77,7 @@ def run_on_ray(
     workers: int | None,
     retries: int,
     options: dict[str, Any],
+    where: SourceLoc | None = None,
 ) -> tuple[OrderedFold, list[int]]:
     """Run every batch of ``work`` on Ray actors; the fold of their partials
     and the indexes of the batches that ran again after a worker died."""
@@ -154,7 +156,7 @@ def run_on_ray(
                     # The user's own exception (its type and notes kept), chained to
                     # Ray's, whose text holds the worker's traceback.
                     cause = error.cause if isinstance(error.cause, BaseException) else error
-                    raise note_batch(cause, batch) from error
+                    raise note_batch(cause, batch, where) from error
                 except RayActorError as error:
                     died(actor, deaths_when_sent)
                     attempts[batch.index] += 1

@@ -24,10 +24,10 @@ from .arguments import DictConst, ListConst, Ref, TupleOf
 from .batching import batch_size_of
 from .errors import TraceError
 from .functional import _facts, _wrapper, run
-from .graph import Graph
+from .graph import Graph, SourceLoc
 from .models.nnsight import NNsight
 from .reducers import Concat, Reducer
-from .source import add_note
+from .source import add_note, describe, user_location
 
 Inputs = Callable[[Any], "tuple[tuple[Any, ...], dict[str, Any]]"]
 ModelFactory = Callable[[], "NNsight | torch.nn.Module"]
@@ -319,10 +319,14 @@ class BatchRunner:
         return lift(self._spec, results.outputs, start)
 
 
-def note_batch(error: BaseException, batch: Batch) -> BaseException:
-    """The error of a batch, noting which batch (its type is kept)."""
+def note_batch(error: BaseException, batch: Batch, where: SourceLoc | None) -> BaseException:
+    """The error of a batch, noting which batch, and the user's line that
+    started the sweep (its type is kept)."""
     last = batch.start + batch.size - 1
-    add_note(error, f"nnsight_pure: in batch {batch.index} (examples {batch.start} to {last}) of the sweep")
+    add_note(
+        error,
+        f"nnsight_pure: in batch {batch.index} (examples {batch.start} to {last}) of the sweep started at\n  {describe(where)}",
+    )
     return error
 
 
@@ -373,6 +377,7 @@ def sweep(
     an error raised by a batch stops the sweep with that error, noting the
     batch. ``progress`` shows a progress bar (tqdm) on stderr.
     """
+    where = user_location()
     if isinstance(model_factory, (NNsight, torch.nn.Module)):
         if engine == "ray":
             raise TypeError(
@@ -401,26 +406,29 @@ def sweep(
         if engine == "local":
             if workers not in (None, 1):
                 raise ValueError("engine='local' runs the batches in this process: use engine='ray' for workers")
-            fold, retried = _run_local(BatchRunner(model_factory, graph, spec, method, method_kwargs, inputs), work, spec, bar)
+            runner = BatchRunner(model_factory, graph, spec, method, method_kwargs, inputs)
+            fold, retried = _run_local(runner, work, spec, bar, where)
         elif engine == "ray":
             from .ray_engine import run_on_ray
 
             fold, retried = run_on_ray(
                 (model_factory, graph, spec, method, method_kwargs, inputs), work, spec, bar,
-                workers=workers, retries=retries, options=dict(worker_options or {}),
+                workers=workers, retries=retries, options=dict(worker_options or {}), where=where,
             )
         else:
             raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
     return SweepResults(finish(spec, fold.result(), graph.outputs), fold.count, fold.examples, tuple(retried))
 
 
-def _run_local(runner: BatchRunner, work: Iterator[Batch], spec: Spec, bar: Any) -> tuple[OrderedFold, list[int]]:
+def _run_local(
+    runner: BatchRunner, work: Iterator[Batch], spec: Spec, bar: Any, where: SourceLoc | None
+) -> tuple[OrderedFold, list[int]]:
     fold = OrderedFold(spec)
     for batch in work:
         try:
             part = runner.run_batch(batch.start, batch.data)
         except Exception as error:
-            raise note_batch(error, batch)
+            raise note_batch(error, batch, where)
         fold.add(batch.index, part, batch.size)
         bar.update(1)
     return fold, []

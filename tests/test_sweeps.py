@@ -101,7 +101,8 @@ def test_a_user_error_in_batch_k_names_k_and_keeps_its_type() -> None:
     with pytest.raises(RuntimeError) as caught:
         nnsight.sweep(mlp, graph, batches, progress=False)
     notes = "\n".join(getattr(caught.value, "__notes__", []))
-    assert "in batch 2 (examples 8 to 11) of the sweep" in notes
+    assert "in batch 2 (examples 8 to 11) of the sweep started at" in notes
+    assert "test_sweeps.py" in notes and "nnsight.sweep(mlp, graph, batches" in notes  # the user's line
     assert "shapes cannot be multiplied" in str(caught.value)
 
 

@@ -77,7 +77,8 @@ def test_a_user_error_in_batch_k_stops_the_sweep_naming_k() -> None:
         nnsight.sweep(mlp, graph, batches, engine="ray", workers=2, progress=False)
     assert time.monotonic() - began < 60  # it stops; nothing waits for the other batches
     notes = "\n".join(getattr(caught.value, "__notes__", []))
-    assert "in batch 3 (examples 12 to 15) of the sweep" in notes
+    assert "in batch 3 (examples 12 to 15) of the sweep started at" in notes
+    assert "test_sweeps_ray.py" in notes  # the user's line, from the driver
     assert "nnsight_pure.run" in notes  # the worker's own note survives the trip
 
 
