@@ -87,9 +87,7 @@ def _items(outputs: object) -> list[tuple[Any, object]] | None:
     """The (key, child) pairs of a container of the frozen outputs tree."""
     if type(outputs) is DictConst:
         return list(outputs.items)
-    if type(outputs) is ListConst:
-        return list(enumerate(outputs.items))
-    if type(outputs) is TupleOf:
+    if type(outputs) is ListConst or type(outputs) is TupleOf:
         return list(enumerate(outputs.items))
     if type(outputs) is tuple:
         return list(enumerate(outputs))
@@ -234,8 +232,14 @@ def _raw_batches(dataset: Any, batch_size: int | None, collate: Callable[[list[A
     return (collate(chunk) for chunk in iter(lambda: list(itertools.islice(examples, batch_size)), []))
 
 
-def batches(dataset: Any, batch_size: int | None, collate: Callable[[list[Any]], Any] | None = None) -> Iterator[Batch]:
-    """The dataset as numbered batches (made lazily: a dataset need not fit in memory)."""
+def batches(
+    dataset: Any,
+    batch_size: int | None,
+    collate: Callable[[list[Any]], Any] | None = None,
+    inputs: Inputs | None = None,
+) -> Iterator[Batch]:
+    """The dataset as numbered batches (made lazily: a dataset need not fit in
+    memory); a batch's size is that of the inputs ``inputs`` makes of it."""
     raw = _raw_batches(dataset, batch_size, collate or torch.utils.data.default_collate)
     start = 0
     for index in itertools.count():
@@ -246,8 +250,8 @@ def batches(dataset: Any, batch_size: int | None, collate: Callable[[list[Any]],
         except Exception as error:
             add_note(error, f"nnsight_pure: while making batch {index} of the sweep (examples from {start})")
             raise
-        args, kwargs = default_inputs(data)
-        size = batch_size_of(args, kwargs)
+        args, kwargs = (inputs or default_inputs)(data)
+        size = batch_size_of(tuple(args), dict(kwargs))
         yield Batch(index, start, size, data)
         start += size
 
@@ -399,7 +403,7 @@ def sweep(
     if facts.invokes > 1:
         raise TraceError(f"sweep runs one invoke per batch; this graph has {facts.invokes} invokes")
     spec = reducer_tree(Concat() if reduce is None else reduce, graph.outputs)
-    work = batches(dataset, batch_size, collate)
+    work = batches(dataset, batch_size, collate, inputs)
     total = batch_count(dataset, batch_size)
     method_kwargs = dict(method_kwargs or {})
     with _progress_bar(total, progress) as bar:

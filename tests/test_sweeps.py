@@ -95,6 +95,20 @@ def test_dataset_kinds_give_the_same_result() -> None:
         nnsight.sweep(mlp, graph, loader, batch_size=5, progress=False)
 
 
+def test_batch_sizes_come_from_the_inputs_the_model_gets() -> None:
+    """With ``inputs=``, a batch's size (and so the dataset indexes top_k
+    gives) is that of what the model gets, not of the first tensor in the batch."""
+    data = torch.stack(examples(8))
+    graph = nnsight.trace(mlp(), lambda m: m.output.norm(dim=-1))
+    batches = [{"meta": torch.zeros(1), "x": data[i : i + 4]} for i in (0, 4)]
+    swept = nnsight.sweep(mlp, graph, batches, progress=False, reduce=R.top_k(8),
+                          inputs=lambda batch: ((batch["x"],), {}))
+    assert swept.examples == 8
+    with torch.no_grad():
+        expected = torch.sort(mlp()(data).norm(dim=-1), descending=True, stable=True).indices
+    assert torch.equal(swept.outputs[1], expected)
+
+
 def test_a_user_error_in_batch_k_names_k_and_keeps_its_type() -> None:
     graph = nnsight.trace(mlp(), lambda m: m.output)
     batches = [torch.randn(4, 4), torch.randn(4, 4), torch.randn(4, 5), torch.randn(4, 4)]
