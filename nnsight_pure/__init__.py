@@ -16,6 +16,9 @@ it, ``compose`` and ``prune`` transform it.
 """
 
 from .arguments import Ref as Ref
+from .config import CONFIG as CONFIG
+from .config import logger as logger
+from .config import remote_logger as remote_logger
 from .envoy import Envoy as Envoy
 from .contexts.editing import EditingTracer as EditingTracer
 from .util import WrapperModule as WrapperModule
@@ -60,6 +63,7 @@ from .functions import float as float
 from .functions import int as int
 from .functions import iter as iter
 from .functions import list as list
+from .functions import local as local
 from .functions import log as log
 from .functions import set as set
 from .functions import stop as stop
@@ -67,6 +71,7 @@ from .functions import str as str
 from .functions import tuple as tuple
 
 __all__ = [
+    "CONFIG",
     "Conditional",
     "EditingTracer",
     "Envoy",
@@ -103,8 +108,11 @@ __all__ = [
     "int",
     "iter",
     "list",
+    "local",
     "log",
+    "logger",
     "prune",
+    "remote_logger",
     "render",
     "run",
     "set",

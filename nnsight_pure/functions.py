@@ -53,6 +53,30 @@ def iter(collection: Any) -> IteratorContext:
     return IteratorContext(_innermost("iter"), collection, user_location())
 
 
+class _LocalBlock:
+    """What ``nnsight_pure.local()`` gives: an ordinary part of the enclosing block."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def local(fn: Callable[..., Any] | None = None) -> Any:
+    """nnsight 0.4's ``local()``: remotely, code run on the client. Everything runs
+    locally here, so ``with nnsight_pure.local():`` is an ordinary part of the
+    enclosing block, and ``local(fn)`` is ``fn`` called at run time (`apply`)."""
+    if fn is None:
+        return _LocalBlock()
+    function = fn
+
+    def at_run_time(*args: Any, **kwargs: Any) -> Proxy:
+        return apply(function, *args, **kwargs)
+
+    return at_run_time
+
+
 def _traced_builtin(fn: Any) -> Callable[..., Proxy]:
     name = fn.__name__
 

@@ -17,6 +17,9 @@ from __future__ import annotations
 import operator
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
+import torch
+
+from .config import CONFIG
 from .contexts import active
 from .contexts.active import _OPEN
 from .errors import TraceError
@@ -91,6 +94,50 @@ def to_values(value: Any) -> Any:
         return {key: to_values(item) for key, item in value.items()}
     if kind is slice:
         return slice(to_values(value.start), to_values(value.stop), to_values(value.step))
+    return value
+
+
+class _Settled:
+    """The context of a proxy whose value is known while tracing (`settle`):
+    it behaves like a finished trace that saved that one value."""
+
+    _ran = True
+    _open = False
+    _closed = True
+    _trace = None
+    _parent = None
+
+    def __init__(self, graph: Any, index: int, value: Any) -> None:
+        self.graph = self._graph = graph
+        self._index = index
+        self._value = value
+
+    def has_value(self, ref: Ref) -> bool:
+        return ref.index == self._index
+
+    def value_of(self, ref: Ref) -> Any:
+        return self._value
+
+    def _is_ancestor_of(self, other: Any) -> bool:
+        return False
+
+
+def settle(proxy: Proxy, value: Any) -> None:
+    """Make ``proxy`` stand for ``value`` from now on (it is known already)."""
+    assert proxy._ref is not None
+    _SET_CONTEXT(proxy, _Settled(proxy._context.graph, proxy._ref.index, value))
+
+
+def settled(value: Any) -> Any:
+    """``value`` with each proxy whose trace already ran (and kept it) replaced
+    by its value; other proxies stay (a session gives them values later)."""
+    kind = type(value)
+    if kind is Proxy:
+        return value.value if value._context._ran and value._has_value() else value
+    if kind is tuple or kind is list:
+        return kind(settled(item) for item in value)
+    if kind is dict:
+        return {key: settled(item) for key, item in value.items()}
     return value
 
 
@@ -212,7 +259,7 @@ class Proxy:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(name)
-        if active.innermost() is None:
+        if active.innermost() is None or self._settled():
             return getattr(self.value, name)
         if name in _KNOWN_AT_TRACE_TIME and self._fake is not UNKNOWN:
             return shape_like(self._fake, name)  # known from a scan: a real value now
@@ -357,17 +404,57 @@ class Proxy:
     def __repr__(self) -> str:
         if self._has_value():
             return repr(self.value)
+        if active.innermost() is None:
+            # After the block: say why there is no value (and how to keep one).
+            try:
+                self.value
+            except ValueError as error:
+                return f"<Proxy {self.node}: {error}>"
         return f"<Proxy {self.node}>"
 
     def __str__(self) -> str:
         if self._has_value():
             return str(self.value)
+        if active.innermost() is None:
+            return str(self.value)  # raises the ValueError that says why there is none (as 0.4 did)
         return self.__repr__()
 
     def __format__(self, spec: str) -> str:
         if self._has_value():
             return format(self.value, spec)
+        if active.innermost() is None:
+            return format(self.value, spec)  # raises, as `str` does
         return format(self.__repr__(), spec)
+
+    # --- a saved value where a tensor is expected (after the block) ------------------
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # noqa: D105
+        """The value's class once the trace ran and kept the value (so that
+        ``isinstance(saved, torch.Tensor)`` holds for tokenizers, numpy and
+        plotting code), else `Proxy`. ``type(saved)`` is always `Proxy`.
+        ``CONFIG.APP.FRAME_INJECTION = False`` keeps `Proxy`."""
+        if self._settled() and CONFIG.APP.FRAME_INJECTION:
+            return type(self.value)
+        return Proxy
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> Any:
+        import numpy
+
+        value = self.value
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        return numpy.asarray(value, dtype=dtype)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # Pickling (torch.save, copy, multiprocessing) stores the value itself.
+        return self._needs_value("pickling", "Save it (.save()) and pickle it after the trace.").__reduce_ex__(protocol)
+
+    def _settled(self) -> bool:
+        """Whether this proxy's trace has run and kept its value (it is final now)."""
+        if self._pending is not None:
+            return self._pending[0]._settled()
+        return self._context._ran and self._has_value()
 
     def _has_value(self) -> bool:
         if self._pending is not None:

@@ -120,10 +120,11 @@ def test_unsaved_proxy_after_its_trace_closed(model: nnsight.NNsight, x: torch.T
 
 def test_proxy_in_the_trace_of_another_model(model: nnsight.NNsight, x: torch.Tensor) -> None:
     other = nnsight.NNsight(torch.nn.Sequential(torch.nn.Linear(10, 10)))
+    other_input = torch.rand(1, 10)  # (made inside the block, torch.rand would be recorded)
     with pytest.raises(nnsight.TraceError, match="another open trace"):
         with model.trace(x):
             h = model.layer1.output
-            with other.trace(torch.rand(1, 10)):
+            with other.trace(other_input):
                 other.output = h
 
 

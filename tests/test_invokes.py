@@ -176,10 +176,11 @@ def test_the_outside_program_waits_for_an_invokes_value(model: nnsight.NNsight, 
 
 def test_a_never_computed_value_of_another_invoke() -> None:
     spare_model = nnsight.NNsight(WithSpare())
+    first, second = torch.rand(1, 5), torch.rand(1, 5)
     with spare_model.trace() as tracer:
-        with tracer.invoke(torch.rand(1, 5)):
+        with tracer.invoke(first):
             never = spare_model.spare.output * 2
-        with tracer.invoke(torch.rand(1, 5)):
+        with tracer.invoke(second):
             waits = (spare_model.used.output + never).save()
     with pytest.raises(ValueError, match="that node of invoke 0 never ran"):
         _ = waits.value

@@ -417,9 +417,10 @@ def test_iter_over_a_proxy_that_is_not_iterable_names_the_line(model: nnsight.NN
 
 
 def test_cond_on_a_value_without_a_truth_value(model: nnsight.NNsight, x: torch.Tensor) -> None:
+    several = torch.ones(3)  # (inside the block torch.ones is recorded, as in nnsight 0.4)
     with model.trace(x) as tracer:
         with pytest.raises(TypeError, match="needs a value with a truth value"):
-            tracer.cond(torch.ones(3))
+            tracer.cond(several)
     with pytest.raises(RuntimeError, match="ambiguous") as caught:
         with model.trace(x) as tracer:
             with tracer.cond(model.layer1.output > 0):  # several elements

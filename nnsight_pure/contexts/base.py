@@ -23,6 +23,7 @@ from contextvars import Token
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 from ..arguments import ATOMS, Ref, freeze
+from ..config import CONFIG
 from ..errors import TraceError
 from ..graph import Graph, SourceLoc, saved_refs
 from ..ops import Bridge, Call, Cond, Export, Iterate, Op, Stop, print_at_run_time
@@ -31,6 +32,7 @@ from ..proxy import Proxy
 from ..results import Results, missing_value_message
 from ..source import short, user_location
 from . import active
+from .recorded_calls import FactoryRecord, ThreadRecording
 
 if TYPE_CHECKING:
     from ..models.handle import ModelHandle
@@ -56,6 +58,8 @@ class GraphContext:
     _node_ref: Ref | None = None  # our context node in the parent's graph
     _token: Token[tuple[GraphContext, ...]] | None = None
     _is_trace = False  # True for a Tracer (which records into itself)
+    _thread_recording: ThreadRecording | None = None  # set on the first open block of a thread
+    _factory_records: list[FactoryRecord] | None = None  # factory calls that could be taken back
 
     def __init__(self, handle: ModelHandle, where: SourceLoc | None, parent: GraphContext | None) -> None:
         self._graph = _EMPTY
@@ -93,15 +97,27 @@ class GraphContext:
     def _push(self) -> None:
         if self._open or self._closed:
             raise TraceError(f"the block opened at {short(self._where)} cannot be entered twice")
+        first = not active.open_contexts()
         self._token = active.push(self)
         self._open = True
+        if first and CONFIG.APP.GLOBAL_TRACING:
+            # The first block of this thread records factory calls (torch.zeros ...)
+            # until the last one closes; see `recorded_calls`.
+            recording = ThreadRecording()
+            recording.start()
+            self._thread_recording = recording
 
     def _pop(self) -> None:
         self._open = False
         self._closed = True
-        if self._token is not None:
-            active.pop(self._token)
-            self._token = None
+        try:
+            if self._token is not None:
+                active.pop(self._token)
+                self._token = None
+        finally:
+            recording, self._thread_recording = self._thread_recording, None
+            if recording is not None:
+                recording.stop()
 
     def _is_ancestor_of(self, other: GraphContext) -> bool:
         context = other._parent

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from ..graph import SourceLoc
 from ..interpreter import run_session
 from ..source import short
-from . import active
+from . import active, recorded_calls
 from .base import GraphContext
 
 if TYPE_CHECKING:
@@ -23,9 +23,10 @@ if TYPE_CHECKING:
 class Session(GraphContext):
     """The context returned by `NNsight.session`: several traces run as one."""
 
-    def __init__(self, model: NNsight, where: SourceLoc | None) -> None:
+    def __init__(self, model: NNsight, where: SourceLoc | None, validate: bool = False) -> None:
         super().__init__(model._handle, where, None)
         self._model = model
+        self.validate = validate  # the default of the traces opened inside
 
     def __enter__(self) -> Session:
         for context in active.open_contexts():
@@ -35,15 +36,20 @@ class Session(GraphContext):
                     "sessions do not nest: open traces, loops and conditions inside the one session"
                 )
         self._push()
+        recorded_calls.session_started()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        self._pop()
+        try:
+            self._pop()
+        finally:
+            recorded_calls.session_ended()
         if exc_type is not None:
             self._release()
             return
         try:
-            results = run_session(self._graph, self._model._run_trace_node)
+            with recorded_calls.suspended():
+                results = run_session(self._graph, self._model._run_trace_node)
         except BaseException:
             self._release()
             raise

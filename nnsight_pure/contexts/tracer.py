@@ -23,7 +23,7 @@ from ..source import user_location
 from ..trees import NOT_FOUND, find_leaf, map_leaves
 from .calls import EachCallContext
 from ..source import short
-from . import active
+from . import active, recorded_calls
 from .base import GraphContext
 from .invoker import Invoker
 
@@ -39,6 +39,20 @@ def _holds_proxies(inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
 
 def _is_proxy(value: Any) -> bool:
     return isinstance(value, Proxy)
+
+
+def _unknown_inputs(inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> TraceError:
+    """The error for a trace's inputs that hold values not computed yet."""
+    found = find_leaf((inputs, kwargs), _is_proxy)
+    made = f"{found.node} (made at {short(found._context.graph.nodes[found._ref.index].source)})" if (
+        isinstance(found, Proxy) and found._ref is not None
+    ) else "a traced value"
+    return TraceError(
+        f"the inputs of this trace hold {made}, which has no value while tracing: a value of "
+        "another trace that has not run, or a torch factory call such as torch.rand(...) made "
+        "inside an open block (recorded to run with the model, as in nnsight 0.4). Make the "
+        "inputs before the `with` block; only a session passes traced values between traces."
+    )
 
 
 class Tracer(GraphContext):
@@ -133,9 +147,19 @@ class Tracer(GraphContext):
 
     # --- invokes ----------------------------------------------------------------------
 
-    def invoke(self, *inputs: Any, **kwargs: Any) -> Invoker:
-        """A context whose accesses see only the rows of ``inputs`` in the batch."""
-        return Invoker(self, inputs, kwargs)
+    def invoke(self, *inputs: Any, scan: bool = False, **kwargs: Any) -> Invoker:
+        """A context whose accesses see only the rows of ``inputs`` in the batch.
+
+        ``scan=True`` (nnsight 0.4) runs the model on fake tensors for this
+        invoke's inputs as it opens, so shapes are known inside the block.
+        Other keyword arguments go to the model's `_prepare_input`.
+        """
+        return Invoker(self, inputs, kwargs, scan=scan)
+
+    @property
+    def invoker(self) -> Invoker | None:
+        """The open invoke of this trace (nnsight 0.4's ``tracer.invoker``), if any."""
+        return self._invoker
 
     def _enter_invoke(self, invoker: Invoker) -> int | None:
         if self._invoker is not None:
@@ -150,26 +174,31 @@ class Tracer(GraphContext):
         if self._open and innermost is not self:
             raise TraceError("open invokes directly in the trace, not inside a loop or condition")
         index = len(self._inputs)
-        if not invoker.inputs and not invoker.kwargs:
+        given, given_kwargs = invoker.given
+        scanning = self._scan or invoker.scan
+        if not given and not given_kwargs:
             self._inputs.append(None)  # an invoke without inputs sees the whole batch
             self._sizes.append(None)
         else:
-            self._inputs.append((invoker.inputs, invoker.kwargs))
-            concrete = not _holds_proxies(invoker.inputs, invoker.kwargs)
-            if self._parent is None or (self._scan and concrete):
-                (args, kwargs), size = self._model._prepare_input(*invoker.inputs, **invoker.kwargs)
-                invoker.batch_size = size
-                invoker.prepared = (tuple(args), dict(kwargs))
-                if self._scan:
-                    assert self._fake_mode is not None
-                    faked = self._faked()
+            self._inputs.append((given, given_kwargs))
+            concrete = not _holds_proxies(given, given_kwargs)
+            prepared = invoker._prepare() if self._parent is None or (scanning and concrete) else None
+            if self._parent is None and prepared is None:
+                raise _unknown_inputs(given, given_kwargs)
+            if scanning:
+                if prepared is None:
+                    raise TraceError("scan=True needs inputs known while tracing, not values of the session")
+                if self._fake_mode is None:
+                    self._fake_mode = new_mode()
+                faked = self._faked()
+                args, kwargs = prepared
+                with recorded_calls.suspended():
                     self._scanned[index] = scan(
                         faked._model, faked._method_fn(self._method), args, kwargs, self._fake_mode
                     )
-            elif self._scan:
-                raise TraceError("scan=True needs inputs known while tracing, not values of the session")
             if self._parent is None:
-                self._prepared.append((tuple(invoker.prepared[0]), dict(invoker.prepared[1])))
+                assert prepared is not None
+                self._prepared.append((tuple(prepared[0]), dict(prepared[1])))
                 self._sizes.append(invoker.batch_size)
             else:
                 self._sizes.append(None)  # prepared when the session runs
@@ -216,17 +245,19 @@ class Tracer(GraphContext):
         def fake(arg: Any) -> Any:
             return map_leaves(self._fake_of_leaf, arg)
 
-        return fake_value(
-            op, args, kwargs, fake, self._scanned.get(invoke, {}), lambda: self._faked()._model,
-            self._fake_mode, self._validate,
-        )
+        with recorded_calls.suspended():
+            return fake_value(
+                op, args, kwargs, fake, self._scanned.get(invoke, {}), lambda: self._faked()._model,
+                self._fake_mode, self._validate,
+            )
 
     def _faked(self) -> NNsight:
         """This trace's model wrapper around a fake copy of the module tree."""
         if self._fake_model is None:
             assert self._fake_mode is not None
             faked = self._model._shallow_copy()
-            fake_module = fake_copy(self._model._model, self._fake_mode)
+            with recorded_calls.suspended():
+                fake_module = fake_copy(self._model._model, self._fake_mode)
             object.__setattr__(faked, "_handle", self._model._handle.with_module(fake_module))
             self._fake_model = faked
         return self._fake_model

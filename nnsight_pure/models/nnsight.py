@@ -14,7 +14,7 @@ import torch
 
 from ..batching import BatchGroups, batch_size_of, default_batch
 from ..trees import NOT_FOUND, find_leaf, map_leaves
-from ..contexts import active
+from ..contexts import active, recorded_calls
 from ..contexts.editing import EditingTracer
 from ..contexts.session import Session
 from ..contexts.tracer import Tracer
@@ -70,6 +70,10 @@ class NNsight:
         method: str | None = None,
         invoker_kwargs: dict[str, Any] | None = None,
         backend: Any = None,
+        remote: bool = False,
+        blocking: bool = True,
+        validate: bool | None = None,
+        debug: bool | None = None,
         **kwargs: Any,
     ) -> Any:
         """Open a trace: ``with model.trace(x) as tracer: ...`` runs the model once on exit.
@@ -84,15 +88,18 @@ class NNsight:
         tracing; ``validate=True`` then also raises shape errors at the line that
         causes them, before the real model runs.
 
+        nnsight 0.4's ``backend=None``, ``remote=False``, ``blocking=True`` and
+        ``debug=`` are accepted (source lines are always recorded); a backend
+        object or ``remote=True`` raises `NotImplementedError`: nnsight_pure
+        runs locally. None of them reaches the model.
+
         Returns a `Tracer` (or, with ``trace=False``, the model's output).
         """
-        validate = bool(kwargs.pop("validate", False))
-        kwargs.pop("debug", None)  # nnsight 0.4's flag: source lines are always recorded
-        if backend is not None:
-            raise NotImplementedError(
-                "backends (remote NDIF execution) are not supported: nnsight_pure runs locally"
-            )
+        _local_only(backend, remote)
         parent = self._session_parent() if trace else None
+        if validate is None:
+            session = parent._outermost() if parent is not None else None
+            validate = bool(getattr(session, "validate", False))
         tracer = Tracer(self, method, kwargs, user_location(), parent, scan=scan, validate=validate)
         if inputs:
             tracer._open_implicit_invoker(inputs, dict(invoker_kwargs or {}))
@@ -149,11 +156,23 @@ class NNsight:
         copy.__dict__.update(self.__dict__)
         return copy
 
-    def session(self) -> Session:
+    def session(
+        self,
+        backend: Any = None,
+        remote: bool = False,
+        blocking: bool = True,
+        validate: bool = False,
+        debug: bool | None = None,
+    ) -> Session:
         """Open a session: ``with model.session():`` records several traces (and
         the code between them, loops and conditions included) and runs them all,
-        in order, when it exits. Values flow between its traces without saving."""
-        return Session(self, user_location())
+        in order, when it exits. Values flow between its traces without saving.
+
+        ``validate=True`` makes it the default of the traces opened inside.
+        nnsight 0.4's ``backend``/``remote``/``blocking``/``debug`` are accepted
+        as for `trace` (local execution only)."""
+        _local_only(backend, remote)
+        return Session(self, user_location(), validate=validate)
 
     def _session_parent(self) -> Any:
         """The innermost open block of a session of this model, outside any trace, if any."""
@@ -178,6 +197,21 @@ class NNsight:
         keep_result: bool = False,
     ) -> tuple[Results, dict[int, Any]]:
         """Batch the invokes' prepared inputs and run ``graph`` over one call of the method."""
+        with recorded_calls.suspended():  # a run records nothing, even inside an open block
+            return self._run_batched(graph, method, prepared, sizes, method_kwargs, where, captures, keep, keep_result)
+
+    def _run_batched(
+        self,
+        graph: Graph,
+        method: str | None,
+        prepared: list[tuple[tuple[Any, ...], dict[str, Any]]],
+        sizes: list[int | None],
+        method_kwargs: dict[str, Any],
+        where: SourceLoc | None,
+        captures: tuple[Any, ...],
+        keep: frozenset[int],
+        keep_result: bool,
+    ) -> tuple[Results, dict[int, Any]]:
         self._before_run()
         batched: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         for args, kwargs in prepared:
@@ -275,6 +309,11 @@ class NNsight:
         """
         return (inputs, kwargs), batch_size_of(inputs, kwargs)
 
+    def _invoker_inputs(self, prepared: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
+        """``invoker.inputs`` as nnsight 0.4 scripts read them: the prepared
+        ``(args, kwargs)`` (a subclass may show its own shape)."""
+        return prepared
+
     def _batch(
         self,
         batched_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None,
@@ -348,6 +387,15 @@ class NNsight:
 
     def __repr__(self) -> str:
         return repr(self._envoy)
+
+
+def _local_only(backend: Any, remote: bool) -> None:
+    """nnsight 0.4's execution options: local (``None``/``False``) is all there is."""
+    if backend is not None or remote:
+        raise NotImplementedError(
+            "remote execution and backends (NDIF) are not supported: nnsight_pure runs "
+            "locally; drop backend=/remote=True"
+        )
 
 
 def _elsewhere(value: tuple[Sequence[Any], Mapping[str, Any]], device: torch.device) -> bool:
