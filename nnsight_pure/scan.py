@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy as copy_module
 import logging
+import threading
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -26,11 +27,13 @@ import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import (
     DataDependentOutputException,
     DynamicOutputShapeException,
-    FakeCopyMode,
     FakeTensor,
     FakeTensorMode,
     UnsupportedOperatorException,
+    unset_fake_temporarily,
 )
+from torch.overrides import TorchFunctionMode
+from torch.utils._mode_utils import no_dispatch
 
 from .ops import (
     ApplyModule,
@@ -62,9 +65,63 @@ _UNKNOWABLE = (DataDependentOutputException, DynamicOutputShapeException, Unsupp
 _NOT_EVALUATED = frozenset({"backward", "retain_grad", "register_hook", "item", "tolist", "numpy"})
 
 
+# Tensors computed from the inputs alone (not from weights) keep their values
+# in a scan, up to this many elements: enough for the ids, masks, positions
+# and cache indices of a language model's batch.
+_CONSTANT_LIMIT = 1 << 20
+
+
+class _InputValuesMode(FakeTensorMode):  # type: ignore[no-untyped-call]  # torch's __init_subclass__
+    """A fake mode that keeps the real values of tensors that do not depend
+    on the weights: the inputs, what is computed from them alone, and
+    tensors made from Python values (``torch.ones``, ``torch.full``, ...).
+
+    Hugging Face models read such data in Python: the SDPA mask asks whether
+    the attention mask is all ones (transformers 4.x), ``generate`` whether
+    every row has finished. Plain fake tensors cannot answer
+    (``DataDependentOutputException``); these can, because the answer is a
+    real computation on the small real tensors that it depends on. Whatever
+    depends on a weight stays fake, as in `FakeTensorMode`.
+    """
+
+    def may_turn_const(self, t: torch.Tensor) -> bool:
+        return (
+            t.numel() <= _CONSTANT_LIMIT
+            and t.layout == torch.strided
+            and not self.is_our_fake(t)
+            and t.device.type != "meta"
+        )
+
+    def dispatch(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if _makes_tensor_from_python_values(func, args, kwargs):
+            with no_dispatch():
+                out = func(*args, **kwargs)
+            if isinstance(out, torch.Tensor) and type(out) is torch.Tensor and self.may_turn_const(out):
+                return self.fake_tensor_converter.from_real_tensor(self, out, make_constant=True)
+        return super().dispatch(func, types, args, kwargs)
+
+
+_aten = torch.ops.aten
+# Factories whose values are known from their arguments (not ``empty``: its
+# values are whatever memory held, and fake kernels call it for their outputs).
+_FACTORIES = frozenset({_aten.full, _aten.ones, _aten.zeros, _aten.arange, _aten.scalar_tensor, _aten.eye})
+
+
+def _makes_tensor_from_python_values(func: Any, args: Any, kwargs: Mapping[str, Any]) -> bool:
+    """A factory like ``torch.full`` or ``torch.arange`` (not on the meta device) called with
+    Python values only."""
+    if getattr(func, "overloadpacket", None) not in _FACTORIES:
+        return False
+    if any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves((args, kwargs))):
+        return False
+    device = kwargs.get("device")
+    return device is None or torch.device(str(device)).type != "meta"
+
+
 def new_mode() -> FakeTensorMode:
     """A fake mode for one trace (all of a trace's fake values share it)."""
-    return FakeTensorMode(allow_non_fake_inputs=True)
+    return _InputValuesMode(allow_non_fake_inputs=True)
 
 
 class _QuietFakeErrors(logging.Filter):
@@ -91,9 +148,80 @@ def _to_fake(mode: FakeTensorMode, value: Any) -> Any:
     def fake(leaf: Any) -> Any:
         if isinstance(leaf, FakeTensor) or not isinstance(leaf, torch.Tensor):
             return leaf
+        if isinstance(mode, _InputValuesMode) and mode.may_turn_const(leaf):
+            # An input keeps its values (see _InputValuesMode); a copy, in
+            # case the model writes into it in place.
+            with unset_fake_temporarily():
+                copy = leaf.detach().clone()
+            return mode.fake_tensor_converter.from_real_tensor(mode, copy, make_constant=True)
         return mode.from_tensor(leaf.detach())  # only the shape matters here
 
     return pytree.tree_map(fake, value)
+
+
+# --- the user's global module hooks never see a fake tensor ------------------------
+
+_GLOBAL_HOOK_DICTS = (
+    "_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks",
+    "_global_backward_hooks", "_global_buffer_registration_hooks",
+    "_global_module_registration_hooks", "_global_parameter_registration_hooks",
+)
+_in_scan = threading.local()  # .depth: how many fake runs this thread is inside
+_shield_lock = threading.Lock()
+_shielded_runs = 0  # fake runs under way in all threads
+
+
+class _UnlessFake:
+    """A global module hook of the user's, skipped in the threads that are
+    running a model on fake tensors (and only there)."""
+
+    def __init__(self, hook: Callable[..., Any]) -> None:
+        self.hook = hook
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if getattr(_in_scan, "depth", 0):
+            return None
+        return self.hook(*args, **kwargs)
+
+
+def _global_hook_dicts() -> list[dict[int, Any]]:
+    return [getattr(torch.nn.modules.module, name) for name in _GLOBAL_HOOK_DICTS]
+
+
+def scanning() -> bool:
+    """Whether this thread is running a model (or a module) on fake tensors."""
+    return bool(getattr(_in_scan, "depth", 0))
+
+
+@contextlib.contextmanager
+def _hidden_from_global_hooks() -> Iterator[None]:
+    """Run a fake computation without the user's global module hooks
+    (``register_module_forward_hook`` and the like) seeing it.
+
+    torch calls those hooks for every module of every model, the fake copy
+    included, so while any thread scans, each is wrapped in `_UnlessFake`
+    (same key, same order: its handle still removes it), which skips it in
+    the scanning thread only; the last scan to end unwraps them. Another
+    thread's real runs still call every hook."""
+    global _shielded_runs
+    with _shield_lock:
+        _shielded_runs += 1
+        for hooks in _global_hook_dicts():
+            for key, hook in list(hooks.items()):
+                if not isinstance(hook, _UnlessFake):
+                    hooks[key] = _UnlessFake(hook)
+    _in_scan.depth = getattr(_in_scan, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _in_scan.depth -= 1
+        with _shield_lock:
+            _shielded_runs -= 1
+            if _shielded_runs == 0:
+                for hooks in _global_hook_dicts():
+                    for key, hook in list(hooks.items()):
+                        if isinstance(hook, _UnlessFake):
+                            hooks[key] = hook.hook
 
 
 _HOOK_DICTS = (
@@ -102,10 +230,42 @@ _HOOK_DICTS = (
 )
 
 
+class _FakeCopyOnCPU(TorchFunctionMode):
+    """Like torch's `FakeCopyMode` (``deepcopy`` makes fake tensors), except
+    that a tensor on the meta device (a model whose weights are not loaded
+    yet) becomes a fake CPU tensor: a scan then runs as the model will once
+    loaded, and the values that `_InputValuesMode` keeps stay real (it keeps
+    none on the meta device)."""
+
+    def __init__(self, mode: FakeTensorMode) -> None:
+        super().__init__()
+        self.mode = mode
+
+    def _fake(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device.type != "meta":
+            return self.mode.from_tensor(tensor, static_shapes=True)
+        with unset_fake_temporarily():
+            fresh = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta")
+        return self.mode.fake_tensor_converter.from_meta_and_device(self.mode, fresh, torch.device("cpu"))
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch._C.TensorBase.clone:  # what Parameter.__deepcopy__ calls
+            return func(self._fake(args[0]), **kwargs)
+        if func is torch.Tensor.__deepcopy__:
+            tensor, memo = args
+            if id(tensor) not in memo:
+                memo[id(tensor)] = self._fake(tensor)
+            return memo[id(tensor)]
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+
 def fake_copy(root: torch.nn.Module, mode: FakeTensorMode) -> torch.nn.Module:
     """A copy of the module tree whose parameters and buffers are fake (no
-    memory for weights) and which has no hooks. The original is untouched."""
-    with FakeCopyMode(mode):
+    memory for weights; meta ones become fake CPU tensors) and which has no
+    hooks. The original is untouched."""
+    with _FakeCopyOnCPU(mode):
         copy = copy_module.deepcopy(root)
     for module in copy.modules():
         for name in _HOOK_DICTS:
@@ -140,7 +300,7 @@ def scan(
                 lambda m, a, k, path=path: record(path, "pre", (a, k)), with_kwargs=True
             ))
             handles.append(module.register_forward_hook(lambda m, a, out, path=path: record(path, "post", out)))
-        with _faking(mode):
+        with _hidden_from_global_hooks(), _faking(mode):
             method(*_to_fake(mode, tuple(args)), **_to_fake(mode, dict(kwargs)))
     except BaseException as error:
         add_note(error, "nnsight_pure: raised while scanning the model on fake tensors (scan=True)")
@@ -222,7 +382,7 @@ def fake_value(
         op = ApplyModule(op.path, hook=False)  # never fire anyone's hooks with fakes
     try:
         state = _FakeState(fake_root()) if isinstance(op, (ModuleAttr, ApplyModule)) else None
-        with _faking(mode):
+        with _hidden_from_global_hooks(), _faking(mode):
             fake_args, fake_kwargs = _to_fake(mode, (fake_args, fake_kwargs))
             return op_function(op)(state, fake_args, fake_kwargs)
     except _UNKNOWABLE:

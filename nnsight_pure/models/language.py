@@ -23,8 +23,21 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 
+from ..scan import scanning
 from ..util import WrapperModule
 from .nnsight import NNsight
+
+
+def _dtype_keyword(transformers: Any) -> str:
+    """The name under which this transformers takes a model's dtype:
+    ``dtype`` from 4.56 on, ``torch_dtype`` before (4.53's models reject
+    ``dtype``)."""
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
+def _only_dtype(load_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in load_kwargs.items() if k in ("dtype", "torch_dtype")}
 
 
 def _transformers() -> Any:
@@ -47,7 +60,10 @@ class LanguageModel(NNsight):
         tokenizer: a tokenizer to use instead of loading one.
         automodel: the ``transformers`` auto class (or its name) that builds the model.
         dispatch: load the real weights now instead of at the first run.
-        device_map, torch_dtype: passed to ``from_pretrained``.
+        device_map: passed to ``from_pretrained`` (``"auto"``, ``"cpu"``, a dict; needs
+            ``accelerate``).
+        torch_dtype: the weights' dtype (or ``dtype=``), passed to ``from_pretrained``
+            under the name the installed transformers takes.
         rename: envoy aliases, as for `NNsight`.
         **kwargs: passed to ``from_pretrained`` (and ``AutoConfig``), e.g. ``revision``.
 
@@ -79,8 +95,9 @@ class LanguageModel(NNsight):
         load_kwargs = dict(kwargs)
         if device_map is not None:
             load_kwargs["device_map"] = device_map
-        if torch_dtype is not None:
-            load_kwargs["dtype"] = torch_dtype
+        dtype = load_kwargs.pop("dtype", load_kwargs.pop("torch_dtype", torch_dtype))
+        if dtype is not None:
+            load_kwargs[_dtype_keyword(transformers)] = dtype
         if isinstance(model, torch.nn.Module):
             module, repo_id, dispatched = model, getattr(getattr(model, "config", None), "_name_or_path", None), True
             config = getattr(model, "config", None)
@@ -90,14 +107,16 @@ class LanguageModel(NNsight):
                 tokenizer = transformers.AutoTokenizer.from_pretrained(repo_id, padding_side="left")
         else:
             repo_id = str(model)
-            config = transformers.AutoConfig.from_pretrained(repo_id, **kwargs)
+            config = transformers.AutoConfig.from_pretrained(
+                repo_id, **{k: v for k, v in kwargs.items() if k not in ("dtype", "torch_dtype")}
+            )
             if tokenizer is None:
                 tokenizer = transformers.AutoTokenizer.from_pretrained(repo_id, padding_side="left")
             if dispatch:
                 module = automodel.from_pretrained(repo_id, config=config, **load_kwargs)
             else:
-                with torch.device("meta"):
-                    module = automodel.from_config(config)
+                with torch.device("meta"):  # the tree as it will load: same dtype, no memory
+                    module = automodel.from_config(config, **_only_dtype(load_kwargs))
             dispatched = dispatch
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -235,9 +254,42 @@ class LanguageModel(NNsight):
         """Generate (``max_new_tokens`` defaults to 1, as in nnsight); the ids go
         through ``model.generator`` so that ``.generator.output`` can be traced."""
         kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        if scanning():
+            kwargs = self._scanned_generation(kwargs)
         model: Any = self._model  # a PreTrainedModel: generate and the generator child
         output = model.generate(*args, max_new_tokens=max_new_tokens, **self._on_device(kwargs))
         return model.generator(output)
+
+    def _scanned_generation(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``generate``'s arguments for a scan on fake tensors: the shapes of
+        a generation that runs all ``max_new_tokens`` steps.
+
+        ``generate`` asks in Python whether every row has produced an end
+        token, which depends on the weights, so a fake run cannot answer.
+        In a scan the scores are replaced by a constant that picks a token
+        that ends nothing, and decoding is greedy (sampling draws at random
+        from them); every step then has the shapes of a real step, and the
+        question has a real answer (see ``scan._InputValuesMode``)."""
+        transformers = _transformers()
+        config = getattr(self._model, "generation_config", None)
+        ending: set[int] = set()
+        for ids in (kwargs.get("eos_token_id"), getattr(config, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(ids, int):
+                ending.add(ids)
+            elif isinstance(ids, (list, tuple)):
+                ending.update(int(i) for i in ids)
+        token = min(set(range(len(ending) + 1)) - ending)
+
+        base: Any = transformers.LogitsProcessor  # transformers is imported lazily, as Any
+
+        class PickOneToken(base):  # type: ignore[misc]  # a subclass of Any
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+                picked = torch.arange(scores.shape[-1], device=scores.device) == token
+                return picked.to(scores.dtype).expand(scores.shape)
+
+        processors = transformers.LogitsProcessorList(kwargs.get("logits_processor") or [])
+        processors.append(PickOneToken())
+        return {**kwargs, "logits_processor": processors, "do_sample": False}
 
 
 def _left_pad(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
