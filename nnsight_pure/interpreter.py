@@ -78,6 +78,9 @@ over calls, which ends when the model stops calling)."""
 _END: Any = object()
 """Sent to a wait that the end of the run ends (see `Request`)."""
 
+_NEVER: EventKey = ("", "grad", -1)
+"""An event that never happens: what a stopped program waits for."""
+
 Offsets = tuple[tuple[tuple[str, ...], int], ...]
 """The call shifts of the enclosing loops over calls: ``(scope, i)`` each."""
 
@@ -106,7 +109,7 @@ class _Frame:
     """One execution of one graph: its environment and bookkeeping."""
 
     __slots__ = ("plan", "nodes", "env", "uses", "ran", "captures", "item", "keep", "children", "offsets",
-                 "open_ended")
+                 "open_ended", "marks", "in_loop")
 
     def __init__(
         self,
@@ -117,6 +120,8 @@ class _Frame:
         keep: frozenset[int] = frozenset(),
         offsets: Offsets = (),
         open_ended: bool = False,
+        marks: tuple[list[bool], ...] = (),
+        in_loop: bool = False,
     ) -> None:
         size = len(plan.steps)
         self.plan = plan
@@ -130,6 +135,21 @@ class _Frame:
         self.children: dict[int, Results] = {}
         self.offsets = offsets  # the call shifts of enclosing loops over calls
         self.open_ended = open_ended  # inside a loop over calls that ends with the run
+        # One cell per enclosing loop over calls (parallel to ``offsets``): set
+        # when this iteration received a call of that loop's scope.
+        self.marks = marks
+        self.in_loop = in_loop  # a stop here ends a loop, not the run
+
+    def inner(self, plan: Plan, graph: Graph, captures: Sequence[Any], item: Any, keep: frozenset[int]) -> _Frame:
+        """A frame for a body run by this frame (a condition's, a loop's): it
+        keeps this frame's call shifts."""
+        return _Frame(plan, graph, captures, item, keep, self.offsets, self.open_ended, self.marks, self.in_loop)
+
+    def mark(self, path: str) -> None:
+        """This iteration received a call of ``path``: mark the loops it is in scope of."""
+        for (scope, _), cell in zip(self.offsets, self.marks):
+            if in_scope(path, scope):
+                cell[0] = True
 
     def key_of(self, step: Step) -> EventKey:
         """The event a module access waits for: its call, shifted by the loops over calls."""
@@ -191,6 +211,7 @@ class _Run:
     swapped = False
     failed: BaseException | None = None
     ended = False  # the model's method has returned
+    stopping = False  # a stop took effect: the run ends once the programs have moved
 
     def __init__(
         self,
@@ -255,6 +276,8 @@ class _Run:
                     value, _ = yield (WAIT_EVENT, key, step.index, frame.open_ended)
                     if value is _END:
                         raise _CallsEnded()
+                    if frame.marks and key is not None:
+                        frame.mark(key[0])
                     if step.kind == "input":
                         value = _extract(value, step)
                     if not self.whole_batch:
@@ -272,6 +295,8 @@ class _Run:
                     value, is_current = yield (WAIT_EVENT, frame.key_of(step), step.index, frame.open_ended)
                     if value is _END:
                         raise _CallsEnded()
+                    if frame.marks:
+                        frame.mark(step.key[0] if step.key else "")
                     if not is_current:
                         raise self._out_of_order(frame, step, None)
                     args, _ = step.resolve(env, nodes)
@@ -293,7 +318,7 @@ class _Run:
                     args, _ = step.resolve(env, nodes)
                     env[step.index] = _NOT_RUN
                     if args[0]:
-                        child = _Frame(*frame.body(step), args[1:], None, step.exports)
+                        child = frame.inner(*frame.body(step), args[1:], None, step.exports)
                         yield from self._fold(child, child.plan.steps)
                         frame.children[step.index] = child.results()
                         env[step.index] = child.exports()
@@ -309,7 +334,12 @@ class _Run:
                     frame.children[step.index] = results
                     env[step.index] = exported
                 elif code == STOP:
-                    raise EarlyStop()
+                    if frame.in_loop or self.root is None:
+                        raise EarlyStop()  # ends the loop (or the session)
+                    # The run ends once every program has gone as far as it can
+                    # at this event (`advance_all`); this one goes no further.
+                    self.stopping = True
+                    yield (WAIT_EVENT, _NEVER, step.index, False)
                 for index in step.release:
                     left = uses[index] - 1
                     uses[index] = left
@@ -342,7 +372,8 @@ class _Run:
         frame.env[step.index] = _NOT_RUN
         body, body_graph = frame.body(step)
         for number, item in enumerate(items):
-            child = _Frame(body, body_graph, captures, item, step.exports)
+            child = frame.inner(body, body_graph, captures, item, step.exports)
+            child.in_loop = True
             try:
                 yield from self._fold(child, body.steps)
             except EarlyStop:
@@ -356,28 +387,57 @@ class _Run:
     def _each_call(self, frame: _Frame, step: Step) -> Program:
         """Run a loop over calls: its body once per call index, accesses shifted.
 
-        An open-ended loop (``stop=None``) ends when the model stops calling:
-        the last, unfinished iteration is dropped and the program goes on.
+        The first iteration runs the whole body; later ones run only the part
+        that touches the scope's calls (`Step.again`), with the values of the
+        rest kept from the first (nnsight 0.4: ``.all()`` applies to the
+        module and those below it only). So a body that touches no call of
+        its scope runs once. An open-ended loop (``stop=None``) ends when the
+        model stops calling (the last, unfinished iteration is dropped) or
+        when an iteration received no call of its scope (it could follow no
+        call; the next would do the same), and the program goes on.
         """
         op = frame.node(step).op
         assert isinstance(op, EachCall)
         args, _ = step.resolve(frame.env, frame.nodes)
         body, body_graph = frame.body(step)
-        calls: Any = op.calls or (itertools.count(op.start, op.step) if op.stop is None else range(op.start, op.stop, op.step))
+        unbounded = op.stop is None and not op.calls
+        calls: Any = op.calls or (itertools.count(op.start, op.step) if unbounded else range(op.start, op.stop or 0, op.step))
         frame.env[step.index] = _NOT_RUN
-        open_ended = frame.open_ended or (op.stop is None and not op.calls)
+        open_ended = frame.open_ended or unbounded
+        first: _Frame | None = None
+        kept: tuple[int, ...] = ()
         for call in calls:
-            child = _Frame(body, body_graph, args, call, step.exports, frame.offsets + ((op.scope, call),), open_ended)
+            cell = [False]
+            offsets = frame.offsets + ((op.scope, call),)
+            marks = frame.marks + (cell,)
+            if first is None:
+                child = _Frame(body, body_graph, args, call, step.exports | step.carry, offsets, open_ended, marks, True)
+                steps = body.steps
+            else:
+                child = _Frame(body, body_graph, args, call, step.exports, offsets, open_ended, marks, True)
+                env, ran = child.env, child.ran
+                for index in kept:
+                    env[index] = first.env[index]
+                    ran[index] = True
+                steps = step.again
             try:
-                yield from self._fold(child, body.steps)
+                yield from self._fold(child, steps)
             except EarlyStop:
                 self._finish_body(frame, step, child)
                 return
             except _CallsEnded:
-                if frame.open_ended and not (op.stop is None and not op.calls):
+                if frame.open_ended and not unbounded:
                     raise  # an enclosing open-ended loop ends too
                 return
             self._finish_body(frame, step, child)
+            if first is None:
+                if not step.again:
+                    return  # nothing in the body depends on the call
+                first = child
+                again = {each.index for each in step.again}
+                kept = tuple(sorted(i for i in step.carry | step.exports if i not in again and first.env[i] is not _UNSET))
+            if unbounded and not cell[0]:
+                return
 
     @staticmethod
     def _finish_body(frame: _Frame, step: Step, child: _Frame) -> None:
@@ -527,13 +587,15 @@ class _Run:
         computes may let an earlier one go on)."""
         if len(self.programs) == 1:
             self._advance(self.programs[0])  # alone, it goes as far as it can at once
-            return
-        moved = True
-        while moved:
-            moved = False
-            for program in self.programs:
-                if self._advance(program):
-                    moved = True
+        else:
+            moved = True
+            while moved:
+                moved = False
+                for program in self.programs:
+                    if self._advance(program):
+                        moved = True
+        if self.stopping:
+            raise EarlyStop()
 
     def on_event(self, path: str, site: Site, value: Any) -> Any:
         """A hook fired: count the call, feed the programs, return the (possibly
@@ -555,6 +617,8 @@ class _Run:
         outer = (self.current, self.activation, self.swapped)
         self.current, self.activation, self.swapped = key, value, False
         try:
+            if plan.stops and key in plan.stops:
+                self._arm_stops(key)
             self.advance_all()
             if self.readers.get(key, 0) > 0:
                 # Later nodes read this call again: keep its final value for them.
@@ -570,6 +634,14 @@ class _Run:
             return self.activation if self.swapped else None
         finally:
             self.current, self.activation, self.swapped = outer
+
+    def _arm_stops(self, key: EventKey) -> None:
+        """A stop computed from module calls takes effect at the last of them,
+        whatever its program waits for (nnsight 0.4 fired it at that hook)."""
+        calls = self.calls
+        for _, needed in self.plan.stops[key]:
+            if all(calls.get((path, site), 0) > call for path, site, call in needed):
+                self.stopping = True
 
     def end_of_run(self) -> None:
         """The model's method returned: end the loops over calls still waiting

@@ -111,7 +111,8 @@ class Step:
     """
 
     __slots__ = ("index", "code", "key", "kind", "invoke", "run", "resolve", "direct", "release",
-                 "foreign", "after", "unused", "guard", "reads", "body", "exports", "param", "program")
+                 "foreign", "after", "unused", "guard", "reads", "body", "exports", "param", "program",
+                 "again", "carry")
 
     def __init__(
         self,
@@ -144,6 +145,11 @@ class Step:
         self.unused = False
         self.guard: tuple[EventKey, int] | None = None
         self.program: ProgramKey = invoke
+        # A loop over calls (CALLS): the body steps that run again at every call
+        # after the first (those that touch the scope's calls), and the values of
+        # the others that they use (computed once, in the first iteration).
+        self.again: tuple[Step, ...] = ()
+        self.carry: frozenset[int] = frozenset()
 
 
 @attrs.frozen(eq=False)
@@ -154,7 +160,11 @@ class Plan:
     condition and loop bodies) that read or write it; ``dynamic_sites`` are
     the module hooks whose call index is only known at run time (accesses
     inside a loop over calls, `EachCall`); ``touches`` lists the module calls
-    the graph reads or writes, each with whether it writes.
+    the graph reads or writes, each with whether it writes. ``stops`` maps a
+    module call to the stops that take effect there: ``.stop()`` of a value
+    computed from module accesses, as ``(stop node, every call it derives
+    from)`` (it fires once all of them have happened, whatever its program
+    is waiting for).
     """
 
     steps: tuple[Step, ...]
@@ -168,6 +178,7 @@ class Plan:
     dynamic_sites: frozenset[tuple[str, Site]]
     writes: frozenset[int]
     touches: frozenset[tuple[EventKey, bool]]
+    stops: dict[EventKey, tuple[tuple[int, tuple[EventKey, ...]], ...]] = attrs.field(factory=dict)
 
 
 # --- resolving arguments -------------------------------------------------------------
@@ -338,8 +349,11 @@ def _step(graph: Graph, node: Node) -> Step:
             return Step(index, COND, resolve, invoke=invoke, body=plan_for(body))
         case Iterate(body):
             return Step(index, ITER, resolve, invoke=invoke, body=plan_for(body))
-        case EachCall(body):
-            return Step(index, CALLS, resolve, invoke=invoke, body=plan_for(body))
+        case EachCall(body, scope=scope):
+            body_plan = plan_for(body)
+            step = Step(index, CALLS, resolve, invoke=invoke, body=body_plan)
+            step.again, step.carry = _per_call_part(body, body_plan, scope)
+            return step
         case TraceRun(body):
             # A trace is its own run (with its own hooks): its plan is made then.
             return Step(index, TRACE, resolve, invoke=invoke)
@@ -357,6 +371,66 @@ def _step(graph: Graph, node: Node) -> Step:
                 if access is not None:
                     step.guard = (_event_of(access), access.ref.index)
             return step
+
+
+def touches_scope(plan: Plan, scope: tuple[str, ...]) -> bool:
+    """Whether a body (its plan) reads or writes a call of a module in ``scope``."""
+    return any(key[1] != "grad" and in_scope(key[0], scope) for key in plan.readers) or any(
+        in_scope(path, scope) for path, _ in plan.dynamic_sites
+    )
+
+
+def _per_call_part(body: Graph, plan: Plan, scope: tuple[str, ...]) -> tuple[tuple[Step, ...], frozenset[int]]:
+    """Split a loop over calls' body: the steps that run at every call (they
+    access a module in ``scope``, or use a value that does, or hold a body
+    that does), and the values of the other steps that those use or save.
+
+    The other steps run once, in the first iteration: a value that does not
+    depend on the scope's calls is the same at every call (nnsight 0.4's
+    rule: ``.all()`` only applies to the module and those below it, so an
+    append of another module's value appends once).
+    """
+    per_call = [False] * len(plan.steps)
+    for node, step in zip(body.nodes, plan.steps):
+        if step.code in (GET, SET) and step.key is not None:
+            again = in_scope(step.key[0], scope)
+        elif step.body is not None:
+            again = touches_scope(step.body, scope)
+        else:
+            again = False
+        per_call[step.index] = again or any(per_call[ref.index] for ref in node_refs(node))
+    carry = {
+        ref.index
+        for node in body.nodes
+        if per_call[node.ref.index]
+        for ref in node_refs(node)
+        if not per_call[ref.index]
+    }
+    carry.update(index for index in plan.saved if not per_call[index])
+    return tuple(step for step in plan.steps if per_call[step.index]), frozenset(carry)
+
+
+def _stop_calls(graph: Graph, node: Node) -> tuple[EventKey, ...] | None:
+    """The module calls a stop's value is computed from, when it is computed
+    only from module accesses (and constants and plain operations on them);
+    otherwise ``None`` (the stop runs where its program reaches it)."""
+    calls: set[EventKey] = set()
+    seen: set[int] = set()
+    pending = [ref.index for ref in node_refs(node)]
+    while pending:
+        index = pending.pop()
+        if index in seen:
+            continue
+        seen.add(index)
+        source = graph.nodes[index]
+        op = source.op
+        if isinstance(op, ModuleGet):
+            calls.add((op.path, site_of(op.kind), op.call))
+        elif isinstance(op, (Call, CallMethod, GetAttr, ModuleAttr, Bridge)):
+            pending.extend(ref.index for ref in node_refs(source))
+        else:
+            return None  # a gradient, a body's value, ...: only its program knows when
+    return tuple(sorted(calls)) if calls else None
 
 
 def _direct_call(node: Node) -> Callable[[list[Any]], Any] | None:
@@ -465,6 +539,7 @@ def compile_plan(graph: Graph) -> Plan:
     touches: set[tuple[EventKey, bool]] = set()
     dynamic: set[tuple[str, Site]] = set()
     programs: dict[ProgramKey, list[Step]] = {}
+    stops: dict[EventKey, list[tuple[int, tuple[EventKey, ...]]]] = {}
 
     def uses_in(arguments: Sequence[object]) -> list[int]:
         return sorted({ref.index for arg in arguments for ref in refs_in(arg)})
@@ -507,6 +582,10 @@ def compile_plan(graph: Graph) -> Plan:
             context.exports = context.exports | {step.param}
         if step.code in (SET, SETGRAD) or step.guard is not None:
             writes.add(step.index)
+        calls = _stop_calls(graph, node) if step.code == STOP else None
+        if calls is not None:
+            for key in calls:
+                stops.setdefault(key, []).append((step.index, calls))
         touches.update(_accesses(step))
         steps.append(step)
         place(step, used)
@@ -524,6 +603,7 @@ def compile_plan(graph: Graph) -> Plan:
         dynamic_sites=frozenset(dynamic),
         writes=frozenset(writes),
         touches=frozenset(touches),
+        stops={key: tuple(found) for key, found in stops.items()},
     )
 
 

@@ -5,14 +5,24 @@
 run time it runs once per call index, and in it every access to a module in
 scope reads that call. Opened without ``with`` (``envoy.all()``), the block
 stays open until its invoke or trace ends (nnsight's "sticky" selection).
+
+As in nnsight 0.4, the selection applies to the scope's modules (the envoy
+and those below it) only: the part of the block that touches none of their
+calls runs once, at the first iteration (docs/interpreter.md, "Loops over
+calls"). A block that touches none at all therefore runs once, and a
+`MissedCallsWarning` says so when it closes.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
-from ..graph import SourceLoc
-from ..ops import EachCall
+from ..errors import MissedCallsWarning
+from ..graph import Graph, SourceLoc
+from ..ops import Cond, EachCall, Iterate, ModuleGet, ModuleSet, TraceRun
+from ..plan import in_scope
+from ..printing import module_expr
 from ..source import short
 from .base import GraphContext
 
@@ -56,10 +66,38 @@ class EachCallContext(GraphContext):
         if record:
             assert self._parent is not None
             start, stop, step, scope, calls = self._op_fields
+            if len(self._graph.nodes) and not touches(self._graph, scope):
+                self._warn_runs_once(scope)
             self._parent._close_child(self, EachCall(self._graph, start, stop, step, scope, calls), ())
+
+    def _warn_runs_once(self, scope: tuple[str, ...]) -> None:
+        names = " or ".join(module_expr(path) for path in scope)
+        what = "no module" if "" in scope else f"no call of {names} or of a module below it"
+        message = (
+            f"this loop over calls reads {what}, so it has no call to follow: its block runs once. "
+            "As in nnsight 0.4, .all() and .iter[...] select the calls of the module they are "
+            "called on and of those below it only; use model.all() (or tracer.all()) to "
+            "select every module's calls."
+        )
+        if self._where is None:
+            warnings.warn(message, MissedCallsWarning, stacklevel=4)
+        else:
+            warnings.warn_explicit(message, MissedCallsWarning, self._where.filename, self._where.lineno)
 
     def __repr__(self) -> str:
         return f"<loop over calls opened at {short(self._where)}>"
+
+
+def touches(graph: Graph, scope: tuple[str, ...]) -> bool:
+    """Whether ``graph`` (or a body in it) reads or writes a module in ``scope``."""
+    for node in graph.nodes:
+        op = node.op
+        if isinstance(op, (ModuleGet, ModuleSet)):
+            if in_scope(op.path, scope):
+                return True
+        elif isinstance(op, (Cond, Iterate, EachCall, TraceRun)) and touches(op.body, scope):
+            return True
+    return False
 
 
 def calls_from(key: Any) -> dict[str, Any]:
