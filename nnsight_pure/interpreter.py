@@ -66,13 +66,14 @@ _UNSET: Any = object()
 _NOT_RUN: dict[int, Any] = {}
 """The exports of a body that never ran (a false condition, an empty loop)."""
 
-WAIT_EVENT, WAIT_VALUE, WAIT_STEP = 0, 1, 2
+WAIT_EVENT, WAIT_VALUE, WAIT_STEP, WAIT_DONE = 0, 1, 2, 3
 
 Request = tuple[int, Any, int, bool]
 """What a program waits for, at which step: ``(WAIT_EVENT, event key, step)``,
 ``(WAIT_VALUE, node, step)`` (another invoke's value) or ``(WAIT_STEP, node,
-step)`` (another invoke's access of the same module call, written earlier);
-and whether the end of the run may end the wait (inside an open-ended loop
+step)`` (another invoke's access of the same module call, written earlier),
+or ``(WAIT_DONE, program, step)`` (a loop's later iterations, see
+`_Run._each_call`); and whether the end of the run may end the wait (inside an open-ended loop
 over calls, which ends when the model stops calling)."""
 
 _END: Any = object()
@@ -391,7 +392,10 @@ class _Run:
         that touches the scope's calls (`Step.again`), with the values of the
         rest kept from the first (nnsight 0.4: ``.all()`` applies to the
         module and those below it only). So a body that touches no call of
-        its scope runs once. An open-ended loop (``stop=None``) ends when the
+        its scope runs once. The rest of the first iteration, which no later
+        one needs (say ``model.generator.output``, which comes last), runs
+        beside the later iterations, as a program of its own, so that it
+        cannot hold them up. An open-ended loop (``stop=None``) ends when the
         model stops calling (the last, unfinished iteration is dropped) or
         when an iteration received no call of its scope (it could follow no
         call; the next would do the same), and the program goes on.
@@ -404,40 +408,111 @@ class _Run:
         calls: Any = op.calls or (itertools.count(op.start, op.step) if unbounded else range(op.start, op.stop or 0, op.step))
         frame.env[step.index] = _NOT_RUN
         open_ended = frame.open_ended or unbounded
-        first: _Frame | None = None
-        kept: tuple[int, ...] = ()
+        iterator = iter(calls)
+        call = next(iterator, None)
+        if call is None:
+            return
+        cell = [False]
+        first = _Frame(body, body_graph, args, call, step.exports | step.carry, frame.offsets + ((op.scope, call),),
+                       open_ended, frame.marks + (cell,), True)
+        again = step.again
+        # The first iteration up to the last step that later ones repeat; the rest beside them.
+        cut = again[-1].index + 1 if again else 0
+        head = tuple(each for each in body.steps if each.index < cut)
+        tail = tuple(each for each in body.steps if each.index >= cut)
+        try:
+            yield from self._fold(first, head)
+        except EarlyStop:
+            self._finish_body(frame, step, first)
+            return
+        except _CallsEnded:
+            if frame.open_ended and not unbounded:
+                raise  # an enclosing open-ended loop ends too
+            return
+        if not again or (unbounded and not cell[0]):
+            yield from self._fold_rest(frame, first, tail, unbounded)  # no call to follow
+            self._finish_body(frame, step, first)
+            return
+        last: list[_Frame] = [first]
+        later = self._later_calls(frame, step, first, iterator, unbounded, last)
+        if not tail:
+            yield from later  # nothing runs beside them: fold them inline
+        elif frame.open_ended:
+            # Inside another open-ended loop, whose end must reach them: in turn.
+            if not (yield from self._fold_rest(frame, first, tail, unbounded)):
+                yield from later
+        else:
+            program = _Program(("calls", step.index), later)
+            self._spawn(program)
+            if (yield from self._fold_rest(frame, first, tail, unbounded)):
+                program.generator.close()  # a stop ends the loop
+                program.done = True
+            elif not program.done:
+                yield (WAIT_DONE, program, step.index, False)
+        final = last[0]
+        if final is not first:
+            # What the first iteration computed after the later ones began.
+            env = first.env
+            for index in step.carry | step.exports:
+                if env[index] is not _UNSET and final.env[index] is _UNSET:
+                    final.env[index] = env[index]
+        self._finish_body(frame, step, final)
+
+    def _fold_rest(
+        self, frame: _Frame, first: _Frame, tail: Sequence[Step], unbounded: bool
+    ) -> Generator[Request, Any, bool]:
+        """The rest of a loop's first iteration (see `_each_call`); True if a
+        stop in it ends the loop."""
+        try:
+            yield from self._fold(first, tail)
+        except EarlyStop:
+            return True
+        except _CallsEnded:
+            if frame.open_ended and not unbounded:
+                raise  # an enclosing open-ended loop ends too
+        return False
+
+    def _later_calls(
+        self, frame: _Frame, step: Step, first: _Frame, calls: Any, unbounded: bool, last: list[_Frame]
+    ) -> Program:
+        """A loop's iterations after the first (see `_each_call`); ``last[0]``
+        is the latest one that finished."""
+        op = frame.node(step).op
+        assert isinstance(op, EachCall)
+        args, _ = step.resolve(frame.env, frame.nodes)
+        body, body_graph = frame.body(step)
+        again = {each.index for each in step.again}
+        kept = tuple(sorted(i for i in step.carry | step.exports if i not in again and first.env[i] is not _UNSET))
+        open_ended = frame.open_ended or unbounded
         for call in calls:
             cell = [False]
-            offsets = frame.offsets + ((op.scope, call),)
-            marks = frame.marks + (cell,)
-            if first is None:
-                child = _Frame(body, body_graph, args, call, step.exports | step.carry, offsets, open_ended, marks, True)
-                steps = body.steps
-            else:
-                child = _Frame(body, body_graph, args, call, step.exports, offsets, open_ended, marks, True)
-                env, ran = child.env, child.ran
-                for index in kept:
-                    env[index] = first.env[index]
-                    ran[index] = True
-                steps = step.again
+            child = _Frame(body, body_graph, args, call, step.exports, frame.offsets + ((op.scope, call),),
+                           open_ended, frame.marks + (cell,), True)
+            env, ran = child.env, child.ran
+            for index in kept:
+                env[index] = first.env[index]
+                ran[index] = True
             try:
-                yield from self._fold(child, steps)
+                yield from self._fold(child, step.again)
             except EarlyStop:
-                self._finish_body(frame, step, child)
+                last[0] = child
                 return
             except _CallsEnded:
                 if frame.open_ended and not unbounded:
                     raise  # an enclosing open-ended loop ends too
                 return
-            self._finish_body(frame, step, child)
-            if first is None:
-                if not step.again:
-                    return  # nothing in the body depends on the call
-                first = child
-                again = {each.index for each in step.again}
-                kept = tuple(sorted(i for i in step.carry | step.exports if i not in again and first.env[i] is not _UNSET))
+            last[0] = child
             if unbounded and not cell[0]:
                 return
+
+    def _spawn(self, program: _Program) -> None:
+        """Add a program, resumed right after the one running now."""
+        programs = self.programs
+        for position, other in enumerate(programs):
+            if other.running:
+                programs.insert(position + 1, program)
+                return
+        programs.append(program)
 
     @staticmethod
     def _finish_body(frame: _Frame, step: Step, child: _Frame) -> None:
@@ -571,6 +646,8 @@ class _Run:
                     break
                 elif wait == WAIT_STEP and not self.frame.ran[what]:
                     break
+                elif wait == WAIT_DONE and not what.done:
+                    break
             program.started = True
             program.running = True
             try:
@@ -585,9 +662,10 @@ class _Run:
     def advance_all(self) -> None:
         """Resume the programs in order until none can move (a value one of them
         computes may let an earlier one go on)."""
-        if len(self.programs) == 1:
-            self._advance(self.programs[0])  # alone, it goes as far as it can at once
-        else:
+        programs = self.programs
+        if len(programs) == 1:
+            self._advance(programs[0])  # alone, it goes as far as it can at once
+        if len(programs) > 1:  # (a loop over calls may have added one)
             moved = True
             while moved:
                 moved = False
@@ -664,9 +742,9 @@ class _Run:
         blocked: dict[ProgramKey, tuple[int, int]] = {}
         if not stopped:
             for program in self.programs:
-                if not program.done and program.request is not None:
+                if not program.done and program.request is not None and not _is_loop_part(program.key):
                     wait, what, at, _ = program.request
-                    waited = at if wait == WAIT_EVENT else what
+                    waited = what if wait in (WAIT_VALUE, WAIT_STEP) else at
                     blocked[program.key] = (at, waited)
                     _warn_unexecuted_writes(self.plan, graph, program.key, at, waited)
         for path, site, call in self.missed:
@@ -674,8 +752,9 @@ class _Run:
             warnings.warn(
                 f"a loop over calls of {_event_text((path, site, 0)).removesuffix('.output').removesuffix('.input')} "
                 f"missed calls {call} to {seen - 1}: they happened while its invoke was still waiting "
-                "for an access written before the loop (a module the model calls later, such as "
-                "model.generator). Write the loop before such accesses.",
+                "for an access written before the loop, or one outside the loop's scope that its "
+                "steps use (a module the model calls later, such as model.generator). Write the "
+                "loop before such accesses.",
                 MissedCallsWarning,
                 stacklevel=5,
             )
@@ -690,6 +769,12 @@ class _Run:
             handle.remove()
         self.grad_hooks.clear()
         self.views.clear()
+
+
+def _is_loop_part(key: ProgramKey) -> bool:
+    """Whether a program is the later iterations of a loop over calls (its
+    steps are a body's; its invoke's program reports what is missing)."""
+    return isinstance(key, tuple) and key[0] == "calls"
 
 
 def _exported(source: Any, node: Node) -> Any:
