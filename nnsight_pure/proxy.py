@@ -14,6 +14,7 @@ followed by a call.
 
 from __future__ import annotations
 
+import copy
 import operator
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
@@ -449,6 +450,12 @@ class Proxy:
     def __reduce_ex__(self, protocol: Any) -> Any:
         # Pickling (torch.save, copy, multiprocessing) stores the value itself.
         return self._needs_value("pickling", "Save it (.save()) and pickle it after the trace.").__reduce_ex__(protocol)
+
+    def __copy__(self) -> Any:
+        return copy.copy(self._needs_value("copying", "Copy it inside the graph (.clone()) instead."))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return copy.deepcopy(self._needs_value("copying", "Copy it inside the graph (.clone()) instead."), memo)
 
     def _settled(self) -> bool:
         """Whether this proxy's trace has run and kept its value (it is final now)."""
