@@ -1,17 +1,27 @@
 #!/usr/bin/env bash
 # Make sure .venv exists and matches pyproject.toml + constraints.txt;
 # (re)install it when missing or stale. Sourced by demo.sh and test.sh.
+# `ensure_venv DIR CONSTRAINTS PIP-ARGS...` does the same for another
+# environment (test.sh: .venv-tf4, transformers 4.x by constraints-tf4.txt).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+ensure_venv() {
+  local venv="$1" constraints="$2"
+  shift 2
+  local stamp="$venv/.installed-from"
+  local wanted
+  wanted="$(cat "$ROOT/pyproject.toml" "$constraints" | sha256sum | cut -d' ' -f1)"
+  if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null || true)" != "$wanted" ]; then
+    echo "setting up $venv (torch 2.13.0 CPU, pinned by $(basename "$constraints")) ..." >&2
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check \
+      -c "$constraints" "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; } >&2
+    echo "$wanted" > "$stamp"
+  fi
+}
+
 VENV="$ROOT/.venv"
-STAMP="$VENV/.installed-from"
-wanted="$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | sha256sum | cut -d' ' -f1)"
-if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null || true)" != "$wanted" ]; then
-  echo "setting up $VENV (torch 2.13.0 CPU, pinned by constraints.txt) ..." >&2
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check \
-    -c "$ROOT/constraints.txt" -e "$ROOT[dev]" 2>&1 | { grep -v "is ignored: it is neither" || true; } >&2
-  echo "$wanted" > "$STAMP"
-fi
+ensure_venv "$VENV" "$ROOT/constraints.txt" -e "$ROOT[dev]"
 PY="$VENV/bin/python"
 export PY ROOT

@@ -8,8 +8,7 @@ GPT-NeoX (Pythia).
 
 The tests run under transformers 4.x and 5.x (``./scripts/test.sh`` runs
 them in both environments); ``TRANSFORMERS_MAJOR`` says which, and
-`hidden` reads a decoder block's hidden state in either (a tuple under 4.x,
-a tensor under 5.x).
+``BLOCK_RETURNS_TUPLE`` what each family's decoder block returns there.
 """
 
 from __future__ import annotations
@@ -22,7 +21,11 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+# GPT-2's block (and GPT-NeoX's) returns a tuple under 4.x, a tensor under 5.x.
 BLOCKS_RETURN_TUPLES = TRANSFORMERS_MAJOR < 5
+# What a decoder block returns, per family, in this transformers: a tuple
+# whose first item is the hidden state, or the hidden state itself.
+BLOCK_RETURNS_TUPLE = {"gpt2": BLOCKS_RETURN_TUPLES, "gptj": True, "llama": False, "neox": BLOCKS_RETURN_TUPLES}
 
 CORPUS = [
     "Madison Square Garden is located in the city of New York",
@@ -33,10 +36,9 @@ WIDTH = 32
 
 
 def hidden(block_output: Any) -> torch.Tensor:
-    """A decoder block's hidden state: ``output[0]`` under transformers 4.x
-    (a tuple), the output itself under 5.x (a tensor)."""
-    if BLOCKS_RETURN_TUPLES:
-        assert isinstance(block_output, tuple), type(block_output)
+    """A decoder block's hidden state: ``output[0]`` when the block returns a
+    tuple (see BLOCK_RETURNS_TUPLE), else the output itself."""
+    if isinstance(block_output, tuple):
         value: torch.Tensor = block_output[0]
         return value
     assert isinstance(block_output, torch.Tensor), type(block_output)
@@ -137,7 +139,7 @@ def plain_steps(model: Any, path: str, encoding: Any, steps: int) -> list[Any]:
     seen: list[Any] = []
 
     def record(module: Any, inputs: Any, output: Any) -> None:
-        seen.append(hidden(output).detach().clone() if path.endswith(tuple("0123456789")) else output.detach().clone())
+        seen.append(hidden(output).detach().clone())
 
     handle = model.get_submodule(path).register_forward_hook(record)
     try:

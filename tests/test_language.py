@@ -12,42 +12,20 @@ from typing import Any, cast
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 import nnsight_pure as nnsight
 from nnsight_pure.util import WrapperModule
+from tests import lm_models
+from tests.lm_models import CORPUS, hidden
 
-CORPUS = [
-    "Madison Square Garden is located in the city of New York",
-    "The Eiffel Tower is in the city of Paris",
-    "The Colosseum is in the city of Rome",
-]
+# GPT-2 blocks return a tuple under transformers 4.x (the hidden state is
+# ``output[0]``) and a tensor under 5.x; these tests run under both.
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved tiny GPT-2 and tokenizer (random weights; a BPE trained on CORPUS)."""
-    torch.manual_seed(0)
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<pad>", "<eos>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    bpe.train_from_iterator(CORPUS * 5, trainer)
-    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]  # unannotated in transformers
-        tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
-    )
-    config = GPT2Config(
-        n_layer=2, n_embd=32, n_head=4, vocab_size=bpe.get_vocab_size(), n_positions=64,
-        bos_token_id=1, eos_token_id=1, pad_token_id=0,
-    )
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    GPT2LMHeadModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return lm_models.save("gpt2", tmp_path_factory.mktemp("tiny-gpt2"))
 
 
 @pytest.fixture
@@ -57,18 +35,20 @@ def lm(folder: Path) -> nnsight.LanguageModel:
 
 @pytest.fixture(scope="module")
 def hf(folder: Path) -> Any:
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    torch.nn.Module.eval(model)
-    return model
+    return lm_models.plain(folder)
 
 
 def _ids(lm: nnsight.LanguageModel, *texts: str) -> Any:
-    return lm.tokenizer(list(texts), return_tensors="pt", padding=True, padding_side="left")
+    return lm_models.encode(lm.tokenizer, *texts)
 
 
 def _greedy(hf: Any, encoding: Any, steps: int, **kwargs: Any) -> torch.Tensor:
-    out: torch.Tensor = hf.generate(**encoding, max_new_tokens=steps, do_sample=False, pad_token_id=0, **kwargs)
-    return out
+    return lm_models.greedy(hf, encoding, steps, **kwargs)
+
+
+def _hidden_of(block: Any) -> Any:
+    """The hidden state of a block's output proxy, in either transformers."""
+    return block.output[0] if lm_models.BLOCKS_RETURN_TUPLES else block.output
 
 
 # --- loading ------------------------------------------------------------------------
@@ -92,7 +72,7 @@ def test_dispatch_true_loads_at_once(folder: Path) -> None:
 
 def test_a_scan_needs_no_weights(lm: nnsight.LanguageModel) -> None:
     with lm.scan("The city of"):
-        width = lm.transformer.h[0].output.shape[-1]
+        width = _hidden_of(lm.transformer.h[0]).shape[-1]
     assert width == 32 and not lm.dispatched
 
 
@@ -101,7 +81,7 @@ def test_an_attached_module_survives_loading(lm: nnsight.LanguageModel) -> None:
     with lm.trace("The city"):
         lm.transformer.h[0].output = lm.transformer.h[0].probe(lm.transformer.h[0].output, hook=True)
         seen = lm.transformer.h[0].probe.output.save()
-    assert lm.dispatched and seen.value.shape == (1, len(lm.tokenizer("The city")["input_ids"]), 32)
+    assert lm.dispatched and hidden(seen.value).shape == (1, len(lm.tokenizer("The city")["input_ids"]), 32)
 
 
 # --- inputs -------------------------------------------------------------------------
@@ -183,13 +163,7 @@ def test_generate_a_padded_batch(lm: nnsight.LanguageModel, hf: Any) -> None:
 
 
 def _plain_steps(hf: Any, lm: nnsight.LanguageModel, path: str, prompt: str, steps: int) -> list[torch.Tensor]:
-    seen: list[torch.Tensor] = []
-    handle = hf.get_submodule(path).register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
-    try:
-        _greedy(hf, _ids(lm, prompt), steps)
-    finally:
-        handle.remove()
-    return seen
+    return lm_models.plain_steps(hf, path, _ids(lm, prompt), steps)
 
 
 def test_next_all_and_iter_collect_one_value_per_step(lm: nnsight.LanguageModel, hf: Any) -> None:
@@ -213,13 +187,14 @@ def test_next_all_and_iter_collect_one_value_per_step(lm: nnsight.LanguageModel,
         with tracer.iter[[0, 2]]:
             by_tracer.append(lm.transformer.h[-1].output)
     for step in range(3):
-        assert torch.allclose(by_next[step].value, plain[step], atol=1e-5)
-        assert torch.allclose(by_all.value[step], plain[step], atol=1e-5)
+        assert torch.allclose(hidden(by_next[step].value), plain[step], atol=1e-5)
+        assert torch.allclose(hidden(by_all.value[step]), plain[step], atol=1e-5)
     assert len(by_all.value) == 3
-    assert [t.shape for t in by_iter.value] == [plain[0].shape, plain[2].shape]
-    assert torch.allclose(by_iter.value[1], plain[2], atol=1e-5)
-    assert torch.allclose(second.value, plain[1], atol=1e-5)
-    assert [torch.allclose(a, b, atol=1e-5) for a, b in zip(by_tracer.value, [plain[0], plain[2]])] == [True, True]
+    assert [hidden(t).shape for t in by_iter.value] == [plain[0].shape, plain[2].shape]
+    assert torch.allclose(hidden(by_iter.value[1]), plain[2], atol=1e-5)
+    assert torch.allclose(hidden(second.value), plain[1], atol=1e-5)
+    pairs = zip(by_tracer.value, [plain[0], plain[2]])
+    assert [torch.allclose(hidden(a), b, atol=1e-5) for a, b in pairs] == [True, True]
 
 
 def test_a_write_at_every_step(lm: nnsight.LanguageModel, hf: Any) -> None:
@@ -268,9 +243,9 @@ def test_readme_multiple_token_generation(lm: nnsight.LanguageModel, hf: Any) ->
         hidden_states1 = lm.transformer.h[-1].output.save()
         hidden_states2 = lm.transformer.h[-1].next().output.save()
         hidden_states3 = lm.transformer.h[-1].next().output.save()
-    shapes = [h.value.shape for h in (hidden_states1, hidden_states2, hidden_states3)]
+    shapes = [hidden(h.value).shape for h in (hidden_states1, hidden_states2, hidden_states3)]
     assert shapes[1:] == [(1, 1, 32), (1, 1, 32)] and shapes[0][1] > 1
-    assert torch.allclose(hidden_states3.value, plain[2], atol=1e-5)
+    assert torch.allclose(hidden(hidden_states3.value), plain[2], atol=1e-5)
 
 
 def test_readme_cross_prompt_intervention(lm: nnsight.LanguageModel, hf: Any) -> None:
@@ -288,7 +263,7 @@ def test_readme_cross_prompt_intervention(lm: nnsight.LanguageModel, hf: Any) ->
 
 def test_readme_adhoc_module_logit_lens(lm: nnsight.LanguageModel) -> None:
     with lm.trace("The Eiffel Tower is in the city of"):
-        hidden_states = lm.transformer.h[-1].output
+        hidden_states = _hidden_of(lm.transformer.h[-1])  # 0.4 wrote .output[0] (transformers 4)
         lens = lm.lm_head(lm.transformer.ln_f(hidden_states)).save()
         tokens = cast(nnsight.Proxy, torch.softmax(lens, dim=2).argmax(dim=2)).save()
         logits = lm.output.logits.save()
