@@ -57,6 +57,9 @@ from .sweeps import SweepResults as SweepResults
 from .sweeps import sweep as sweep
 from .functions import apply as apply
 from .functions import bool as bool
+from .functions import bytearray as bytearray
+from .functions import bytes as bytes
+from .functions import complex as complex
 from .functions import cond as cond
 from .functions import dict as dict
 from .functions import float as float
@@ -98,6 +101,9 @@ __all__ = [
     "WrapperModule",
     "apply",
     "bool",
+    "bytearray",
+    "bytes",
+    "complex",
     "compose",
     "cond",
     "dict",

@@ -421,3 +421,15 @@ def test_printing_an_unsaved_value_says_to_save_it(model: nnsight.NNsight, x: to
         f"{unsaved}"
     assert "not saved" in repr(unsaved)  # (a container's printout still works)
     assert "not saved" in repr([unsaved])
+
+
+def test_every_traced_builtin_of_nnsight_04(model: nnsight.NNsight) -> None:
+    with model.session():
+        made = [
+            nnsight.bool(1), nnsight.bytes(2), nnsight.int("3"), nnsight.float("4.5"), nnsight.str(6),
+            nnsight.complex(1, 2), nnsight.bytearray(b"ab"), nnsight.tuple([1]), nnsight.list((2,)),
+            nnsight.set([3]), nnsight.dict(a=4),
+        ]
+        saved = [value.save() for value in made]
+    expected = [True, b"\0\0", 3, 4.5, "6", 1 + 2j, bytearray(b"ab"), (1,), [2], {3}, {"a": 4}]
+    assert [value.value for value in saved] == expected
