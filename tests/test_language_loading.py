@@ -69,7 +69,8 @@ def test_dtype(folder: Path, family: str, keyword: str, dispatch: bool) -> None:
     """The weights load in the dtype asked for, lazily too (a scan sees it)."""
     import transformers
 
-    lm = nnsight.LanguageModel(str(folder), dispatch=dispatch, **{keyword: torch.bfloat16})
+    dtype: dict[str, Any] = {keyword: torch.bfloat16}
+    lm = nnsight.LanguageModel(str(folder), dispatch=dispatch, **dtype)
     assert next(lm._model.parameters()).dtype == torch.bfloat16
     with lm.scan(PROMPT):
         scanned = lm.output.logits.dtype
