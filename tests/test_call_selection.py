@@ -275,6 +275,37 @@ def test_a_write_per_call_next_to_a_read_outside(looped: Looped, xs: torch.Tenso
     assert torch.equal(first, plain["head"][0])
 
 
+def test_a_read_of_a_later_module_in_a_sticky_loop_does_not_hold_up_the_calls(looped: Looped, xs: torch.Tensor) -> None:
+    """``a.all()`` (sticky), a per-call read of ``a.cell``, then ``final`` (called
+    once, after every step) in the same body, in two invokes: every call is
+    read in each invoke, and ``final`` too (it used to miss calls 1 and 2,
+    with a MissedCallsWarning)."""
+    model = nnsight.NNsight(looped)
+    other = torch.rand(1, 4)
+    plain = recorded(looped, ("a.cell", "final"), xs)
+    plain_other = recorded(looped, ("a.cell",), other)
+
+    def trace() -> Any:
+        with model.trace() as tracer:
+            with tracer.invoke(xs):
+                cells = nnsight.list().save()
+                model.a.all()
+                cells.append(model.a.cell.output)
+                out = model.final.output.save()
+            with tracer.invoke(other):
+                others = nnsight.list().save()
+                with model.a.cell.all():
+                    others.append(model.a.cell.output)
+        return cells.value, out.value, others.value
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cells, out, others = bounded(trace)
+    assert len(cells) == 3 and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(cells, plain["a.cell"]))
+    assert len(others) == 3 and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(others, plain_other["a.cell"]))
+    assert torch.allclose(out[:, 0:1], plain["final"][0][:, 0:1], atol=1e-6)
+
+
 # --- generation on a tiny GPT-2 -------------------------------------------------------
 
 CORPUS = ["The Eiffel Tower is in the city of Paris", "The Colosseum is in the city of Rome"]
