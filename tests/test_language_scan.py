@@ -110,7 +110,6 @@ def test_scan_generate_with_sampling_and_eos(lm: nnsight.LanguageModel) -> None:
     assert shape == logits.value.shape and shape[-1] == len(lm.tokenizer)
 
 
-@pytest.mark.xfail(reason="the tracer scans without the trace's own keyword arguments (max_new_tokens): see the issue 14 report")
 def test_scan_generate_sees_every_step(lm: nnsight.LanguageModel, family: str) -> None:
     with lm.generate(PROMPT, max_new_tokens=3, scan=True):
         third = _hidden(lm.transformer.h[-1].iter[2], family).shape

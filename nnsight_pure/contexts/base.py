@@ -32,7 +32,9 @@ from ..proxy import Proxy
 from ..results import Results, missing_value_message
 from ..source import short, user_location
 from . import active
-from .recorded_calls import FactoryRecord, ThreadRecording
+from . import recorded_calls
+from .active import _OPEN
+from .recorded_calls import FactoryRecord
 
 if TYPE_CHECKING:
     from ..models.handle import ModelHandle
@@ -58,7 +60,7 @@ class GraphContext:
     _node_ref: Ref | None = None  # our context node in the parent's graph
     _token: Token[tuple[GraphContext, ...]] | None = None
     _is_trace = False  # True for a Tracer (which records into itself)
-    _thread_recording: ThreadRecording | None = None  # set on the first open block of a thread
+    _records_factories = False  # True for the first open block of a thread (see `_push`)
     _factory_records: list[FactoryRecord] | None = None  # factory calls that could be taken back
 
     def __init__(self, handle: ModelHandle, where: SourceLoc | None, parent: GraphContext | None) -> None:
@@ -97,15 +99,14 @@ class GraphContext:
     def _push(self) -> None:
         if self._open or self._closed:
             raise TraceError(f"the block opened at {short(self._where)} cannot be entered twice")
-        first = not active.open_contexts()
+        first = not _OPEN.get()
         self._token = active.push(self)
         self._open = True
         if first and CONFIG.APP.GLOBAL_TRACING:
             # The first block of this thread records factory calls (torch.zeros ...)
-            # until the last one closes; see `recorded_calls`.
-            recording = ThreadRecording()
-            recording.start()
-            self._thread_recording = recording
+            # until it closes; see `recorded_calls`.
+            recorded_calls._PUSH(recorded_calls._MODE)  # (start_thread_recording, inlined)
+            self._records_factories = True
 
     def _pop(self) -> None:
         self._open = False
@@ -115,9 +116,9 @@ class GraphContext:
                 active.pop(self._token)
                 self._token = None
         finally:
-            recording, self._thread_recording = self._thread_recording, None
-            if recording is not None:
-                recording.stop()
+            if self._records_factories:
+                self._records_factories = False
+                recorded_calls._POP()  # (stop_thread_recording, inlined)
 
     def _is_ancestor_of(self, other: GraphContext) -> bool:
         context = other._parent

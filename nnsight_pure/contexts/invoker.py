@@ -9,10 +9,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch
+
+from ..trees import NOT_FOUND, find_leaf
 from . import recorded_calls
+from .recorded_calls import _SUSPENDED
 
 if TYPE_CHECKING:
     from .tracer import Tracer
+
+
+def _holds_proxies(inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether inputs hold traced values (proxies) anywhere."""
+    if not kwargs and all(type(item) is torch.Tensor for item in inputs):
+        return False  # the usual inputs, at a glance (this is on every trace's path)
+    from ..proxy import Proxy
+
+    return find_leaf((inputs, kwargs), lambda value: isinstance(value, Proxy)) is not NOT_FOUND
 
 
 class Invoker:
@@ -25,13 +38,17 @@ class Invoker:
     """
 
     def __init__(self, tracer: Tracer, inputs: tuple[Any, ...], kwargs: dict[str, Any], scan: bool = False) -> None:
-        from ..proxy import settled
-
-        if tracer._parent is None:
-            recorded_calls.settle_inputs((inputs, kwargs))  # torch.rand(...) written as the input
         self.tracer = tracer
-        # Saved values of traces that already ran are plain values here.
-        self.given: tuple[tuple[Any, ...], dict[str, Any]] = (settled(inputs), settled(kwargs))
+        self._concrete = not _holds_proxies(inputs, kwargs)
+        if not self._concrete:
+            from ..proxy import settled
+
+            if tracer._parent is None:
+                recorded_calls.settle_inputs((inputs, kwargs))  # torch.rand(...) written as the input
+            # Saved values of traces that already ran are plain values here.
+            inputs, kwargs = settled(inputs), settled(kwargs)
+            self._concrete = not _holds_proxies(inputs, kwargs)
+        self.given: tuple[tuple[Any, ...], dict[str, Any]] = (inputs, kwargs)
         self.scan = scan
         self.index: int | None = None
         self.batch_size = 0
@@ -49,13 +66,14 @@ class Invoker:
     def _prepare(self) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         """Prepare the given inputs (once); ``None`` when they hold values of the session."""
         if self.prepared is None:
-            from .tracer import _holds_proxies
-
-            inputs, kwargs = self.given
-            if _holds_proxies(inputs, kwargs):
+            if not self._concrete:
                 return None
-            with recorded_calls.suspended():
+            inputs, kwargs = self.given
+            token = _SUSPENDED.set(True)  # (the model's own work records nothing)
+            try:
                 (args, prepared_kwargs), size = self.tracer._model._prepare_input(*inputs, **kwargs)
+            finally:
+                _SUSPENDED.reset(token)
             self.batch_size = size
             self.prepared = (tuple(args), dict(prepared_kwargs))
         return self.prepared

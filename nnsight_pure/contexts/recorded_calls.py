@@ -38,9 +38,8 @@ fake-tensor scans, loading weights, running a graph) runs `suspended`.
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
-from contextvars import ContextVar
-from typing import Any, Callable, Iterator
+from contextvars import ContextVar, Token
+from typing import Any, Callable
 
 import attrs
 import torch
@@ -81,14 +80,26 @@ def recording() -> bool:
     return bool(_OPEN.get()) and not _SUSPENDED.get() and CONFIG.APP.GLOBAL_TRACING
 
 
-@contextmanager
-def suspended() -> Iterator[None]:
-    """Run the library's own work inside an open block without recording it."""
-    token = _SUSPENDED.set(True)
-    try:
-        yield
-    finally:
-        _SUSPENDED.reset(token)
+def suspend() -> Token[bool]:
+    """Stop recording in this thread until `resume` (the cheapest form of `suspended`)."""
+    return _SUSPENDED.set(True)
+
+
+def resume(token: Token[bool]) -> None:
+    _SUSPENDED.reset(token)
+
+
+class suspended:
+    """``with suspended():`` runs the library's own work inside an open block
+    without recording it. (A class, not a generator: it is on every run's path.)"""
+
+    __slots__ = ("_token",)
+
+    def __enter__(self) -> None:
+        self._token = _SUSPENDED.set(True)
+
+    def __exit__(self, *exc: object) -> None:
+        _SUSPENDED.reset(self._token)
 
 
 def _record(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -190,21 +201,27 @@ def settle_inputs(value: Any) -> None:
         settle(record.proxy, values[id(record.proxy)])
 
 
-class ThreadRecording:
-    """What the first open block of a thread starts and the last one stops."""
+_MODE = _FactoryMode()  # stateless: every thread pushes the same one on its own stack
 
-    def __init__(self) -> None:
-        self._mode: _FactoryMode | None = None
+# What ``TorchFunctionMode.__enter__``/``__exit__`` do, minus four Python
+# calls (this is on every trace's path); the public methods where a torch
+# build lacks the two functions.
+_PUSH: Callable[[Any], None] = getattr(torch._C, "_push_on_torch_function_stack", None) or (
+    lambda mode: mode.__enter__()
+)
+_POP: Callable[[], Any] = getattr(torch._C, "_pop_torch_function_stack", None) or (
+    lambda: _MODE.__exit__(None, None, None)  # type: ignore[no-untyped-call]
+)
 
-    def start(self) -> None:
-        mode = _FactoryMode()
-        mode.__enter__()  # type: ignore[no-untyped-call]  # (torch leaves it untyped)
-        self._mode = mode
 
-    def stop(self) -> None:
-        mode, self._mode = self._mode, None
-        if mode is not None:
-            mode.__exit__(None, None, None)  # type: ignore[no-untyped-call]
+def start_thread_recording() -> None:
+    """The first open block of this thread: catch factory calls from now on."""
+    _PUSH(_MODE)
+
+
+def stop_thread_recording() -> None:
+    """The first open block of this thread has closed."""
+    _POP()
 
 
 # --- optimizers and zero_grad, while a session is open -------------------------------

@@ -20,21 +20,15 @@ from ..proxy import Proxy
 from ..plan import in_scope
 from ..scan import UNKNOWN, fake_copy, fake_value, new_mode, scan
 from ..source import user_location
-from ..trees import NOT_FOUND, find_leaf, map_leaves
+from ..trees import find_leaf, map_leaves
 from .calls import EachCallContext
 from ..source import short
 from . import active, recorded_calls
 from .base import GraphContext
-from .invoker import Invoker
+from .invoker import Invoker, _holds_proxies
 
 if TYPE_CHECKING:
     from ..models.nnsight import NNsight
-
-
-def _holds_proxies(inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    if not kwargs and all(type(item) is torch.Tensor for item in inputs):
-        return False  # the usual inputs, at a glance (this is on every trace's path)
-    return find_leaf((inputs, kwargs), _is_proxy) is not NOT_FOUND
 
 
 def _is_proxy(value: Any) -> bool:
@@ -181,8 +175,7 @@ class Tracer(GraphContext):
             self._sizes.append(None)
         else:
             self._inputs.append((given, given_kwargs))
-            concrete = not _holds_proxies(given, given_kwargs)
-            prepared = invoker._prepare() if self._parent is None or (scanning and concrete) else None
+            prepared = invoker._prepare() if self._parent is None or (scanning and invoker._concrete) else None
             if self._parent is None and prepared is None:
                 raise _unknown_inputs(given, given_kwargs)
             if scanning:
@@ -193,8 +186,10 @@ class Tracer(GraphContext):
                 faked = self._faked()
                 args, kwargs = prepared
                 with recorded_calls.suspended():
+                    # The method gets the trace's own keywords too (max_new_tokens=...), as at run time.
                     self._scanned[index] = scan(
-                        faked._model, faked._method_fn(self._method), args, kwargs, self._fake_mode
+                        faked._model, faked._method_fn(self._method), args, {**kwargs, **self._method_kwargs},
+                        self._fake_mode,
                     )
             if self._parent is None:
                 assert prepared is not None

@@ -15,6 +15,7 @@ import torch
 from ..batching import BatchGroups, batch_size_of, default_batch
 from ..trees import NOT_FOUND, find_leaf, map_leaves
 from ..contexts import active, recorded_calls
+from ..contexts.active import _OPEN
 from ..contexts.editing import EditingTracer
 from ..contexts.session import Session
 from ..contexts.tracer import Tracer
@@ -95,7 +96,8 @@ class NNsight:
 
         Returns a `Tracer` (or, with ``trace=False``, the model's output).
         """
-        _local_only(backend, remote)
+        if backend is not None or remote:
+            _refuse_remote()
         parent = self._session_parent() if trace else None
         if validate is None:
             session = parent._outermost() if parent is not None else None
@@ -171,7 +173,8 @@ class NNsight:
         ``validate=True`` makes it the default of the traces opened inside.
         nnsight 0.4's ``backend``/``remote``/``blocking``/``debug`` are accepted
         as for `trace` (local execution only)."""
-        _local_only(backend, remote)
+        if backend is not None or remote:
+            _refuse_remote()
         return Session(self, user_location(), validate=validate)
 
     def _session_parent(self) -> Any:
@@ -196,46 +199,39 @@ class NNsight:
         keep: frozenset[int] = frozenset(),
         keep_result: bool = False,
     ) -> tuple[Results, dict[int, Any]]:
-        """Batch the invokes' prepared inputs and run ``graph`` over one call of the method."""
-        with recorded_calls.suspended():  # a run records nothing, even inside an open block
-            return self._run_batched(graph, method, prepared, sizes, method_kwargs, where, captures, keep, keep_result)
+        """Batch the invokes' prepared inputs and run ``graph`` over one call of the method.
 
-    def _run_batched(
-        self,
-        graph: Graph,
-        method: str | None,
-        prepared: list[tuple[tuple[Any, ...], dict[str, Any]]],
-        sizes: list[int | None],
-        method_kwargs: dict[str, Any],
-        where: SourceLoc | None,
-        captures: tuple[Any, ...],
-        keep: frozenset[int],
-        keep_result: bool,
-    ) -> tuple[Results, dict[int, Any]]:
-        self._before_run()
-        batched: tuple[tuple[Any, ...], dict[str, Any]] | None = None
-        for args, kwargs in prepared:
-            batched = self._batch(batched, *args, **kwargs)
-        args, kwargs = batched if batched is not None else ((), {})
-        clash = sorted(set(kwargs) & set(method_kwargs))
-        if clash:
-            raise TypeError(
-                f"keyword argument(s) {clash} were given both to the invokes and to trace(...); "
-                "give each once"
+        A run records nothing, even inside an open block (`recorded_calls`).
+        """
+        token = recorded_calls.suspend() if _OPEN.get() else None
+        try:
+            self._before_run()
+            batched: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+            for args, kwargs in prepared:
+                batched = self._batch(batched, *args, **kwargs)
+            args, kwargs = batched if batched is not None else ((), {})
+            clash = sorted(set(kwargs) & set(method_kwargs))
+            if clash:
+                raise TypeError(
+                    f"keyword argument(s) {clash} were given both to the invokes and to trace(...); "
+                    "give each once"
+                )
+            return run_trace(
+                graph,
+                self._model,
+                self.interleave,
+                self._method_fn(method),
+                args,
+                {**kwargs, **method_kwargs},
+                BatchGroups.from_sizes(sizes),
+                where,
+                captures,
+                keep,
+                keep_result,
             )
-        return run_trace(
-            graph,
-            self._model,
-            self.interleave,
-            self._method_fn(method),
-            args,
-            {**kwargs, **method_kwargs},
-            BatchGroups.from_sizes(sizes),
-            where,
-            captures,
-            keep,
-            keep_result,
-        )
+        finally:
+            if token is not None:
+                recorded_calls.resume(token)
 
     def _before_run(self) -> None:
         """Called before each real run (not before scans): a subclass loads its weights here."""
@@ -389,13 +385,12 @@ class NNsight:
         return repr(self._envoy)
 
 
-def _local_only(backend: Any, remote: bool) -> None:
+def _refuse_remote() -> None:
     """nnsight 0.4's execution options: local (``None``/``False``) is all there is."""
-    if backend is not None or remote:
-        raise NotImplementedError(
-            "remote execution and backends (NDIF) are not supported: nnsight_pure runs "
-            "locally; drop backend=/remote=True"
-        )
+    raise NotImplementedError(
+        "remote execution and backends (NDIF) are not supported: nnsight_pure runs "
+        "locally; drop backend=/remote=True"
+    )
 
 
 def _elsewhere(value: tuple[Sequence[Any], Mapping[str, Any]], device: torch.device) -> bool:
