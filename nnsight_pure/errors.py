@@ -31,9 +31,11 @@ class GraphvizNotFoundError(RuntimeError):
 
 
 class MissedCallsWarning(UserWarning):
-    """A loop over calls (``.all()``, ``.iter[a:b]``) missed calls that did
-    happen: its invoke was still waiting for an access written before the loop
-    (say ``model.generator.output``, which comes last) when they happened."""
+    """A loop over calls (``.all()``, ``.iter[a:b]``) that will not see every
+    call: its invoke was still waiting for an access written before the loop
+    (say ``model.generator.output``, which comes last) when they happened, or
+    its block touches no call of its scope, so it runs once (as in nnsight
+    0.4: ``layers.all()`` does not make ``lm_head`` per step; use ``model.all()``)."""
 
 
 class SweepError(RuntimeError):

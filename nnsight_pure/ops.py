@@ -217,8 +217,9 @@ class EachCall:
     (``stop=None``: until the model stops calling), or in ``calls`` when
     given, each time shifting the module accesses in ``body`` under the
     ``scope`` paths (``""``: every module) by ``i`` calls. This is ``.all()``
-    and ``.iter[...]``: one value per generation step. The arguments are the
-    body's bridges.
+    and ``.iter[...]``: one value per generation step. The part of ``body``
+    that touches no call of the scope runs once, in the first iteration (the
+    plan splits it off). The arguments are the body's bridges.
     """
 
     body: Graph
