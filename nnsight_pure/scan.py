@@ -12,6 +12,13 @@ causes it, before the real model runs.
 Fake values live only on the shell's proxies, never in graphs or results;
 the fake mode is entered only around each fake computation, and every hook
 is removed before ``scan`` returns.
+
+Two things make real models scan: tensors computed from the inputs alone
+keep their real values (`_InputValuesMode`: Hugging Face code asks in Python
+whether a mask is all ones, or whether generation has finished), and a
+model whose weights are still on the meta device scans as on the CPU. The
+user's global module hooks are skipped in the scanning thread
+(`_hidden_from_global_hooks`), so no hook of the user's ever sees a fake.
 """
 
 from __future__ import annotations

@@ -15,7 +15,9 @@ ensure_venv() {
   if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null || true)" != "$wanted" ]; then
     echo "setting up $venv (torch 2.13.0 CPU, pinned by $(basename "$constraints")) ..." >&2
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check \
+    # --no-compile: Python compiles what it imports when it first imports it;
+    # compiling every file of torch at install time costs a minute per venv.
+    "$venv/bin/pip" install --quiet --disable-pip-version-check --no-compile \
       -c "$constraints" "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; } >&2
     echo "$wanted" > "$stamp"
   fi
