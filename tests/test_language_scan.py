@@ -40,6 +40,13 @@ def lm(folder: Path, family: str) -> nnsight.LanguageModel:
     return nnsight.LanguageModel(str(folder), rename=AS_GPT2[family])
 
 
+@pytest.fixture(scope="module")
+def hf_logits(folder: Path) -> Any:
+    model = lm_models.plain(folder)
+    with torch.no_grad():
+        return model(**lm_models.encode(lm_models.tokenizer(), PROMPT)).logits
+
+
 def _hidden(block: Any, family: str) -> Any:
     return block.output[0] if BLOCK_RETURNS_TUPLE[family] else block.output
 
@@ -67,6 +74,17 @@ def test_scan_and_validate_then_run(lm: nnsight.LanguageModel, family: str) -> N
         last = _hidden(lm.transformer.h[1], family).save()
         logits = lm.output.logits.save()
     assert shape == last.value.shape and logits.value.shape[-1] == len(lm.tokenizer)
+
+
+def test_validate_alone(lm: nnsight.LanguageModel, hf_logits: Any) -> None:
+    """``validate=True`` without ``scan=True`` (fake values of the trace's own
+    computations) on a trace and a generation, then the real values."""
+    with lm.trace(PROMPT, validate=True):
+        logits = lm.output.logits.save()
+    with lm.generate(PROMPT, max_new_tokens=2, validate=True):
+        ids = lm.generator.output.save()
+    assert torch.allclose(logits.value, hf_logits, atol=1e-5)
+    assert ids.value.shape[1] == _tokens(lm, PROMPT) + 2
 
 
 def test_validate_finds_a_shape_error_before_running(lm: nnsight.LanguageModel) -> None:
@@ -196,7 +214,7 @@ def test_the_models_own_hooks_never_see_fakes(folder: Path, family: str) -> None
     assert hidden(seen[0]).shape[1] == _tokens(lm, PROMPT)
 
 
-def test_a_thread_that_runs_meanwhile_still_calls_global_hooks(lm: nnsight.LanguageModel) -> None:
+def test_a_thread_that_runs_meanwhile_still_calls_global_hooks() -> None:
     """Global hooks are skipped only in the scanning thread."""
     import threading
 
