@@ -210,6 +210,12 @@ class LanguageModel(NNsight):
             prepared["labels"] = label_ids.masked_fill(label_mask == 0, -100)
         return ((), prepared), int(ids.shape[0])
 
+    def _invoker_inputs(self, prepared: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
+        """``invoker.inputs`` in nnsight 0.4's shape for language models:
+        ``((encoding,), {})``, so ``invoker.inputs[0][0]["input_ids"]`` are the ids."""
+        _, encoding = prepared
+        return ((_transformers().BatchEncoding(dict(encoding)),), {})
+
     def _batch(
         self,
         batched_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None,
