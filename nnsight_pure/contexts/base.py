@@ -105,7 +105,7 @@ class GraphContext:
         if first and CONFIG.APP.GLOBAL_TRACING:
             # The first block of this thread records factory calls (torch.zeros ...)
             # until it closes; see `recorded_calls`.
-            recorded_calls._PUSH(recorded_calls._MODE)  # (start_thread_recording, inlined)
+            recorded_calls.start_thread_recording()
             self._records_factories = True
 
     def _pop(self) -> None:
@@ -118,7 +118,7 @@ class GraphContext:
         finally:
             if self._records_factories:
                 self._records_factories = False
-                recorded_calls._POP()  # (stop_thread_recording, inlined)
+                recorded_calls.stop_thread_recording()
 
     def _is_ancestor_of(self, other: GraphContext) -> bool:
         context = other._parent

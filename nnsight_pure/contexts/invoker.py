@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..proxy import Proxy, settled
 from ..trees import NOT_FOUND, find_leaf
 from . import recorded_calls
 from .recorded_calls import _SUSPENDED
@@ -23,9 +24,11 @@ def _holds_proxies(inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether inputs hold traced values (proxies) anywhere."""
     if not kwargs and all(type(item) is torch.Tensor for item in inputs):
         return False  # the usual inputs, at a glance (this is on every trace's path)
-    from ..proxy import Proxy
+    return find_leaf((inputs, kwargs), _is_proxy) is not NOT_FOUND
 
-    return find_leaf((inputs, kwargs), lambda value: isinstance(value, Proxy)) is not NOT_FOUND
+
+def _is_proxy(value: Any) -> bool:
+    return isinstance(value, Proxy)
 
 
 class Invoker:
@@ -41,8 +44,6 @@ class Invoker:
         self.tracer = tracer
         self._concrete = not _holds_proxies(inputs, kwargs)
         if not self._concrete:
-            from ..proxy import settled
-
             if tracer._parent is None:
                 recorded_calls.settle_inputs((inputs, kwargs))  # torch.rand(...) written as the input
             # Saved values of traces that already ran are plain values here.

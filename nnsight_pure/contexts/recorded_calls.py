@@ -220,7 +220,7 @@ def start_thread_recording() -> None:
 
 
 def stop_thread_recording() -> None:
-    """The first open block of this thread has closed."""
+    """The first open block of this thread has closed: stop catching them."""
     _POP()
 
 

@@ -25,14 +25,10 @@ from .calls import EachCallContext
 from ..source import short
 from . import active, recorded_calls
 from .base import GraphContext
-from .invoker import Invoker, _holds_proxies
+from .invoker import Invoker, _holds_proxies, _is_proxy
 
 if TYPE_CHECKING:
     from ..models.nnsight import NNsight
-
-
-def _is_proxy(value: Any) -> bool:
-    return isinstance(value, Proxy)
 
 
 def _unknown_inputs(inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> TraceError:
