@@ -13,7 +13,7 @@ This module is pure: no torch hooks, no I/O.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence, cast
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Sequence, cast
 
 import attrs
 from pyrsistent import pmap, pvector
@@ -24,6 +24,7 @@ from .ops import (
     ApplyModule, Bridge, Call, CallMethod, Export, GetAttr, Grad, IterItem, ModuleAttr, ModuleGet, ModuleSet, Op,
     Save, SetAttr, SetGrad, Stop,
 )
+from .guard import graph_untrusted, untrusted
 from .shareable import shareable
 
 if TYPE_CHECKING:
@@ -101,9 +102,15 @@ class Graph:
     # Memo of the graph's plan (see plan.plan_for): not part of its value.
     _plan: object = attrs.field(default=None, init=False, eq=False, repr=False)
 
-    def __reduce__(self) -> tuple[type[Graph], tuple[object, ...]]:
+    def __reduce__(self) -> tuple[Callable[..., Graph], tuple[object, ...]]:
         # Pickled as its value (for workers of a sweep): the plan holds run-time
         # closures and is remade where the graph runs.
+        # A graph holding ops read from a document travels as JSON, so that
+        # it is read back under the guard (guard.py) where it runs.
+        if graph_untrusted(self):
+            from .serialize import from_json, to_json
+
+            return (from_json, (to_json(self),))
         return (Graph, (self.nodes, self.outputs))
 
     def add(
@@ -182,6 +189,8 @@ def _intern_key(index: int, op: Op, args: Sequence[object], invoke: int | None, 
     """What makes a node the same value *and* the same source line, when it
     holds nothing large (else ``None``: the node is made afresh)."""
     kind = type(op)
+    if untrusted(op):
+        return None  # read from a document: never shared (guard.py)
     if kind is Call:
         if not shareable(op.fn):  # type: ignore[union-attr]  # a Call
             return None

@@ -26,6 +26,7 @@ from typing import Any, Callable, Literal, Sequence, Union
 import attrs
 
 from .arguments import ATOMS, DictConst, is_plain_constant, ListConst, Ref, SliceConst, TensorConst, TupleOf, refs_in, structural_key, thaw
+from .guard import describe_op, guarded, untrusted
 from .shareable import shareable
 from .graph import _NO_KWARGS, Graph, Node, check_graph, node_refs, saved_refs, use_counts
 from .ops import (
@@ -300,7 +301,15 @@ def op_function(op: Op) -> Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]
     """How an ordinary node computes its value from (run state, args, kwargs).
 
     The run state is only read by module ops; the shell also uses this to
-    compute on finished values after a trace (with no run state)."""
+    compute on finished values after a trace (with no run state). An op read
+    from a document runs under the guard (guard.py)."""
+    run = _op_function(op)
+    if untrusted(op):
+        return guarded(op, describe_op(op), run)
+    return run
+
+
+def _op_function(op: Op) -> Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]:
     match op:
         case Call(fn):
             return lambda state, args, kwargs: fn(*args, **kwargs)
@@ -439,8 +448,8 @@ def _direct_call(node: Node) -> Callable[[list[Any]], Any] | None:
     the value: no argument tuples on the hot path."""
     op = node.op
     head = node.args[0] if node.args else None
-    if node.kwargs or not 1 <= len(node.args) <= 2 or not isinstance(head, Ref):
-        return None
+    if node.kwargs or not 1 <= len(node.args) <= 2 or not isinstance(head, Ref) or untrusted(op):
+        return None  # (a loaded graph's op runs under its guard, in `op_function`)
     first = head.index
     if len(node.args) == 1:
         if type(op) is Call:
@@ -706,6 +715,8 @@ def _op_key(op: Op) -> object:
 
 def _node_key(node: Node) -> object:
     op = node.op
+    if untrusted(op):
+        return _NOT_SHARED  # a loaded graph's plan runs under its guard: never shared
     if isinstance(op, (Cond, Iterate, EachCall, TraceRun)):
         body = _graph_key(op.body)
         if body is _NOT_SHARED:

@@ -39,6 +39,7 @@ import torch
 
 from .arguments import DictConst, ListConst, Opaque, Ref, SliceConst, TensorConst, TupleOf, refs_in
 from .graph import Graph, Node, SourceLoc
+from .guard import mark
 from .ops import Call, CallMethod, GetAttr, Op, SetAttr, print_at_run_time
 from .printing import format_node
 from .source import short
@@ -61,16 +62,51 @@ _BUILTINS = frozenset(
         "set", "slice", "sorted", "str", "sum", "tuple", "zip",
     }
 )
-_TORCH_NAMESPACES = {
-    "torch.nn.functional": torch.nn.functional,
-    "torch.linalg": torch.linalg,
-    "torch.special": torch.special,
-    "torch.fft": torch.fft,
+_TORCH_NAMESPACES: dict[str, tuple[Any, frozenset[int]]] = {
+    name: (namespace, frozenset(id(value) for value in vars(operators).values() if callable(value)))
+    for name, namespace, operators in (
+        ("torch.linalg", torch.linalg, getattr(torch._C, "_linalg")),
+        ("torch.special", torch.special, getattr(torch._C, "_special")),
+        ("torch.fft", torch.fft, getattr(torch._C, "_fft")),
+    )
 }
-_NOT_ON_THE_LIST = frozenset({"from_file"})  # reads files
+"""Each namespace, with (the identities of) torch's generated operators (ATen
+functions: C code made from ``native_functions.yaml``) its names may stand for."""
+
+_NOT_ON_THE_LIST = frozenset({"from_file"})  # reads and writes files
 _TORCH_FUNCTIONS = frozenset(
     name for name in dir(torch._C._VariableFunctions) if not name.startswith("_") and name not in _NOT_ON_THE_LIST
 )
+"""``torch.<name>``: torch's generated tensor operators (``torch.sum``,
+``torch.matmul``, ...), every one a C function of tensors and numbers."""
+
+_FUNCTIONAL = frozenset(
+    """
+    adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool1d
+    adaptive_max_pool1d_with_indices adaptive_max_pool2d adaptive_max_pool2d_with_indices
+    adaptive_max_pool3d adaptive_max_pool3d_with_indices affine_grid alpha_dropout avg_pool1d
+    avg_pool2d avg_pool3d batch_norm bilinear binary_cross_entropy binary_cross_entropy_with_logits
+    celu celu_ channel_shuffle conv1d conv2d conv3d conv_tbc conv_transpose1d conv_transpose2d
+    conv_transpose3d cosine_embedding_loss cosine_similarity cross_entropy ctc_loss dropout
+    dropout1d dropout2d dropout3d elu elu_ embedding embedding_bag feature_alpha_dropout fold
+    fractional_max_pool2d fractional_max_pool2d_with_indices fractional_max_pool3d
+    fractional_max_pool3d_with_indices gaussian_nll_loss gelu glu grid_sample group_norm
+    gumbel_softmax hardshrink hardsigmoid hardswish hardtanh hardtanh_ hinge_embedding_loss
+    huber_loss instance_norm interpolate kl_div l1_loss layer_norm leaky_relu leaky_relu_ linear
+    local_response_norm log_softmax logsigmoid lp_pool1d lp_pool2d lp_pool3d margin_ranking_loss
+    max_pool1d max_pool1d_with_indices max_pool2d max_pool2d_with_indices max_pool3d
+    max_pool3d_with_indices max_unpool1d max_unpool2d max_unpool3d mish mse_loss
+    multi_head_attention_forward multi_margin_loss multilabel_margin_loss
+    multilabel_soft_margin_loss native_channel_shuffle nll_loss normalize one_hot pad
+    pairwise_distance pdist pixel_shuffle pixel_unshuffle poisson_nll_loss prelu relu relu6 relu_
+    rms_norm rrelu rrelu_ scaled_dot_product_attention selu selu_ sigmoid silu smooth_l1_loss
+    soft_margin_loss softmax softmin softplus softshrink softsign tanh tanhshrink threshold
+    threshold_ triplet_margin_loss unfold upsample upsample_bilinear upsample_nearest
+    """.split()
+)
+"""``torch.nn.functional.<name>``: its tensor functions, written out (not
+"whatever the namespace holds": it also holds ``handle_torch_function``,
+which calls what it is given, and ``Tensor``, a class)."""
 
 
 _SAFE_DUNDERS = frozenset(
@@ -88,6 +124,11 @@ _CALLBACK_TAKERS = frozenset(
 )
 """Tensor methods that call a function they are given: left out, so that no
 value of a run (a bound method read as an attribute) can be called."""
+_WITH_EFFECTS = frozenset(
+    {"storage", "untyped_storage", "from_file", "share_memory_", "pin_memory", "tofile", "dump", "record_stream"}
+)
+"""Methods whose value or effect reaches past tensor math: storage objects
+(``storage.from_file`` maps a file), shared memory, files."""
 _KEY_TAKERS = frozenset({"sorted", "max", "min"})  # builtins whose ``key`` is called
 
 _METHOD_NAMES = (
@@ -98,7 +139,7 @@ _METHOD_NAMES = (
         if not name.startswith("_")
     )
     | {"to_tuple"}  # transformers' ModelOutput
-) - {"format", "format_map"} - _CALLBACK_TAKERS  # str.format reads attributes: "{0.__class__}".format(x)
+) - {"format", "format_map"} - _CALLBACK_TAKERS - _WITH_EFFECTS  # str.format reads attributes: "{0.__class__}".format(x)
 """Method names a graph may call (`CallMethod`): those of tensors and of
 Python's plain containers, numbers and strings; nothing that reads files."""
 
@@ -141,13 +182,17 @@ def _resolve(name: str) -> Callable[..., Any]:
         found = getattr(math, attribute, None)
     elif module == "torch" and attribute in _TORCH_FUNCTIONS:
         found = getattr(torch, attribute, None)
-    elif module == "torch.Tensor" and attribute not in _CALLBACK_TAKERS:
+    elif module == "torch.Tensor" and (attribute in _METHOD_NAMES or attribute in _SAFE_DUNDERS):
         found = getattr(torch.Tensor, attribute, None)
+        if isinstance(found, type):
+            found = None
+    elif module == "torch.nn.functional" and attribute in _FUNCTIONAL:
+        found = getattr(torch.nn.functional, attribute, None)
     elif module in _TORCH_NAMESPACES:
-        namespace = _TORCH_NAMESPACES[module]
+        namespace, operators = _TORCH_NAMESPACES[module]
         found = getattr(namespace, attribute, None)
-        if found is not None and getattr(found, "__module__", "").split(".")[0] != "torch":
-            found = None  # a name the namespace imported from elsewhere
+        if id(found) not in operators:
+            found = None  # not one of torch's generated operators (a helper, a class)
     if not callable(found):
         raise SerializationError(
             f"refused: {name!r} is not on the whitelist of callables (torch tensor functions, "
@@ -164,8 +209,9 @@ def _whitelist_index() -> dict[int, tuple[str, Any]]:
     if not _INDEX:
         names = [f"torch.{name}" for name in sorted(_TORCH_FUNCTIONS)]
         names += [f"torch.Tensor.{name}" for name in sorted(dir(torch.Tensor))]
-        for prefix, namespace in _TORCH_NAMESPACES.items():
+        for prefix, (namespace, _) in _TORCH_NAMESPACES.items():
             names += [f"{prefix}.{name}" for name in sorted(dir(namespace)) if not name.startswith("_")]
+        names += [f"torch.nn.functional.{name}" for name in sorted(_FUNCTIONAL)]
         names += [f"operator.{name}" for name in sorted(dir(operator)) if not name.startswith("_")]
         names += [f"math.{name}" for name in sorted(dir(math)) if not name.startswith("_")]
         names += [f"builtins.{name}" for name in sorted(_BUILTINS)]
@@ -307,55 +353,99 @@ def digest(graph: Graph) -> str:
 _OPS: Mapping[str, type] = {kind.__name__: kind for kind in get_args(Op)}
 
 
+MAX_DEPTH = 200
+"""The deepest nesting of JSON arrays and objects a document may have (a
+graph's bodies nest about five levels each); deeper is refused before any
+part of it is read, so reading never runs out of stack."""
+_MAX_INT_DIGITS = 100  # a constant or an index longer than this is no graph's
+_MAX_SOURCE_LINE = 10**9
+
+
+def _int(value: Any, what: str, low: int = 0) -> int:
+    if type(value) is not int or not low <= value:
+        raise SerializationError(f"{what} must be an integer of at least {low}; got {value!r}")
+    return value
+
+
+def _device(body: Any) -> torch.device:
+    if type(body) is not str or len(body) > 64:
+        raise SerializationError(f"unreadable device {body!r}")
+    try:
+        return torch.device(body)
+    except (RuntimeError, ValueError, TypeError):
+        raise SerializationError(f"unknown device {body!r}") from None
+
+
 def _arg(value: Any) -> object:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, list):
         raise SerializationError("a bare JSON list is not an argument (lists are tagged)")
     if not isinstance(value, dict) or len(value) != 1:
-        raise SerializationError(f"unreadable argument {value!r}")
+        raise SerializationError(f"unreadable argument {short_repr(value)}")
     ((tag, body),) = value.items()
     if tag == "ref":
-        return Ref(int(body))
+        return Ref(_int(body, "a reference"))
+    if tag in ("tuple", "list", "dict", "slice", "complex", "size") and not isinstance(body, list):
+        raise SerializationError(f"a {tag} argument must hold a list; got {short_repr(body)}")
     if tag == "tuple":
         return tuple(_arg(item) for item in body)
     if tag == "list":
         return ListConst(tuple(_arg(item) for item in body))
     if tag == "dict":
+        if not all(isinstance(pair, list) and len(pair) == 2 for pair in body):
+            raise SerializationError("a dict argument must hold [key, value] pairs")
         return DictConst(tuple((_arg(key), _arg(item)) for key, item in body))
     if tag == "slice":
+        if len(body) != 3:
+            raise SerializationError(f"a slice has three parts; got {len(body)}")
         return SliceConst(*(_arg(part) for part in body))
     if tag == "tensor":
         try:
-            loaded = torch.load(io.BytesIO(base64.b64decode(body)), weights_only=True)
+            loaded = torch.load(io.BytesIO(base64.b64decode(body, validate=True)), weights_only=True)
         except Exception as error:  # torch raises many kinds for bad bytes; none must pass as a tensor
             raise SerializationError(f"unreadable tensor constant: {type(error).__name__}") from None
         if not isinstance(loaded, torch.Tensor):
             raise SerializationError("a tensor constant did not hold a tensor")
         return TensorConst(loaded)
     if tag == "float":
+        if body not in ("inf", "-inf", "nan"):
+            raise SerializationError(f"a float argument is 'inf', '-inf' or 'nan'; got {short_repr(body)}")
         return float(body)
     if tag == "ellipsis":
         return Ellipsis
     if tag == "complex":
+        if len(body) != 2:
+            raise SerializationError(f"unreadable complex constant {short_repr(body)}")
         real, imag = (_arg(part) for part in body)
         if not isinstance(real, float) or not isinstance(imag, float):
-            raise SerializationError(f"unreadable complex constant {body!r}")
+            raise SerializationError(f"unreadable complex constant {short_repr(body)}")
         return complex(real, imag)
     if tag == "bytes":
-        return base64.b64decode(body)
+        if type(body) is not str:
+            raise SerializationError("a bytes argument holds base64 text")
+        try:
+            return base64.b64decode(body, validate=True)
+        except ValueError:
+            raise SerializationError("unreadable bytes constant (not base64)") from None
     if tag == "size":
-        return torch.Size(body)
+        return torch.Size([_int(item, "a size") for item in body])
     if tag == "dtype":
-        dtype = getattr(torch, str(body), None)
+        dtype = getattr(torch, body, None) if type(body) is str else None
         if not isinstance(dtype, torch.dtype):
-            raise SerializationError(f"unknown dtype {body!r}")
+            raise SerializationError(f"unknown dtype {short_repr(body)}")
         return dtype
     if tag == "device":
-        return torch.device(body)
+        return _device(body)
     if tag == "callable":
         return _resolve(str(body))
-    raise SerializationError(f"unknown argument tag {tag!r}")
+    raise SerializationError(f"unknown argument tag {short_repr(tag)}")
+
+
+def short_repr(value: object) -> str:
+    """``repr(value)``, cut to a length an error message can hold."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _is_int(value: object) -> bool:
@@ -408,55 +498,127 @@ def _op(value: Mapping[str, Any]) -> Op:
     refusal = _name_refusal(op)
     if refusal is not None:
         raise SerializationError(f"refused: {refusal}")
-    return op
+    return mark(op)  # runs under the guard (guard.py)
 
 
-def _graph(value: Mapping[str, Any]) -> Graph:
+def _target_refusal(node: Node) -> str | None:
+    """Why a node may not run on its first argument: no attribute or method
+    of a callable constant (a whitelisted function, or a class such as
+    ``torch.nn.functional.Tensor``, which is ``torch.Tensor``) is read, called or set."""
+    if isinstance(node.op, (GetAttr, SetAttr, CallMethod)) and node.args and callable(node.args[0]):
+        return f"`.{node.op.name}` of the callable constant {node.args[0]!r} (only of values)"
+    return None
+
+
+def _source(value: Any) -> SourceLoc:
+    if not isinstance(value, list) or len(value) != 3:
+        raise SerializationError(f"a node's source is [file, line, function]; got {short_repr(value)}")
+    filename, lineno, function = value
+    if type(filename) is not str or type(function) is not str:
+        raise SerializationError(f"a node's source is [file, line, function]; got {short_repr(value)}")
+    if type(lineno) is not int or not 0 <= lineno <= _MAX_SOURCE_LINE:
+        raise SerializationError(f"a node's source line cannot be {short_repr(lineno)}")
+    return SourceLoc(filename, lineno, function)
+
+
+def _graph(value: Any) -> Graph:
+    if not isinstance(value, dict) or not isinstance(value.get("nodes"), list):
+        raise SerializationError("a graph is {\"nodes\": [...], \"outputs\": ...}")
     graph = Graph()
     for node in value["nodes"]:
+        if not isinstance(node, dict) or not isinstance(node.get("op"), dict):
+            raise SerializationError(f"a node is {{\"op\": ..., \"args\": [...]}}; got {short_repr(node)}")
         invoke = node.get("invoke")
         if invoke is not None and (type(invoke) is not int or invoke < 0):
-            raise SerializationError(f"a node's invoke cannot be {invoke!r}")
+            raise SerializationError(f"a node's invoke cannot be {short_repr(invoke)}")
         source = None
         if node.get("source") is not None:
-            filename, lineno, function = node["source"]
-            source = SourceLoc(str(filename), int(lineno), str(function))
+            source = _source(node["source"])
+        args, kwargs = node.get("args", []), node.get("kwargs", {})
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise SerializationError("a node's args are a list and its kwargs an object")
         graph, _ = graph.add(
             _op(node["op"]),
-            tuple(_arg(arg) for arg in node.get("args", [])),
-            {name: _arg(arg) for name, arg in node.get("kwargs", {}).items()} or None,
+            tuple(_arg(arg) for arg in args),
+            {name: _arg(arg) for name, arg in kwargs.items()} or None,
             source,
             invoke,
         )
-        refusal = _callback_refusal(graph.nodes[-1])
+        refusal = _callback_refusal(graph.nodes[-1]) or _target_refusal(graph.nodes[-1])
         if refusal is not None:
             raise SerializationError(f"refused: {refusal}")
     outputs = value.get("outputs")
     return graph.with_outputs(None if outputs is None else _arg(outputs))
 
 
+def _depth_refusal(document: Any) -> str | None:
+    """Why ``document`` nests too deeply to read, if it does (walked without recursion)."""
+    pending: list[tuple[Any, int]] = [(document, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > MAX_DEPTH:
+            return f"the document nests deeper than {MAX_DEPTH} levels"
+        if isinstance(value, dict):
+            pending.extend((item, depth + 1) for item in value.values())
+        elif isinstance(value, list):
+            pending.extend((item, depth + 1) for item in value)
+    return None
+
+
+def _json_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise SerializationError(f"an integer of {len(text)} digits (at most {_MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise SerializationError(f"the number {short_repr(text)} is out of range")
+    return value
+
+
+def _json_constant(text: str) -> float:
+    raise SerializationError(f"{text} is not JSON (infinite floats are written {{\"float\": \"inf\"}})")
+
+
 def from_json(text: str) -> Graph:
-    """Read a graph written by `to_json`. Refuses (with `SerializationError`)
-    other formats, newer versions, and callables off the whitelist."""
+    """Read a graph written by `to_json`. Refuses (with `SerializationError`,
+    the only exception it raises) other formats, newer or impossible versions,
+    callables off the list, malformed or too deeply nested documents. The
+    graph's ops are marked: it runs under the guard of guard.py."""
+    if not isinstance(text, (str, bytes, bytearray)):
+        raise SerializationError(f"a document is text; got a {type(text).__name__}")
     try:
-        document = json.loads(text)
-    except json.JSONDecodeError as error:
+        document = json.loads(
+            text, parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant
+        )
+    except SerializationError:
+        raise
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise SerializationError(f"not JSON: {error}") from None
+    except RecursionError:
+        raise SerializationError(f"the document nests deeper than {MAX_DEPTH} levels") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise SerializationError(f"not an nnsight_pure graph (format {FORMAT!r} expected)")
     version = document.get("version")
-    if not isinstance(version, int) or version > VERSION:
+    if type(version) is not int or version < 1:
+        raise SerializationError(f"unreadable format version {short_repr(version)} (versions start at 1)")
+    if version > VERSION:
         raise SerializationError(
             f"this graph was written in format version {version!r}; this nnsight_pure reads "
             f"versions up to {VERSION}: upgrade nnsight_pure to read it"
         )
+    refusal = _depth_refusal(document)
+    if refusal is not None:
+        raise SerializationError(refusal)
     from .graph import check_graph
 
     try:
-        graph = _graph(document["graph"])
+        graph = _graph(document.get("graph"))
         check_graph(graph)
     except SerializationError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise SerializationError(f"malformed graph document: {type(error).__name__}: {error}") from None
+    except Exception as error:  # whatever else a malformed document trips, it comes out as one kind
+        raise SerializationError(f"malformed graph document: {type(error).__name__}: {short_repr(str(error))}") from None
     return graph
