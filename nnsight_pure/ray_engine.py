@@ -10,7 +10,11 @@ Ray does the distribution: scheduling actors onto the cluster's resources,
 moving batches and results, and restarting a dead actor (``max_restarts``).
 This module only decides what a failure means. A batch whose actor died is
 put back in the queue and runs again on the next free actor: graphs are
-pure, so running a batch twice is safe and gives the same partial. An
+pure, so running a batch twice is safe and gives the same partial. A batch
+sent while Ray was still restarting its actor (``ActorUnavailableError``) is
+put back too, without counting a death or an attempt (on a busy machine a
+restart takes long enough for that to happen, and it used to end the sweep
+as "died 4 times"); the actor gets batches again once it answers. An
 exception raised by the user's model or graph on a batch ends the sweep at
 once (every actor is killed, nothing waits) with that exception, noting the
 batch. Only this module imports Ray, and only when a sweep asks for it.
@@ -19,6 +23,7 @@ batch. Only this module imports Ray, and only when a sweep asks for it.
 from __future__ import annotations
 
 import collections
+import time
 from typing import Any, Iterator
 
 import torch
@@ -29,6 +34,7 @@ from .sweeps import Batch, BatchRunner, OrderedFold, Spec, note_batch
 from .trees import map_leaves
 
 IN_FLIGHT_PER_ACTOR = 2
+RESTART_POLL_S = 0.05  # how often to ask an actor that Ray is restarting whether it is back
 
 
 class _Worker(BatchRunner):
@@ -82,7 +88,7 @@ def run_on_ray(
     """Run every batch of ``work`` on Ray actors; the fold of their partials
     and the indexes of the batches that ran again after a worker died."""
     ray = _ray()
-    from ray.exceptions import RayActorError, RayTaskError
+    from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
     if not ray.is_initialized():
         ray.init()
@@ -142,6 +148,11 @@ def run_on_ray(
                     actor = starting.pop(ref)
                     try:
                         ray.get(ref)
+                    except ActorUnavailableError:
+                        # Ray is still restarting it (a death already counted): ask again.
+                        time.sleep(RESTART_POLL_S)
+                        starting[actor.ready.remote()] = actor
+                        continue
                     except RayActorError:
                         if died(actor, deaths[id(actor)]):
                             starting[actor.ready.remote()] = actor  # Ray restarts it
@@ -157,6 +168,15 @@ def run_on_ray(
                     # Ray's, whose text holds the worker's traceback.
                     cause = error.cause if isinstance(error.cause, BaseException) else error
                     raise note_batch(cause, batch, where) from error
+                except ActorUnavailableError:
+                    # Sent while Ray was restarting that actor: not the batch's doing,
+                    # and no new death. Run it again; use the actor once it answers.
+                    retried.append(batch.index)
+                    queue.append(batch)
+                    if actor in ready:
+                        ready.remove(actor)
+                        starting[actor.ready.remote()] = actor
+                    continue
                 except RayActorError as error:
                     died(actor, deaths_when_sent)
                     attempts[batch.index] += 1
