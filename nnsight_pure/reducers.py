@@ -9,6 +9,11 @@ A reducer is a small immutable value with three pure functions:
   partial (associative: merging merged partials gives the same value);
 * ``finish(part)``: the sweep's result from the partial of every batch.
 
+A reducer may also have ``shape(part)``: what must be the same in the
+partials of every batch (the shape, but for the dimension concatenated
+along); a sweep refuses partials whose shapes differ, naming both batches,
+instead of letting them broadcast into a result of neither shape.
+
 Sweeps merge partials in batch order whatever the order batches finish in,
 so a result depends neither on the number of workers nor on retries.
 Reducers are data: they compare, hash and pickle like graphs do.
@@ -64,6 +69,12 @@ class Concat:
     def merge(self, parts: Sequence[Any]) -> Any:
         return parts[0] if len(parts) == 1 else torch.cat(list(parts), dim=self.dim)
 
+    def shape(self, part: Any) -> tuple[int | str, ...]:
+        dims: list[int | str] = list(part.shape)
+        if -len(dims) <= self.dim < len(dims):
+            dims[self.dim] = "*"  # the dimension concatenated along may differ
+        return tuple(dims)
+
     def finish(self, part: Any) -> Any:
         return part
 
@@ -79,6 +90,9 @@ class Stack:
     def merge(self, parts: Sequence[Any]) -> Any:
         return [item for part in parts for item in part]
 
+    def shape(self, part: Any) -> tuple[int | str, ...]:
+        return tuple(part[0].shape)
+
     def finish(self, part: Any) -> Any:
         return torch.stack(part)
 
@@ -92,6 +106,9 @@ class Sum:
 
     def merge(self, parts: Sequence[Any]) -> Any:
         return functools.reduce(torch.add, parts)
+
+    def shape(self, part: Any) -> tuple[int | str, ...]:
+        return tuple(part.shape)
 
     def finish(self, part: Any) -> Any:
         return part
@@ -110,6 +127,9 @@ class Mean:
 
     def merge(self, parts: Sequence[Any]) -> Any:
         return (functools.reduce(torch.add, [total for total, _ in parts]), builtins.sum(count for _, count in parts))
+
+    def shape(self, part: Any) -> tuple[int | str, ...]:
+        return tuple(part[0].shape)
 
     def finish(self, part: Any) -> Any:
         total, count = part

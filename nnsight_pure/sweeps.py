@@ -145,6 +145,21 @@ def finish(spec: Spec, part: Any, outputs: object) -> Any:
     return spec.finish(part)
 
 
+def shapes(spec: Spec, part: Any, where: str = "the output") -> list[tuple[str, Any, tuple[int | str, ...]]]:
+    """``(which output, reducer, shape)`` for each reducer of ``spec`` that
+    says what its partials must share (see reducers.py)."""
+    if type(spec) is dict:
+        return [found for key, child in spec.items() for found in shapes(child, part[key], f"output {key!r}")]
+    if type(spec) is list:
+        return [found for i, child in enumerate(spec) for found in shapes(child, part[i], f"output {i}")]
+    shape = getattr(spec, "shape", None)
+    return [] if shape is None else [(where, spec, shape(part))]
+
+
+def _shape_text(shape: tuple[int | str, ...]) -> str:
+    return "[" + ", ".join(str(dim) for dim in shape) + "]"
+
+
 def _child(outputs: object, key: Any) -> object:
     for name, child in _items(outputs) or ():
         if name == key:
@@ -168,9 +183,13 @@ class OrderedFold:
         self._waiting: dict[int, Any] = {}
         self._merged: list[Any] = []  # in order: at most CHUNK partials and merged chunks
         self.examples = 0
+        self._first: tuple[int, list[tuple[str, Any, tuple[int | str, ...]]]] | None = None
 
     def add(self, index: int, part: Any, size: int) -> None:
-        """Batch ``index`` (of ``size`` examples) is done: its partial is ``part``."""
+        """Batch ``index`` (of ``size`` examples) is done: its partial is ``part``.
+        Raises `ValueError` naming both batches if its shapes differ from the
+        first batch's."""
+        self._check_shapes(index, part)
         self._waiting[index] = part
         self.examples += size
         while self._next in self._waiting:
@@ -178,6 +197,22 @@ class OrderedFold:
             self._next += 1
             if self._next % self.CHUNK == 0:
                 self._merged = [merge(self._spec, self._merged)]
+
+    def _check_shapes(self, index: int, part: Any) -> None:
+        found = shapes(self._spec, part)
+        if self._first is None:
+            self._first = (index, found)
+            return
+        first, expected = self._first
+        for (where, reducer, shape), (_, _, wanted) in zip(found, expected):
+            if shape != wanted:
+                low, high = sorted(((first, wanted), (index, shape)))
+                raise ValueError(
+                    f"{reducer!r} cannot combine {where} of batch {low[0]} (shape {_shape_text(low[1])}) "
+                    f"with that of batch {high[0]} (shape {_shape_text(high[1])}): the batches' "
+                    "partials must have the same shape (pad the outputs to one shape, or "
+                    "collect them with stack() per batch)"
+                )
 
     @property
     def count(self) -> int:
@@ -226,8 +261,7 @@ def _raw_batches(dataset: Any, batch_size: int | None, collate: Callable[[list[A
         return iter(dataset.iter_torch_batches(batch_size=batch_size))
     if batch_size is None:
         return iter(dataset)  # each item is a batch
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    _check_batch_size(batch_size)
     examples = _examples(dataset)
     return (collate(chunk) for chunk in iter(lambda: list(itertools.islice(examples, batch_size)), []))
 
@@ -254,6 +288,11 @@ def batches(
         size = batch_size_of(tuple(args), dict(kwargs))
         yield Batch(index, start, size, data)
         start += size
+
+
+def _check_batch_size(batch_size: int | None) -> None:
+    if batch_size is not None and (type(batch_size) is not int or batch_size < 1):
+        raise ValueError(f"batch_size must be an integer of at least 1, got {batch_size!r}")
 
 
 def batch_count(dataset: Any, batch_size: int | None) -> int | None:
@@ -403,6 +442,7 @@ def sweep(
     if facts.invokes > 1:
         raise TraceError(f"sweep runs one invoke per batch; this graph has {facts.invokes} invokes")
     spec = reducer_tree(Concat() if reduce is None else reduce, graph.outputs)
+    _check_batch_size(batch_size)
     work = batches(dataset, batch_size, collate, inputs)
     total = batch_count(dataset, batch_size)
     method_kwargs = dict(method_kwargs or {})

@@ -244,3 +244,23 @@ def test_the_local_engine_takes_the_model_itself() -> None:
     assert torch.equal(swept.outputs, nnsight.sweep(mlp, graph, data, batch_size=3, progress=False).outputs)
     with pytest.raises(TypeError, match="weights never travel"):
         nnsight.sweep(model, graph, data, batch_size=3, progress=False, engine="ray")
+
+
+@pytest.mark.parametrize("reducer", [R.mean(), R.sum(), R.concat(), R.stack()])
+def test_partials_of_different_shapes_are_refused_naming_both_batches(reducer: Any) -> None:
+    graph = nnsight.trace(mlp(), lambda m: m.output)
+    batches = [torch.randn(2, 1, 4), torch.randn(2, 1, 4), torch.randn(2, 4, 4)]  # outputs [2, 1, 3], [2, 4, 3]
+    with pytest.raises(ValueError, match=r"batch 0 \(shape .*\) with that of batch 2 \(shape "):
+        nnsight.sweep(mlp, graph, batches, progress=False, reduce=reducer)
+    # Same shapes but for the dimension concatenated along: fine, as plain torch.
+    uneven = [torch.randn(2, 4), torch.randn(3, 4)]
+    swept = nnsight.sweep(mlp, graph, uneven, progress=False, reduce=R.concat())
+    with torch.no_grad():
+        assert torch.allclose(swept.outputs, mlp()(torch.cat(uneven)))
+
+
+@pytest.mark.parametrize("size", [0, -1, 1.5])
+def test_a_batch_size_below_one_is_refused_before_the_progress_bar(size: Any) -> None:
+    graph = nnsight.trace(mlp(), lambda m: m.output)
+    with pytest.raises(ValueError, match="batch_size must be an integer of at least 1"):
+        nnsight.sweep(mlp, graph, examples(4), batch_size=size, progress=True)
