@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import sys
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
@@ -30,10 +31,16 @@ from .printing import format_node
 from .scan import UNKNOWN, shape_like
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     from .arguments import Ref
     from .contexts.base import GraphContext
 
 
+_NO_NATIVE_FLOW = (
+    "Compute it inside the graph (e.g. torch.where), use tracer.cond(...), or turn "
+    "CONFIG.APP.CONTROL_FLOW_HANDLING on for native `if` on traced values."
+)
 _KNOWN_AT_TRACE_TIME = frozenset({"shape", "dtype", "device"})
 
 
@@ -382,13 +389,28 @@ class Proxy:
         return self.value
 
     def __bool__(self) -> bool:
-        return bool(self._needs_value("the truth value", "Compute it inside the graph (e.g. torch.where) or after the trace."))
+        if CONFIG.APP.CONTROL_FLOW_HANDLING and active.innermost() is not None and not self._context._ran:
+            # ``if proxy:`` / ``elif proxy:``: record it as a condition (contexts.native_flow).
+            from .contexts import native_flow
+
+            frame = sys._getframe(1)
+            return native_flow.branch(self, frame)
+        return bool(self._needs_value("the truth value", _NO_NATIVE_FLOW))
 
     def __len__(self) -> int:
         return len(self._needs_value("len()", "Use .shape[0] (a traced value) instead."))
 
     def __iter__(self) -> Any:
-        return iter(self._needs_value("iterating", "Index it instead (out[0], out[1])."))
+        return self._iterate(sys._getframe(1))
+
+    def _iterate(self, frame: FrameType) -> Any:
+        """``iter(self)`` called from ``frame``: inside a block, a native
+        ``for item in proxy:`` records a loop (contexts.native_flow)."""
+        if CONFIG.APP.CONTROL_FLOW_HANDLING and active.innermost() is not None and not self._context._ran:
+            from .contexts import native_flow
+
+            return native_flow.loop(self, frame)
+        return iter(self._needs_value("iterating", "Index it instead (out[0], out[1]), or loop with session.iter(...)."))
 
     def __index__(self) -> int:
         return operator.index(self._needs_value("the integer value", "Pass it to torch functions as a shape tuple, e.g. torch.zeros((n, 3))."))

@@ -4,17 +4,38 @@ The block is recorded as the body of a `Cond` node and runs only when the
 condition (a Python value or a proxy, e.g. ``h[:, 0] > 0``) is true at run
 time. Nothing inside leaks out: values made in a branch that did not run
 have none.
+
+Chains (nnsight 0.4's ``cond.else_()``): after a condition's block has
+exited, ``with cond.else_(other):`` is an ``elif`` and ``with cond.else_():``
+an ``else``. A chained branch is an ordinary `Cond` node whose condition is
+one more node of the graph, `elif_condition` or `else_condition` of the
+chain's conditions: the chain is in the graph, not in any state kept aside.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ..errors import TraceError
 from ..graph import SourceLoc
-from ..ops import Cond
+from ..ops import Call, Cond
 from ..proxy import Proxy
-from ..source import short
+from ..source import short, user_location
+from . import active
 from .base import BodyContext, GraphContext
+
+_ELSE = object()  # `else_()` without a condition
+
+
+def elif_condition(*conditions: Any) -> bool:
+    """True when the last condition is true and none of the earlier ones is
+    (an ``elif``: the earlier branches of its chain were not taken)."""
+    return not any(bool(condition) for condition in conditions[:-1]) and bool(conditions[-1])
+
+
+def else_condition(*conditions: Any) -> bool:
+    """True when none of the conditions is true (an ``else``)."""
+    return not any(bool(condition) for condition in conditions)
 
 
 class Conditional(BodyContext):
@@ -22,7 +43,9 @@ class Conditional(BodyContext):
 
     _node_kind = Cond
 
-    def __init__(self, parent: GraphContext, condition: Any, where: SourceLoc | None) -> None:
+    def __init__(
+        self, parent: GraphContext, condition: Any, where: SourceLoc | None, chain: tuple[Any, ...] | None = None
+    ) -> None:
         super().__init__(parent, condition, where)
         if not isinstance(condition, Proxy):
             try:
@@ -32,11 +55,47 @@ class Conditional(BodyContext):
                     f"cond(...) at {short(where)} needs a value with a truth value; "
                     f"bool() of a {type(condition).__name__} failed: {error}"
                 ) from error
+        # The chain so far: the conditions of this branch and of the earlier ones
+        # (what `else_` builds the next branch's condition from).
+        self._chain = (condition,) if chain is None else chain
+        self._ends_chain = False
 
     def __enter__(self) -> Conditional:
         self._push()
         return self
 
+    def else_(self, condition: Any = None) -> Conditional:
+        """The next branch of this chain: ``else_(other)`` is an ``elif``,
+        ``else_()`` an ``else`` (as in nnsight 0.4). Call it after this block
+        has exited, in the block that holds it."""
+        return self._chained(_ELSE if condition is None else condition, user_location())
+
+    def _chained(self, condition: Any, where: SourceLoc | None) -> Conditional:
+        if not self._closed or self._node_ref is None:
+            raise TraceError(
+                f"else_() at {short(where)}: the condition opened at {short(self._where)} must "
+                "have exited (without an error) first"
+            )
+        if self._ends_chain:
+            raise TraceError(f"else_() at {short(where)}: the chain ending at {short(self._where)} already has its else")
+        parent = self._parent
+        assert parent is not None
+        if active.innermost() is not parent:
+            raise TraceError(
+                f"else_() at {short(where)}: call it in the block that holds the condition opened "
+                f"at {short(self._where)}, right after that condition"
+            )
+        final = condition is _ELSE
+        conditions = self._chain if final else self._chain + (condition,)
+        if not final and not isinstance(condition, Proxy):
+            Conditional(parent, condition, where)  # the same check of a plain condition's truth value
+        if any(isinstance(item, Proxy) for item in conditions):
+            test: Any = parent.record(Call(else_condition if final else elif_condition), conditions, source=where)
+        else:
+            test = else_condition(*conditions) if final else elif_condition(*conditions)
+        branch = Conditional(parent, test, where, conditions)
+        branch._ends_chain = final
+        return branch
 
     def __repr__(self) -> str:
         return f"<condition opened at {short(self._where)}>"

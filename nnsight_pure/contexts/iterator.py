@@ -8,6 +8,8 @@ work; ``iterator`` is this context.
 
 from __future__ import annotations
 
+import dis
+import sys
 from typing import Any, Iterator
 
 from ..graph import SourceLoc
@@ -19,12 +21,16 @@ from .base import BodyContext, GraphContext
 
 class ItemProxy(Proxy):
     """The loop's current item. Unpacking it gives ``(item, iterator)``, so that
-    ``with session.iter(xs) as (item, iterator):`` works too."""
+    ``with session.iter(xs) as (item, iterator):`` works too; a native ``for``
+    over it is a nested loop (`native_flow`)."""
 
     __slots__ = ("_iterator",)
 
     def __iter__(self) -> Iterator[Any]:
-        return iter((self, object.__getattribute__(self, "_iterator")))
+        frame = sys._getframe(1)
+        if dis.opname[frame.f_code.co_code[frame.f_lasti]] == "UNPACK_SEQUENCE":
+            return iter((self, object.__getattribute__(self, "_iterator")))
+        return self._iterate(frame)  # type: ignore[no-any-return]  # a native `for` over the item
 
 
 class IteratorContext(BodyContext):
