@@ -762,7 +762,11 @@ class _Run:
         return self.frame.results(stopped, blocked, graph), self.frame.exports()
 
     def close(self) -> None:
-        """End every program and remove the gradient hooks that never fired."""
+        """End every program (started or not) and remove the gradient hooks
+        that never fired. Forgets the error the run failed with: its
+        traceback holds the run's frames, and a run that kept it would be a
+        cycle keeping every activation alive until the garbage collector runs."""
+        self.failed = None
         for program in self.programs:
             program.generator.close()
         for handle in self.grad_hooks:
@@ -922,8 +926,10 @@ def run_session(graph: Graph, trace_runner: TraceRunner) -> Results:
     stopped = False
     try:
         for request in program:
-            program.close()
             raise TraceError(f"a module access outside any trace cannot run: {request!r}")
     except EarlyStop:
         stopped = True
+    finally:
+        program.close()
+        run.close()  # the per-invoke programs a session never starts (each holds the run)
     return run.frame.results(stopped, graph=graph)

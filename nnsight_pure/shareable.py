@@ -19,6 +19,9 @@ _BUILTINS = (
 )
 
 _KNOWN: set[Any] = set()  # callables that passed (they hold nothing large, by the same test)
+KNOWN_KEPT = 4096
+"""At most this many remembered (emptied when full: a fresh ``lambda`` per
+trace must not grow a table for the life of the process)."""
 
 
 def holds_nothing_large(fn: object) -> bool:
@@ -44,5 +47,7 @@ def shareable(fn: object) -> bool:
         return False
     if not holds_nothing_large(fn):
         return False
+    if len(_KNOWN) >= KNOWN_KEPT:
+        _KNOWN.clear()
     _KNOWN.add(fn)
     return True

@@ -111,6 +111,7 @@ class GraphContext:
     def _pop(self) -> None:
         self._open = False
         self._closed = True
+        self._factory_records = None  # each holds a proxy of this block: a cycle once closed
         try:
             if self._token is not None:
                 active.pop(self._token)
