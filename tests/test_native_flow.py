@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import nnsight_pure as nnsight
+from nnsight_pure.serialize import from_json, to_json
 from nnsight_pure.vis import to_dot
 from tests import lm_models
 from tests.helpers import TinyNet
@@ -61,6 +62,7 @@ def test_if_elif_else_against_torch_and_explicit(model: nnsight.NNsight, net: Ti
             chosen.append(3)
     assert picked.value == chosen.value == [_rule(net.layer1(x), t)]
     assert native.graph == explicit.graph
+    assert from_json(to_json(native.graph)) == native.graph  # a chain is plain graph data
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])

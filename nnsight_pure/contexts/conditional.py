@@ -8,12 +8,17 @@ have none.
 Chains (nnsight 0.4's ``cond.else_()``): after a condition's block has
 exited, ``with cond.else_(other):`` is an ``elif`` and ``with cond.else_():``
 an ``else``. A chained branch is an ordinary `Cond` node whose condition is
-one more node of the graph, `elif_condition` or `else_condition` of the
-chain's conditions: the chain is in the graph, not in any state kept aside.
+computed by nodes of the graph from the chain's conditions: ``not
+any([earlier...])`` for an ``else``, ``all([that, other])`` for an ``elif``.
+The chain is in the graph, not in any state kept aside. (The earlier
+conditions are read again when the chained condition runs: a branch that
+changes its own condition's tensor in place, ``if flag: flag[:] = 0``,
+changes what the ``else`` sees; branch on a fresh value, ``flag.clone()``.)
 """
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 from ..errors import TraceError
@@ -25,17 +30,6 @@ from . import active
 from .base import BodyContext, GraphContext
 
 _ELSE = object()  # `else_()` without a condition
-
-
-def elif_condition(*conditions: Any) -> bool:
-    """True when the last condition is true and none of the earlier ones is
-    (an ``elif``: the earlier branches of its chain were not taken)."""
-    return not any(bool(condition) for condition in conditions[:-1]) and bool(conditions[-1])
-
-
-def else_condition(*conditions: Any) -> bool:
-    """True when none of the conditions is true (an ``else``)."""
-    return not any(bool(condition) for condition in conditions)
 
 
 class Conditional(BodyContext):
@@ -89,10 +83,15 @@ class Conditional(BodyContext):
         conditions = self._chain if final else self._chain + (condition,)
         if not final and not isinstance(condition, Proxy):
             Conditional(parent, condition, where)  # the same check of a plain condition's truth value
+        earlier = self._chain
         if any(isinstance(item, Proxy) for item in conditions):
-            test: Any = parent.record(Call(else_condition if final else elif_condition), conditions, source=where)
+            # `not any(earlier)`, and for an elif `all([that, condition])`: nodes of
+            # whitelisted callables, so the chain serializes like any graph.
+            none_taken = parent.record(Call(operator.not_), (parent.record(Call(any), ([*earlier],), source=where),), source=where)
+            test: Any = none_taken if final else parent.record(Call(all), ([none_taken, condition],), source=where)
         else:
-            test = else_condition(*conditions) if final else elif_condition(*conditions)
+            none = not any(earlier)
+            test = none if final else none and bool(condition)
         branch = Conditional(parent, test, where, conditions)
         branch._ends_chain = final
         return branch

@@ -464,6 +464,20 @@ class _FrameTracer:
     def __call__(self, frame: FrameType, event: str, arg: Any) -> Any:
         if self.user is not None:
             self.user = self.user(frame, event, arg)
+        try:
+            return self._event(frame, event, arg)
+        except BaseException as error:
+            # (Python drops the thread's trace function when this raises:
+            # leave nothing of ours open behind it.)
+            while self.blocks:
+                try:
+                    self.blocks.pop().close(error)
+                except BaseException:
+                    pass
+            self.finish()
+            raise
+
+    def _event(self, frame: FrameType, event: str, arg: Any) -> Any:
         if event == "line":
             error, self.error = self.error, None
             line = frame.f_lineno
