@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import linecache
 import re
 from pathlib import Path
 
@@ -26,5 +27,9 @@ def _marks(page: Path) -> list[pytest.MarkDecorator]:
 def test_page_examples_run(page: Path) -> None:
     namespace: dict[str, object] = {"__name__": f"docs_{page.stem}"}
     for number, block in enumerate(BLOCK.findall(page.read_text())):
-        code = compile(block, f"{page.name}[block {number}]", "exec")
+        name = f"{page.name}[block {number}]"
+        # Kept where the source of code is looked up (as IPython keeps its cells),
+        # so that native `if`/`for` on traced values (contexts.native_flow) work.
+        linecache.cache[name] = (len(block), None, block.splitlines(True), name)
+        code = compile(block, name, "exec")
         exec(code, namespace)  # the docs are ours: running them is the point
