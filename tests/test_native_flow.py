@@ -141,6 +141,26 @@ def test_if_in_a_function_called_in_the_trace(model: nnsight.NNsight, net: TinyN
     assert torch.allclose(out.value, net.layer2(expected))
 
 
+def test_one_line_branches_and_a_branch_calling_a_branch(model: nnsight.NNsight, net: TinyNet, x: torch.Tensor) -> None:
+    def inner(h: Any) -> None:
+        if h[0, 1] > 0: h[:, 1] = 7  # noqa: E701
+        h[:, 2] = 8
+
+    with model.trace(x):
+        h = model.layer1.output
+        if h[0, 0] > -100:
+            inner(h)
+            assert sys.gettrace() is not None  # installed while a native block is open
+        else: h[:, 0] = 9  # noqa: E701
+        out = model.output.save()
+        assert sys.gettrace() is None  # and gone once it closed
+    expected = net.layer1(x)
+    if expected[0, 1] > 0:
+        expected[:, 1] = 7
+    expected[:, 2] = 8
+    assert torch.allclose(out.value, net.layer2(expected))
+
+
 def test_if_in_invokes_and_a_python_loop(model: nnsight.NNsight, net: TinyNet) -> None:
     inputs = [torch.full((1, 5), -1.0), torch.full((1, 5), 1.0)]
     with model.trace() as tracer:
