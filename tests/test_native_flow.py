@@ -41,7 +41,9 @@ def _no_trace_left() -> Iterator[None]:
 
 
 @pytest.mark.parametrize("t", [-10.0, 0.0, 10.0, 0.2])
-def test_if_elif_else_against_torch_and_explicit(model: nnsight.NNsight, net: TinyNet, x: torch.Tensor, t: float) -> None:
+def test_if_elif_else_against_torch_and_explicit(
+    model: nnsight.NNsight, net: TinyNet, x: torch.Tensor, t: float
+) -> None:
     with model.trace(x) as native:
         h = model.layer1.output
         picked = nnsight.list().save()
@@ -191,6 +193,23 @@ def test_plain_elif_after_a_traced_if(model: nnsight.NNsight, x: torch.Tensor) -
             seen.append(3)
         seen.append(4)
     assert seen.value == [2, 4]
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_a_plain_elif_between_traced_ones(model: nnsight.NNsight, net: TinyNet, x: torch.Tensor, flag: bool) -> None:
+    with model.trace(x):
+        h = model.layer1.output
+        seen = nnsight.list().save()
+        if h[0, 0] > 100:
+            seen.append(1)
+        elif flag:
+            seen.append(2)
+        elif h[0, 1] > -100:
+            seen.append(3)
+        else:
+            seen.append(4)
+        seen.append(5)
+    assert seen.value == [2 if flag else 3, 5]
 
 
 def test_if_inside_a_session_and_its_loop(model: nnsight.NNsight, net: TinyNet) -> None:

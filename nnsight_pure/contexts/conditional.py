@@ -71,7 +71,9 @@ class Conditional(BodyContext):
                 "have exited (without an error) first"
             )
         if self._ends_chain:
-            raise TraceError(f"else_() at {short(where)}: the chain ending at {short(self._where)} already has its else")
+            raise TraceError(
+                f"else_() at {short(where)}: the chain ending at {short(self._where)} already has its else"
+            )
         parent = self._parent
         assert parent is not None
         if active.innermost() is not parent:
@@ -87,7 +89,8 @@ class Conditional(BodyContext):
         if any(isinstance(item, Proxy) for item in conditions):
             # `not any(earlier)`, and for an elif `all([that, condition])`: nodes of
             # whitelisted callables, so the chain serializes like any graph.
-            none_taken = parent.record(Call(operator.not_), (parent.record(Call(any), ([*earlier],), source=where),), source=where)
+            taken = parent.record(Call(any), ([*earlier],), source=where)
+            none_taken = parent.record(Call(operator.not_), (taken,), source=where)
             test: Any = none_taken if final else parent.record(Call(all), ([none_taken, condition],), source=where)
         else:
             none = not any(earlier)

@@ -370,10 +370,10 @@ class _IfBlock(_Block):
     def on_line(self, frame: FrameType, line: int, error: Any) -> bool:
         branches = self.statement.branches
         if self.waiting:
-            test = branches[self.index].test
-            if test is not None and test[0] <= line <= test[1]:
-                return True
-            # The test was a plain value: find the branch Python went into.
+            for later in branches[self.index :]:
+                if later.test is not None and later.test[0] <= line <= later.test[1]:
+                    return True  # an elif's test (false plain values go on to the next)
+            # The tests were plain values: find the branch Python went into.
             for index in range(self.index, len(branches)):
                 if branches[index].first <= line <= branches[index].last:
                     test_value = True if branches[index].test is not None else None
@@ -411,17 +411,21 @@ class _IfBlock(_Block):
         except ValueError as error:  # pragma: no cover - the statement checks make it rare
             if self.branch is not None and self.branch._open:
                 self.close(error)
-            raise TraceError(f"{_at(frame)}: cannot go back to line {line} of a native `if` on a traced value ({error}); use tracer.cond(...) / cond.else_()") from None
+            raise TraceError(
+                f"{_at(frame)}: cannot go back to line {line} of a native `if` on a traced value "
+                f"({error}); use tracer.cond(...) / cond.else_()"
+            ) from None
 
     def elif_test(self, node: ast.If, proxy: Proxy, frame: FrameType) -> bool:
         """Whether ``node`` is the elif test this chain waits for (then it opens it)."""
         if not self.waiting:
             return False
-        test = self.statement.branches[self.index].test
-        if test is None or (node.test.lineno, node.test.end_lineno) != test:
-            return False
-        self._open(self.index, proxy, frame)
-        return True
+        branches = self.statement.branches
+        for index in range(self.index, len(branches)):  # (after elifs on false plain values)
+            if branches[index].test == (node.test.lineno, node.test.end_lineno):
+                self._open(index, proxy, frame)
+                return True
+        return False
 
     def close(self, error: Any) -> None:
         branch, self.branch = self.branch, None
