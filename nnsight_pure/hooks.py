@@ -2,8 +2,9 @@
 
 Hooks go only on the modules a plan names and are prepended, so they see the
 module's own value before any hook of the user's. The caller removes them
-with `remove_hooks` in a ``finally``, whatever happened. The user's own
-hooks are never touched.
+with `remove_hooks` in a ``finally``, whatever happened, an interrupt
+included (each hook is recorded before it is registered, and removed by
+identity). The user's own hooks are never touched.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import threading
 from typing import Any, Callable, Sequence
 
 import torch
-from torch.utils.hooks import RemovableHandle
 
 from .plan import Site
 
@@ -43,37 +43,73 @@ def _post_hook(path: str, on_event: OnEvent) -> Callable[..., Any]:
     return hook
 
 
+Installed = list[tuple[torch.nn.Module, Callable[..., Any]]]
+"""The hooks `install_hooks` put on modules: ``(module, hook function)`` each,
+recorded *before* each registration, so that a hook is removable whatever
+moment an interrupt (Ctrl-C) lands at, even before its handle exists."""
+
+
 def install_hooks(
     root: torch.nn.Module,
     sites: Sequence[tuple[str, Site]],
     on_event: OnEvent,
-) -> list[RemovableHandle]:
-    """Hook every ``(path, site)`` of ``root``; returns the handles, for
-    `remove_hooks`. If any registration fails, those made are removed first."""
+    installed: Installed,
+) -> None:
+    """Hook every ``(path, site)`` of ``root``, recording each in ``installed``
+    (the caller's list, for `remove_hooks`). If anything fails or is
+    interrupted here, the hooks made so far are removed first."""
     modules = [(submodule(root, path), path, site) for path, site in sites]
-    handles: list[RemovableHandle] = []
-    with _REGISTRY_LOCK:
-        try:
+    try:
+        with _REGISTRY_LOCK:
             for module, path, site in modules:
                 if site == "pre":
-                    handles.append(module.register_forward_pre_hook(
-                        _pre_hook(path, on_event), with_kwargs=True, prepend=True
-                    ))
+                    pre = _pre_hook(path, on_event)
+                    installed.append((module, pre))
+                    module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True)
                 else:
-                    handles.append(module.register_forward_hook(_post_hook(path, on_event), prepend=True))
-        except BaseException:
-            for handle in handles:
-                handle.remove()
-            raise
-    return handles
+                    post = _post_hook(path, on_event)
+                    installed.append((module, post))
+                    module.register_forward_hook(post, prepend=True)
+    except BaseException:
+        remove_hooks(installed)
+        raise
 
 
-def remove_hooks(handles: list[RemovableHandle]) -> None:
-    """Remove hooks made by `install_hooks` (each at most once)."""
-    with _REGISTRY_LOCK:
-        for handle in handles:
-            handle.remove()
-        handles.clear()
+_HOOK_TABLES = (
+    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs",
+)
+
+
+def _remove_one(module: torch.nn.Module, hook: Callable[..., Any]) -> None:
+    """Take ``hook`` off ``module`` (by identity: no handle needed); a no-op
+    when it is not there, so that it can be done again after an interrupt."""
+    for table in ("_forward_hooks", "_forward_pre_hooks"):
+        hooks = getattr(module, table)
+        for hook_id, found in list(hooks.items()):
+            if found is hook:
+                for extra in _HOOK_TABLES:
+                    getattr(module, extra, {}).pop(hook_id, None)
+
+
+def remove_hooks(installed: Installed) -> None:
+    """Remove the hooks `install_hooks` recorded (each at most once), last
+    first. An interrupt while removing does not stop the removal: it is
+    raised once every hook is gone."""
+    interrupted: KeyboardInterrupt | None = None
+    attempts = 3  # (a counter, not range(): no call before the ``try`` for an interrupt to land at)
+    while attempts:
+        attempts -= 1
+        try:
+            while installed:
+                module, hook = installed[-1]
+                _remove_one(module, hook)
+                installed.pop()
+            break
+        except KeyboardInterrupt as error:  # finish first
+            interrupted = interrupted or error
+    if interrupted is not None:
+        raise interrupted
 
 
 def submodule(root: torch.nn.Module, path: str) -> torch.nn.Module:

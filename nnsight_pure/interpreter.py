@@ -47,7 +47,7 @@ from torch.utils.hooks import RemovableHandle
 from .batching import BatchGroups, merge_rows, narrow_rows
 from .errors import MissedCallsWarning, OutOfOrderError, TraceError, UnexecutedInterventionWarning
 from .graph import Graph, Node, SourceLoc
-from .hooks import install_hooks, remove_hooks, submodule
+from .hooks import Installed, install_hooks, remove_hooks, submodule
 from .ops import Cond, EachCall, Export, Iterate
 from .plan import (
     BRIDGE, CALLS, COND, EXEC, EXPORT, GET, GRAD, HOOK, ITEM, ITER, SAVE, SET, SETGRAD, STOP, TRACE,
@@ -858,16 +858,16 @@ class Interleaver:
 
     def __init__(self, run: _Run) -> None:
         self._run = run
-        self._handles: list[RemovableHandle] = []
+        self._installed: Installed = []  # filled in place: nothing to lose to an interrupt
 
     def __enter__(self) -> Interleaver:
         root = self._run.root
         assert root is not None
-        self._handles = install_hooks(root, self._run.plan.hook_sites, self._run.on_event)
+        install_hooks(root, self._run.plan.hook_sites, self._run.on_event, self._installed)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        remove_hooks(self._handles)
+        remove_hooks(self._installed)
 
 
 Interleave = Callable[..., Any]
@@ -897,13 +897,14 @@ def run_trace(
     the call.
     """
     run = _Run(plan_for(graph), graph, root, groups, captures, keep)
+    interleaver = Interleaver(run)
     stopped = False
     returned = None
     try:
         run.advance_all()  # the part of each program that needs no module value
         # The model runs even when no node needs it: a trace promises one run
         # (the user's own hooks, train-mode statistics and other effects).
-        returned = interleave(Interleaver(run), *args, fn=fn, **kwargs)
+        returned = interleave(interleaver, *args, fn=fn, **kwargs)
         run.end_of_run()
     except EarlyStop:
         stopped = True
@@ -912,6 +913,10 @@ def run_trace(
             add_note(error, f"nnsight_pure: raised by the model during the trace opened at\n  {describe(where)}")
         run.close()
         raise
+    finally:
+        # Again, in case an interrupt cut the interleaver's own removal short
+        # (or landed between its enter and the model's ``with``): a no-op otherwise.
+        remove_hooks(interleaver._installed)
     results, exported = run.finish(stopped, graph)
     if keep_result:
         results = attrs.evolve(results, returned=returned)

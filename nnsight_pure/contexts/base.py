@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-from contextvars import Token
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 from ..arguments import ATOMS, Ref, freeze
@@ -58,7 +57,6 @@ class GraphContext:
     _results: Results | None = None
     _invoke: int | None = None  # the invoke new nodes belong to (traces)
     _node_ref: Ref | None = None  # our context node in the parent's graph
-    _token: Token[tuple[GraphContext, ...]] | None = None
     _is_trace = False  # True for a Tracer (which records into itself)
     _records_factories = False  # True for the first open block of a thread (see `_push`)
     _factory_records: list[FactoryRecord] | None = None  # factory calls that could be taken back
@@ -99,27 +97,34 @@ class GraphContext:
     def _push(self) -> None:
         if self._open or self._closed:
             raise TraceError(f"the block opened at {short(self._where)} cannot be entered twice")
-        first = not _OPEN.get()
-        self._token = active.push(self)
+        first = not active.open_contexts()  # (a closed block an interrupt left behind does not count)
         self._open = True
+        active.push(self)  # (undone by `_pop` through `active.remove`: no token to lose to an interrupt)
         if first and CONFIG.APP.GLOBAL_TRACING:
             # The first block of this thread records factory calls (torch.zeros ...)
-            # until it closes; see `recorded_calls`.
-            recorded_calls.start_thread_recording()
+            # until it closes; see `recorded_calls`. (The flag first: stopping a
+            # recording an interrupt kept from starting is a no-op.)
             self._records_factories = True
+            recorded_calls.start_thread_recording()
 
     def _pop(self) -> None:
         self._open = False
         self._closed = True
         self._factory_records = None  # each holds a proxy of this block: a cycle once closed
-        try:
-            if self._token is not None:
-                active.pop(self._token)
-                self._token = None
-        finally:
-            if self._records_factories:
-                self._records_factories = False
-                recorded_calls.stop_thread_recording()
+        interrupted: KeyboardInterrupt | None = None
+        attempts = 3  # (a counter, not range(): no call before the ``try`` for an interrupt to land at)
+        while attempts:  # an interrupt (Ctrl-C) inside the removal does not stop it
+            attempts -= 1
+            try:
+                active.remove(self)
+                if self._records_factories:
+                    recorded_calls.stop_thread_recording()  # (again after an interrupt: a no-op)
+                    self._records_factories = False
+                break
+            except KeyboardInterrupt as error:
+                interrupted = interrupted or error
+        if interrupted is not None:
+            raise interrupted
 
     def _is_ancestor_of(self, other: GraphContext) -> bool:
         context = other._parent

@@ -219,9 +219,17 @@ def start_thread_recording() -> None:
     _PUSH(_MODE)
 
 
+_DEPTH: Callable[[], int] = getattr(torch._C, "_len_torch_function_stack", lambda: -1)
+_MODE_AT: Callable[[int], Any] = getattr(torch._C, "_get_function_stack_at", lambda depth: _MODE)
+
+
 def stop_thread_recording() -> None:
-    """The first open block of this thread has closed: stop catching them."""
-    _POP()
+    """The first open block of this thread has closed: stop catching them.
+    A no-op when the recording mode is not the innermost (already stopped:
+    done again after an interrupt)."""
+    depth = _DEPTH()
+    if depth != 0 and _MODE_AT(depth - 1) is _MODE:
+        _POP()
 
 
 # --- optimizers and zero_grad, while a session is open -------------------------------

@@ -100,12 +100,21 @@ class Tracer(GraphContext):
     # --- the context protocol ---------------------------------------------------------
 
     def __enter__(self) -> Tracer:
-        self._push()
+        entered = self._open or self._closed  # (then _push refuses: not ours to pop)
+        try:
+            self._push()
+        except BaseException:  # an interrupt after the push: no __exit__ would pop it
+            if not entered:
+                self._pop()
+            raise
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        self._close_sticky(exc_type is None)
-        self._pop()
+        try:
+            self._close_sticky(exc_type is None)
+        finally:
+            self._closed = True  # first: from here on, even an interrupt cannot leave it open
+            self._pop()  # whatever happened (an interrupt included), the trace is no longer open
         if self._implicit is not None and self._invoker is self._implicit:
             self._implicit.__exit__(None, None, None)
         # Recording is over: drop what points back at this tracer (proxies in
