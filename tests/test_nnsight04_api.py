@@ -23,24 +23,8 @@ import torch.optim.optimizer as optimizer_module
 from torch.utils.data import DataLoader
 
 import nnsight_pure as nnsight
-from tests.helpers import TinyNet, tiny_net
+from tests.helpers import TinyNet
 from nnsight_pure.contexts import recorded_calls
-
-
-@pytest.fixture
-def net() -> TinyNet:
-    return tiny_net()
-
-
-@pytest.fixture
-def model(net: TinyNet) -> nnsight.NNsight:
-    return nnsight.NNsight(net)
-
-
-@pytest.fixture
-def x() -> torch.Tensor:
-    torch.manual_seed(7)
-    return torch.rand((1, 5))
 
 
 @pytest.fixture(autouse=True)

@@ -17,25 +17,9 @@ import torch
 from torch.utils.data import DataLoader
 
 import nnsight_pure as nnsight
-from tests.helpers import TinyNet, tiny_net
+from tests.helpers import TinyNet
 
 INPUT_SIZE, HIDDEN, OUTPUT = 5, 10, 2
-
-
-@pytest.fixture
-def net() -> TinyNet:
-    return tiny_net()
-
-
-@pytest.fixture
-def model(net: TinyNet) -> nnsight.NNsight:
-    return nnsight.NNsight(net)
-
-
-@pytest.fixture
-def x() -> torch.Tensor:
-    torch.manual_seed(7)
-    return torch.rand((1, INPUT_SIZE))
 
 
 def _no_value(proxy: object) -> bool:

@@ -107,6 +107,17 @@ class GraphContext:
             self._records_factories = True
             recorded_calls.start_thread_recording()
 
+    def _push_safely(self) -> None:
+        """`_push` for a ``with`` block's ``__enter__``: undone when an interrupt
+        lands after it, since no ``__exit__`` would pop it then."""
+        entered = self._open or self._closed  # (then _push refuses: not ours to pop)
+        try:
+            self._push()
+        except BaseException:
+            if not entered:
+                self._pop()
+            raise
+
     def _pop(self) -> None:
         self._open = False
         self._closed = True

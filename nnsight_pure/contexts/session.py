@@ -35,13 +35,7 @@ class Session(GraphContext):
                     f"a session of this model is already open (opened at {short(context._where)}); "
                     "sessions do not nest: open traces, loops and conditions inside the one session"
                 )
-        entered = self._open or self._closed  # (then _push refuses: not ours to pop)
-        try:
-            self._push()
-        except BaseException:  # an interrupt after the push: no __exit__ would pop it
-            if not entered:
-                self._pop()
-            raise
+        self._push_safely()
         recorded_calls.session_started()
         return self
 

@@ -100,13 +100,7 @@ class Tracer(GraphContext):
     # --- the context protocol ---------------------------------------------------------
 
     def __enter__(self) -> Tracer:
-        entered = self._open or self._closed  # (then _push refuses: not ours to pop)
-        try:
-            self._push()
-        except BaseException:  # an interrupt after the push: no __exit__ would pop it
-            if not entered:
-                self._pop()
-            raise
+        self._push_safely()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
