@@ -429,11 +429,7 @@ class _IfBlock(_Block):
 
     def close(self, error: Any) -> None:
         branch, self.branch = self.branch, None
-        if branch is not None and branch._open:
-            if error is None:
-                branch.__exit__(None, None, None)
-            else:
-                branch.__exit__(type(error), error, None)
+        _exit(branch, error)
 
 
 class _ForBlock(_Block):
@@ -449,11 +445,13 @@ class _ForBlock(_Block):
 
     def close(self, error: Any) -> None:
         loop, self.loop = self.loop, None
-        if loop is not None and loop._open:
-            if error is None:
-                loop.__exit__(None, None, None)
-            else:
-                loop.__exit__(type(error), error, None)
+        _exit(loop, error)
+
+
+def _exit(block: Any, error: Any) -> None:
+    """Leave a native block's context (if still open), as ``with`` would with ``error``."""
+    if block is not None and block._open:
+        block.__exit__(None if error is None else type(error), error, None)
 
 
 class _FrameTracer:
