@@ -1,13 +1,15 @@
 from __future__ import annotations
 
 import builtins
-from typing import Iterator
+from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
 import nnsight_pure as nnsight
+from tests import lm_models
 from tests.helpers import TinyNet, tiny_gpt2, tiny_net
 
 torch.set_num_threads(1)
@@ -52,6 +54,18 @@ def gpt2(gpt2_module: GPT2LMHeadModel) -> nnsight.NNsight:
 def ids() -> torch.Tensor:
     torch.manual_seed(2)
     return torch.randint(3, 100, (1, 8))
+
+
+@pytest.fixture(scope="module")
+def folder(family: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny saved model of the module's ``family`` fixture (tests/lm_models.py)."""
+    return lm_models.save(family, tmp_path_factory.mktemp(f"tiny-{family}"))
+
+
+@pytest.fixture(scope="module")
+def hf(folder: Path) -> Any:
+    """The same saved model loaded by plain transformers."""
+    return lm_models.plain(folder)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -28,16 +28,6 @@ def family(request: pytest.FixtureRequest) -> str:
     return name
 
 
-@pytest.fixture(scope="module")
-def folder(family: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return lm_models.save(family, tmp_path_factory.mktemp(f"tiny-{family}"))
-
-
-@pytest.fixture(scope="module")
-def hf(folder: Path) -> Any:
-    return lm_models.plain(folder)
-
-
 @pytest.fixture
 def lm(folder: Path, family: str) -> nnsight.LanguageModel:
     """The model with GPT-2's names, whatever its family."""

@@ -24,16 +24,6 @@ def family(request: pytest.FixtureRequest) -> str:
     return name
 
 
-@pytest.fixture(scope="module")
-def folder(family: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return lm_models.save(family, tmp_path_factory.mktemp(f"tiny-{family}"))
-
-
-@pytest.fixture(scope="module")
-def hf(folder: Path) -> Any:
-    return lm_models.plain(folder)
-
-
 def _dict_map(family: str) -> dict[str, str]:
     """Every top-level part of the model, each mapped to the CPU by name."""
     base = BLOCKS[family].split(".")[0]

@@ -23,13 +23,8 @@ PROMPT = "The Eiffel Tower is in the city of"
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return lm_models.save("gpt2", tmp_path_factory.mktemp("tiny-gpt2-04"))
-
-
-@pytest.fixture(scope="module")
-def hf(folder: Path) -> Any:
-    return lm_models.plain(folder)
+def family() -> str:
+    return "gpt2"  # (its folder and plain model: tests/conftest.py)
 
 
 @pytest.fixture

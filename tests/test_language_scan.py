@@ -30,11 +30,6 @@ def family(request: pytest.FixtureRequest) -> str:
     return name
 
 
-@pytest.fixture(scope="module")
-def folder(family: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return lm_models.save(family, tmp_path_factory.mktemp(f"tiny-{family}"))
-
-
 @pytest.fixture
 def lm(folder: Path, family: str) -> nnsight.LanguageModel:
     return nnsight.LanguageModel(str(folder), rename=AS_GPT2[family])
