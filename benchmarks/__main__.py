@@ -21,9 +21,16 @@ import torch
 
 import nnsight_pure
 from benchmarks import memory
-from benchmarks.harness import Stats, quartiles, measure
+from benchmarks.harness import Stats, measure, quartiles
 from benchmarks.scenarios import (
-    Group, chain_group, gpt2_groups, nnsight_available, ops_groups, ops_slope_group, tiny_group, tiny_loop_group,
+    Group,
+    chain_group,
+    gpt2_groups,
+    nnsight_available,
+    ops_groups,
+    ops_slope_group,
+    tiny_group,
+    tiny_loop_group,
 )
 
 TARGETS = {

@@ -7,8 +7,9 @@ here it may also be called after it.
 
 from collections import OrderedDict
 
-from nnsight_pure import NNsight
 import torch
+
+from nnsight_pure import NNsight
 
 input_size = 5
 hidden_dims = 10

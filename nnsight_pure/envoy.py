@@ -19,10 +19,10 @@ from .contexts import active
 from .contexts.calls import EachCallContext, calls_from
 from .contexts.tracer import Tracer
 from .errors import TraceError
+from .models.handle import ModelHandle
 from .ops import AccessKind, ApplyModule, Call, ModuleAttr
 from .printing import module_expr
 from .proxy import Proxy
-from .models.handle import ModelHandle
 
 
 def _join(parent: str, name: str) -> str:

@@ -19,17 +19,17 @@ import torch
 from .arguments import freeze
 from .contexts import active
 from .contexts.tracer import Tracer
+from .errors import TraceError
 from .graph import Graph, Node
+from .hooks import submodule
 from .interpreter import run_session
 from .memo import PerGraph
 from .models.nnsight import NNsight
 from .ops import Call
-from .errors import TraceError
 from .passes import as_edit, check_standalone, compose, graph_kind, invoke_count, module_paths
 from .printing import format_node
 from .proxy import Proxy
 from .results import Results
-from .hooks import submodule
 from .source import add_note, describe, short, user_location
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -20,11 +20,25 @@ from pyrsistent import pmap, pvector
 
 from .arguments import ATOMS, refs_in, structural_key
 from .arguments import Ref as Ref
-from .ops import (
-    ApplyModule, Bridge, Call, CallMethod, Export, GetAttr, Grad, IterItem, ModuleAttr, ModuleGet, ModuleSet, Op,
-    Save, SetAttr, SetGrad, Stop,
-)
 from .guard import graph_untrusted, untrusted
+from .ops import (
+    ApplyModule,
+    Bridge,
+    Call,
+    CallMethod,
+    Export,
+    GetAttr,
+    Grad,
+    IterItem,
+    ModuleAttr,
+    ModuleGet,
+    ModuleSet,
+    Op,
+    Save,
+    SetAttr,
+    SetGrad,
+    Stop,
+)
 from .shareable import shareable
 
 if TYPE_CHECKING:

@@ -50,8 +50,29 @@ from .graph import Graph, Node, SourceLoc
 from .hooks import Installed, install_hooks, remove_hooks, submodule
 from .ops import Cond, EachCall, Export, Iterate
 from .plan import (
-    BRIDGE, CALLS, COND, EXEC, EXPORT, GET, GRAD, HOOK, ITEM, ITER, SAVE, SET, SETGRAD, STOP, TRACE,
-    EventKey, Plan, ProgramKey, Site, Step, grad_key, in_scope, plan_for,
+    BRIDGE,
+    CALLS,
+    COND,
+    EXEC,
+    EXPORT,
+    GET,
+    GRAD,
+    HOOK,
+    ITEM,
+    ITER,
+    SAVE,
+    SET,
+    SETGRAD,
+    STOP,
+    TRACE,
+    EventKey,
+    Plan,
+    ProgramKey,
+    Site,
+    Step,
+    grad_key,
+    in_scope,
+    plan_for,
 )
 from .printing import format_node, module_expr, program_label
 from .results import Results

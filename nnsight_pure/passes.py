@@ -25,8 +25,8 @@ from .ops import (
     Export,
     GetAttr,
     Grad,
-    IterItem,
     Iterate,
+    IterItem,
     ModuleAttr,
     ModuleGet,
     ModuleSet,
@@ -36,7 +36,6 @@ from .ops import (
 )
 from .printing import format_node
 from .source import short
-
 
 # --- what a graph is ------------------------------------------------------------------
 

@@ -25,10 +25,21 @@ from typing import Any, Callable, Literal, Sequence, Union
 
 import attrs
 
-from .arguments import ATOMS, DictConst, is_plain_constant, ListConst, Ref, SliceConst, TensorConst, TupleOf, refs_in, structural_key, thaw
-from .guard import describe_op, guarded, untrusted
-from .shareable import shareable
+from .arguments import (
+    ATOMS,
+    DictConst,
+    ListConst,
+    Ref,
+    SliceConst,
+    TensorConst,
+    TupleOf,
+    is_plain_constant,
+    refs_in,
+    structural_key,
+    thaw,
+)
 from .graph import _NO_KWARGS, Graph, Node, check_graph, node_refs, saved_refs, use_counts
+from .guard import describe_op, guarded, untrusted
 from .ops import (
     AccessKind,
     ApplyModule,
@@ -52,6 +63,7 @@ from .ops import (
     Stop,
     TraceRun,
 )
+from .shareable import shareable
 
 Site = Literal["pre", "post", "grad"]
 """Which hook an event comes from: a module call's ``pre`` (inputs) or

@@ -59,6 +59,7 @@ from .plan import EventKey, op_function, site_of
 from .printing import module_expr
 from .source import add_note
 
+
 class _Unknown:
     """The fake value of a node whose shape is not known at trace time."""
 

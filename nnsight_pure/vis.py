@@ -51,8 +51,8 @@ from .ops import (
     SetGrad,
     Stop,
     TraceRun,
+    first_bridge,
 )
-from .ops import first_bridge
 from .printing import _invoke_inputs, body_of
 
 

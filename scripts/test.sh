@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The whole test suite: pytest, then the language-model tests (and the
+# The whole test suite: ruff, pytest, then the language-model tests (and the
 # language-model docs) again under transformers 4.x in .venv-tf4, then
 # mypy --strict, then stubtest of typestubs/. Arguments go to the first
 # pytest run; SKIP_TF4=1 skips the transformers 4.x run.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/venv.sh"
 cd "$ROOT"
+echo "== ruff (lint: pyflakes, pycodestyle, import order)" >&2
+"$PY" -m ruff check .
 echo "== pytest" >&2
 "$PY" -m pytest -q "$@"
 if [ "${SKIP_TF4:-0}" != 1 ]; then

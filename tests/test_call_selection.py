@@ -20,7 +20,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 import nnsight_pure as nnsight
-from tests.helpers import TinyNet, tiny_gpt2
+from tests.helpers import TinyNet
 
 LIMIT_S = 20.0
 

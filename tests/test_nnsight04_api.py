@@ -23,8 +23,8 @@ import torch.optim.optimizer as optimizer_module
 from torch.utils.data import DataLoader
 
 import nnsight_pure as nnsight
-from tests.helpers import TinyNet
 from nnsight_pure.contexts import recorded_calls
+from tests.helpers import TinyNet
 
 
 @pytest.fixture(autouse=True)

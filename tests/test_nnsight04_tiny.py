@@ -10,8 +10,6 @@ value: what 0.4 kept has a value, what it dropped raises ``ValueError``.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import pytest
 import torch
 from torch.utils.data import DataLoader

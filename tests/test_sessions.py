@@ -20,7 +20,6 @@ import nnsight_pure as nnsight
 from nnsight_pure.ops import Cond, Iterate, TraceRun
 from tests.helpers import TinyNet, hook_counts, hooked_run
 
-
 # --- sessions and bridges --------------------------------------------------------------
 
 

@@ -30,9 +30,7 @@ from ..printing import format_node
 from ..proxy import Proxy
 from ..results import Results, missing_value_message
 from ..source import short, user_location
-from . import active
-from . import recorded_calls
-from .active import _OPEN
+from . import active, recorded_calls
 from .recorded_calls import FactoryRecord
 
 if TYPE_CHECKING:

@@ -10,22 +10,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-import torch
-
 from ..errors import TraceError
 from ..graph import SourceLoc
 from ..ops import AccessKind, ApplyModule, ModuleGet, ModuleSet, Op, TraceRun
-from ..plan import EventKey
+from ..plan import EventKey, in_scope
 from ..proxy import Proxy
-from ..plan import in_scope
 from ..scan import UNKNOWN, fake_copy, fake_value, new_mode, scan
-from ..source import user_location
+from ..source import short, user_location
 from ..trees import find_leaf, map_leaves
-from .calls import EachCallContext
-from ..source import short
 from . import active, recorded_calls
 from .base import GraphContext
-from .invoker import Invoker, _holds_proxies, _is_proxy
+from .calls import EachCallContext
+from .invoker import Invoker, _is_proxy
 
 if TYPE_CHECKING:
     from ..models.nnsight import NNsight

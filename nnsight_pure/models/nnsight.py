@@ -13,7 +13,6 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence, cast
 import torch
 
 from ..batching import BatchGroups, batch_size_of, default_batch
-from ..trees import NOT_FOUND, find_leaf, map_leaves
 from ..contexts import active, recorded_calls
 from ..contexts.active import _OPEN
 from ..contexts.editing import EditingTracer
@@ -25,6 +24,7 @@ from ..interpreter import Interleaver, run_trace
 from ..ops import TraceRun
 from ..results import Results
 from ..source import user_location
+from ..trees import NOT_FOUND, find_leaf, map_leaves
 from .handle import ModelHandle
 
 
