@@ -83,7 +83,8 @@ def _check(group: Group) -> None:
 def _table(group: Group, stats: dict[str, Stats]) -> list[str]:
     unit = " per trace" if group.per > 1 else ""
     lines = [f"### {group.title}", "",
-             f"| case | median µs{unit} | IQR µs | × hooks (median of paired ratios) | ratio IQR | Δ vs hooks µs{unit} |",
+             f"| case | median µs{unit} | IQR µs | × hooks (median of paired ratios) | ratio IQR "
+             f"| Δ vs hooks µs{unit} |",
              "|---|---|---|---|---|---|"]
     for name, case in stats.items():
         per = group.per
@@ -95,7 +96,8 @@ def _table(group: Group, stats: dict[str, Stats]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0] if __doc__ else None)
+    description = __doc__.splitlines()[0] if __doc__ else None
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=description)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument("--out", default=str(pathlib.Path(__file__).with_name("RESULTS.md")))
@@ -133,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
              "Ratios are medians of per-round paired ratios against hand-written hooks measured in the same run.",
              ""]
     lines += _machine()
-    lines += [f"* rounds: {rounds} × {samples} samples per case{' (--quick: not to be trusted)' if options.quick else ''}",
+    caveat = " (--quick: not to be trusted)" if options.quick else ""
+    lines += [f"* rounds: {rounds} × {samples} samples per case{caveat}",
               f"* wall time: {time.perf_counter() - started:.0f} s", ""]
     lines += _summary(results, memory_result)
     for group in groups:
@@ -158,7 +161,9 @@ def _op_slopes(results: dict[str, dict[str, Stats]]) -> dict[str, tuple[float, f
         if not name.endswith(", N=100"):
             continue
         tool = name.removesuffix(", N=100")
-        per_round = [(big - small) / 900 for small, big in zip(group[name].rounds_us, group[f"{tool}, N=1000"].rounds_us)]
+        per_round = [
+            (big - small) / 900 for small, big in zip(group[name].rounds_us, group[f"{tool}, N=1000"].rounds_us)
+        ]
         q1, median, q3 = quartiles(per_round)
         slopes[tool] = (median, q3 - q1)
     return slopes
@@ -169,7 +174,8 @@ def _beyond(results: dict[str, dict[str, Stats]], tool: str) -> tuple[float, flo
     group = results["ops_slope"]
 
     def per_round(name: str) -> list[float]:
-        return [(big - small) / 900 for small, big in zip(group[f"{name}, N=100"].rounds_us, group[f"{name}, N=1000"].rounds_us)]
+        pairs = zip(group[f"{name}, N=100"].rounds_us, group[f"{name}, N=1000"].rounds_us)
+        return [(big - small) / 900 for small, big in pairs]
 
     q1, median, q3 = quartiles([ours - floor for ours, floor in zip(per_round(tool), per_round("hand-written hooks"))])
     return median, q3 - q1
@@ -180,7 +186,8 @@ def _ops_table(results: dict[str, dict[str, Stats]]) -> list[str]:
     if not slopes:
         return []
     lines = ["### 4b. cost per recorded op (N = 100 and 1000 timed in the same rounds)", "",
-             "| case | µs per op: median of per-round slopes (IQR) | beyond the op's own compute (minus the hooks' slope, per round) µs |",
+             "| case | µs per op: median of per-round slopes (IQR) "
+             "| beyond the op's own compute (minus the hooks' slope, per round) µs |",
              "|---|---|---|"]
     for tool, (slope, iqr) in slopes.items():
         beyond, spread = _beyond(results, tool)
@@ -202,7 +209,8 @@ def _summary(results: dict[str, dict[str, Stats]], memory_result: dict[str, floa
     for (group, case), target in TARGETS.items():
         if group in results:
             ratio = results[group][case].ratio
-            lines.append(f"| {group}: {case} ≤ {target:.1f}× hooks | {ratio:.2f}× | {'yes' if ratio <= target else 'no'} |")
+            met = "yes" if ratio <= target else "no"
+            lines.append(f"| {group}: {case} ≤ {target:.1f}× hooks | {ratio:.2f}× | {met} |")
     if "ops_slope" in results:
         beyond, _ = _beyond(results, "nnsight_pure trace")
         lines.append(f"| recording ≤ {OP_TARGET_US:.0f} µs per op beyond its compute | {beyond:.2f} µs | "
@@ -211,8 +219,9 @@ def _summary(results: dict[str, dict[str, Stats]], memory_result: dict[str, floa
         hooks = memory_result["hand-written hooks"]
         for mode in ("nnsight_pure trace", "nnsight_pure replay"):
             ratio = memory_result[mode] / hooks
+            met = "yes" if ratio <= MEMORY_TARGET else "no"
             lines.append(f"| memory ({mode}) ≤ {MEMORY_TARGET:.2f}× hooks' extra peak RSS | {ratio:.2f}× "
-                         f"({memory_result[mode]:.1f} vs {hooks:.1f} MiB) | {'yes' if ratio <= MEMORY_TARGET else 'no'} |")
+                         f"({memory_result[mode]:.1f} vs {hooks:.1f} MiB) | {met} |")
     return lines + [""]
 
 

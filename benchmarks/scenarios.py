@@ -304,8 +304,12 @@ def gpt2_groups() -> list[Group]:
         saves["nnsight trace"] = their_saves
         zeros["nnsight trace"] = their_zero
     return [
-        Group("gpt2_saves", "3a. GPT-2 12×256, ids 1×32: save the 12 block outputs", saves, "hand-written hooks", _same),
-        Group("gpt2_zero", "3b. GPT-2 12×256: zero block 5's output, save the logits", zeros, "hand-written hooks", _same),
+        Group(
+            "gpt2_saves", "3a. GPT-2 12×256, ids 1×32: save the 12 block outputs", saves, "hand-written hooks", _same
+        ),
+        Group(
+            "gpt2_zero", "3b. GPT-2 12×256: zero block 5's output, save the logits", zeros, "hand-written hooks", _same
+        ),
     ]
 
 

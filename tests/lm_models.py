@@ -94,7 +94,9 @@ def build(family: str, vocab: int) -> Any:
 # unembedding, and the renames that give it GPT-2's names
 # (``model.transformer.h[i]``, ``model.transformer.ln_f``, ``model.lm_head``).
 BLOCKS = {"gpt2": "transformer.h", "gptj": "transformer.h", "llama": "model.layers", "neox": "gpt_neox.layers"}
-FINAL_NORM = {"gpt2": "transformer.ln_f", "gptj": "transformer.ln_f", "llama": "model.norm", "neox": "gpt_neox.final_layer_norm"}
+FINAL_NORM = {
+    "gpt2": "transformer.ln_f", "gptj": "transformer.ln_f", "llama": "model.norm", "neox": "gpt_neox.final_layer_norm"
+}
 UNEMBED = {"gpt2": "lm_head", "gptj": "lm_head", "llama": "lm_head", "neox": "embed_out"}
 AS_GPT2: dict[str, dict[str, str]] = {
     "gpt2": {},

@@ -81,7 +81,9 @@ def wide_graph() -> nnsight.Graph:
     """The probe's outputs twice, so one sweep exercises every reducer."""
     return nnsight.trace(
         mlp(),
-        lambda m: _probe(m) | {"hidden_histogram": m[0].output, "score_sum": m[0].output.norm(dim=-1), "logits_sum": m.output},
+        lambda m: _probe(m) | {
+            "hidden_histogram": m[0].output, "score_sum": m[0].output.norm(dim=-1), "logits_sum": m.output
+        },
     )
 
 

@@ -461,7 +461,9 @@ def test_a_stop_from_a_value_of_two_calls_fires_at_the_later(net: TinyNet, x: to
         _ = out.value
 
 
-def test_a_stop_on_gpt2_stops_at_that_block(gpt2: nnsight.NNsight, gpt2_module: GPT2LMHeadModel, ids: torch.Tensor) -> None:
+def test_a_stop_on_gpt2_stops_at_that_block(
+    gpt2: nnsight.NNsight, gpt2_module: GPT2LMHeadModel, ids: torch.Tensor
+) -> None:
     """The early-stopping tutorial on GPT-2: ``h[1]`` is saved first, the stop
     names ``h[0]``: block 1 never runs."""
     plain = recorded(gpt2_module, ("transformer.h.0",), ids)

@@ -53,7 +53,9 @@ def test_inplace_edits_and_clear_edits(model: nnsight.NNsight, net: TinyNet, x: 
     assert torch.equal(restored.value, net(x))
 
 
-def test_edits_compose_and_a_copy_keeps_the_original_intact(model: nnsight.NNsight, net: TinyNet, x: torch.Tensor) -> None:
+def test_edits_compose_and_a_copy_keeps_the_original_intact(
+    model: nnsight.NNsight, net: TinyNet, x: torch.Tensor
+) -> None:
     with model.edit(inplace=True):
         model.layer1.output[:] = 1
     with model.edit() as both:

@@ -26,7 +26,10 @@ def _notes(error: BaseException) -> str:
 
 
 def test_unknown_module_path_names_path_and_children(model: nnsight.NNsight) -> None:
-    with pytest.raises(AttributeError, match=r"model \(TinyNet\) has no submodule or attribute 'layer3'; its submodules are: layer1, layer2"):
+    with pytest.raises(
+        AttributeError,
+        match=r"model \(TinyNet\) has no submodule or attribute 'layer3'; its submodules are: layer1, layer2",
+    ):
         _ = model.layer3
     with pytest.raises(AttributeError, match=r"model\.layer1 \(Linear\) has no submodule or attribute 'lyr'"):
         with model.trace(torch.rand(1, 5)):
@@ -170,7 +173,8 @@ def test_out_of_order_reads_still_work(model: nnsight.NNsight, net: TinyNet, x: 
 def test_truth_value_and_len_while_tracing(model: nnsight.NNsight, x: torch.Tensor) -> None:
     with model.trace(x):
         h = model.layer1.output
-        nnsight.CONFIG.APP.CONTROL_FLOW_HANDLING = False  # native `if` off: the error (tests/test_native_flow.py has it on)
+        # native `if` off: the error (tests/test_native_flow.py has it on)
+        nnsight.CONFIG.APP.CONTROL_FLOW_HANDLING = False
         try:
             with pytest.raises(TypeError, match="truth value of a traced value is unknown while tracing"):
                 if h.sum() > 0:

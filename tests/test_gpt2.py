@@ -95,7 +95,9 @@ def test_logit_lens_with_adhoc_modules(gpt2: nnsight.NNsight, gpt2_module: GPT2L
     assert torch.equal(tokens.value, logits.value.argmax(dim=2))
 
 
-def test_zero_a_block_and_read_the_logits(gpt2: nnsight.NNsight, gpt2_module: GPT2LMHeadModel, ids: torch.Tensor) -> None:
+def test_zero_a_block_and_read_the_logits(
+    gpt2: nnsight.NNsight, gpt2_module: GPT2LMHeadModel, ids: torch.Tensor
+) -> None:
     with gpt2.trace(ids):
         gpt2.transformer.h[0].output[:] = 0
         logits = gpt2.lm_head.output.save()
@@ -103,7 +105,9 @@ def test_zero_a_block_and_read_the_logits(gpt2: nnsight.NNsight, gpt2_module: GP
     assert torch.equal(logits.value, ref.logits)
 
 
-def test_attention_internals_and_kwargs_inputs(gpt2: nnsight.NNsight, gpt2_module: GPT2LMHeadModel, ids: torch.Tensor) -> None:
+def test_attention_internals_and_kwargs_inputs(
+    gpt2: nnsight.NNsight, gpt2_module: GPT2LMHeadModel, ids: torch.Tensor
+) -> None:
     with gpt2.trace(ids):
         block_inputs = gpt2.transformer.h[0].inputs.save()
         c_attn = gpt2.transformer.h[0].attn.c_attn.output.save()

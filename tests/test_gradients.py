@@ -16,7 +16,9 @@ import nnsight_pure as nnsight
 from tests.helpers import TinyNet, hook_counts
 
 
-def _reference(net: TinyNet, x: torch.Tensor, scale_grad: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _reference(
+    net: TinyNet, x: torch.Tensor, scale_grad: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d loss / d layer1 output, d loss / d layer2 output, layer1.weight.grad) by hand,
     the gradient at layer1's output multiplied by ``scale_grad`` on its way back."""
     net.zero_grad()

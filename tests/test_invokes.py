@@ -48,7 +48,9 @@ def test_three_tensor_invokes_batch(model: nnsight.NNsight, net: TinyNet) -> Non
         assert torch.allclose(out.value, net(inp))
 
 
-def test_write_in_one_invoke_touches_only_its_rows(model: nnsight.NNsight, net: TinyNet, a: torch.Tensor, b: torch.Tensor) -> None:
+def test_write_in_one_invoke_touches_only_its_rows(
+    model: nnsight.NNsight, net: TinyNet, a: torch.Tensor, b: torch.Tensor
+) -> None:
     with model.trace() as tracer:
         with tracer.invoke(a):
             model.layer1.output[:] = 0
@@ -59,7 +61,9 @@ def test_write_in_one_invoke_touches_only_its_rows(model: nnsight.NNsight, net: 
     assert torch.allclose(out_b.value, net(b))
 
 
-def test_setter_in_one_invoke_replaces_only_its_rows(model: nnsight.NNsight, net: TinyNet, a: torch.Tensor, b: torch.Tensor) -> None:
+def test_setter_in_one_invoke_replaces_only_its_rows(
+    model: nnsight.NNsight, net: TinyNet, a: torch.Tensor, b: torch.Tensor
+) -> None:
     with model.trace() as tracer:
         with tracer.invoke(b):
             model.layer1.output = torch.ones(2, 10)
@@ -92,7 +96,9 @@ def test_wrong_shape_for_an_invoke_is_a_clear_error(model: nnsight.NNsight, a: t
                 model.layer1.output = torch.ones(3, 10)
 
 
-def test_empty_invoke_sees_the_whole_batch(model: nnsight.NNsight, net: TinyNet, a: torch.Tensor, b: torch.Tensor) -> None:
+def test_empty_invoke_sees_the_whole_batch(
+    model: nnsight.NNsight, net: TinyNet, a: torch.Tensor, b: torch.Tensor
+) -> None:
     with model.trace() as tracer:
         with tracer.invoke(a):
             pass
@@ -186,7 +192,9 @@ def test_a_never_computed_value_of_another_invoke() -> None:
         _ = waits.value
 
 
-def test_outside_code_written_first_runs_first(model: nnsight.NNsight, net: TinyNet, a: torch.Tensor, b: torch.Tensor) -> None:
+def test_outside_code_written_first_runs_first(
+    model: nnsight.NNsight, net: TinyNet, a: torch.Tensor, b: torch.Tensor
+) -> None:
     with model.trace() as tracer:
         model.layer1.output[:] = 0  # outside any invoke: the whole batch, written first
         with tracer.invoke(a):
@@ -196,7 +204,9 @@ def test_outside_code_written_first_runs_first(model: nnsight.NNsight, net: Tiny
     assert torch.equal(seen.value, torch.zeros(1, 10))
 
 
-def test_a_write_in_one_invoke_is_seen_by_a_later_read_outside(model: nnsight.NNsight, net: TinyNet, a: torch.Tensor) -> None:
+def test_a_write_in_one_invoke_is_seen_by_a_later_read_outside(
+    model: nnsight.NNsight, net: TinyNet, a: torch.Tensor
+) -> None:
     with model.trace() as tracer:
         before = model.layer1.output.clone().save()  # outside any invoke: cached access
         with tracer.invoke(a):
@@ -206,7 +216,9 @@ def test_a_write_in_one_invoke_is_seen_by_a_later_read_outside(model: nnsight.NN
     assert torch.equal(after.value, torch.zeros(1, 10))
 
 
-def test_accesses_of_one_call_keep_their_order_across_invokes(model: nnsight.NNsight, net: TinyNet, a: torch.Tensor) -> None:
+def test_accesses_of_one_call_keep_their_order_across_invokes(
+    model: nnsight.NNsight, net: TinyNet, a: torch.Tensor
+) -> None:
     # The outside program began first, but its second read is written after
     # invoke 1's in-place write, and invoke 1's write after the outside read.
     with model.trace() as tracer:
@@ -218,7 +230,9 @@ def test_accesses_of_one_call_keep_their_order_across_invokes(model: nnsight.NNs
     assert torch.equal(after.value, torch.full((1, 10), 3.0))
 
 
-def test_a_write_waits_for_an_earlier_read_of_another_invoke(model: nnsight.NNsight, net: TinyNet, a: torch.Tensor) -> None:
+def test_a_write_waits_for_an_earlier_read_of_another_invoke(
+    model: nnsight.NNsight, net: TinyNet, a: torch.Tensor
+) -> None:
     with model.trace() as tracer:
         weight = model.layer1.weight  # the outside program begins here, before invoke 0
         with tracer.invoke(a):

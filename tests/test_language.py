@@ -258,7 +258,8 @@ def test_readme_cross_prompt_intervention(lm: nnsight.LanguageModel, hf: Any) ->
             lm.transformer.wte.output = embeddings
         output = lm.generator.output.save()
     assert torch.equal(output.value[1, -3:], output.value[0, -3:])  # the blank row continues like the source
-    assert torch.equal(output.value[0], _greedy(hf, {"input_ids": source, "attention_mask": torch.ones_like(source)}, 3)[0])
+    greedy = _greedy(hf, {"input_ids": source, "attention_mask": torch.ones_like(source)}, 3)
+    assert torch.equal(output.value[0], greedy[0])
 
 
 def test_readme_adhoc_module_logit_lens(lm: nnsight.LanguageModel) -> None:

@@ -139,7 +139,9 @@ def test_a_scan_of_generate_runs_every_step(lm: nnsight.LanguageModel, family: s
     faked = lm._shallow_copy()
     object.__setattr__(faked, "_handle", lm._handle.with_module(scan_module.fake_copy(lm._model, mode)))
     (args, kwargs), _ = lm._prepare_input(PROMPT)
-    seen = scan_module.scan(faked._model, faked._generate, args, {**kwargs, "max_new_tokens": 3, "eos_token_id": 1}, mode)
+    seen = scan_module.scan(
+        faked._model, faked._generate, args, {**kwargs, "max_new_tokens": 3, "eos_token_id": 1}, mode
+    )
     block = lm_models.BLOCKS[family] + ".1"
     steps = [hidden(seen[(block, "post", call)]).shape for call in range(3)]
     assert steps == [(1, _tokens(lm, PROMPT), lm_models.WIDTH), (1, 1, lm_models.WIDTH), (1, 1, lm_models.WIDTH)]
@@ -178,7 +180,9 @@ def global_hooks() -> Iterator[list[tuple[str, Any]]]:
             handle.remove()
 
 
-def test_global_hooks_never_see_fakes(lm: nnsight.LanguageModel, family: str, global_hooks: list[tuple[str, Any]]) -> None:
+def test_global_hooks_never_see_fakes(
+    lm: nnsight.LanguageModel, family: str, global_hooks: list[tuple[str, Any]]
+) -> None:
     with lm.scan(PROMPT):
         _ = lm.output.logits.shape
     with lm.trace(PROMPT, scan=True, validate=True):

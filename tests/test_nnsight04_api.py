@@ -202,7 +202,9 @@ class LowRank(nnsight.util.WrapperModule):
         return [self.down, self.up]
 
 
-def _train_by_hand(net: TinyNet, batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> tuple[list[float], torch.Tensor]:
+def _train_by_hand(
+    net: TinyNet, batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float
+) -> tuple[list[float], torch.Tensor]:
     down = torch.nn.Parameter(torch.ones(10, 2) * 0.1)
     up = torch.nn.Parameter(torch.zeros(2, 2))
     optimizer = torch.optim.SGD([down, up], lr=lr)
@@ -345,7 +347,9 @@ def test_recording_is_suspended_for_the_library_s_own_work(model: nnsight.NNsigh
 # --- saved values after the block ---------------------------------------------------
 
 
-def test_a_saved_value_is_taken_where_a_tensor_is_expected(model: nnsight.NNsight, net: TinyNet, x: torch.Tensor) -> None:
+def test_a_saved_value_is_taken_where_a_tensor_is_expected(
+    model: nnsight.NNsight, net: TinyNet, x: torch.Tensor
+) -> None:
     with torch.no_grad(), model.trace(x):  # (torch deep-copies only leaf tensors)
         hidden = model.layer1.output.save()
     expected = net.layer1(x).detach()
@@ -383,7 +387,9 @@ def test_frame_injection_off_keeps_plain_proxies(model: nnsight.NNsight, x: torc
     assert isinstance(hidden.value, torch.Tensor)
 
 
-def test_a_saved_value_of_a_finished_trace_is_a_value_in_the_next(model: nnsight.NNsight, net: TinyNet, x: torch.Tensor) -> None:
+def test_a_saved_value_of_a_finished_trace_is_a_value_in_the_next(
+    model: nnsight.NNsight, net: TinyNet, x: torch.Tensor
+) -> None:
     with model.trace(x):
         hidden = model.layer1.output.save()
     with model.trace(hidden[:, :5]):  # an input made from it

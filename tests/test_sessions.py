@@ -370,7 +370,10 @@ def test_the_seed_session_example_matches_plain_torch() -> None:
     torch.manual_seed(423)
     net = TinyNet(
         OrderedDict(
-            [("layer1", torch.nn.Linear(input_size, hidden_dims)), ("layer2", torch.nn.Linear(hidden_dims, output_size))]
+            [
+                ("layer1", torch.nn.Linear(input_size, hidden_dims)),
+                ("layer2", torch.nn.Linear(hidden_dims, output_size)),
+            ]
         )
     )
     net.requires_grad_(False)
@@ -505,7 +508,9 @@ def test_conditions_are_graph_values(model: nnsight.NNsight, x: torch.Tensor) ->
     assert "cond %" in repr(tracer.graph)
 
 
-def test_module_level_cond_and_stop_use_the_innermost_block(model: nnsight.NNsight, net: TinyNet, x: torch.Tensor) -> None:
+def test_module_level_cond_and_stop_use_the_innermost_block(
+    model: nnsight.NNsight, net: TinyNet, x: torch.Tensor
+) -> None:
     with model.trace(x):
         with nnsight.cond(model.layer1.output.sum() > -1000):
             model.layer1.output[:] = 0

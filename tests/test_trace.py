@@ -142,7 +142,9 @@ def test_creation_functions_take_proxy_shapes(model: nnsight.NNsight, x: torch.T
         ]
         saved = [cast(nnsight.Proxy, tensor).save() for tensor in made]
     shapes = [tuple(p.value.shape) for p in saved]
-    assert shapes == [(9,), (1, 10), (1, 1), (1, 10), (5,), (5,), (1, 10), (1, 10), (1, 10), (1, 10), (1,), (1, 10), (1, 10), (1, 3)]
+    assert shapes == [
+        (9,), (1, 10), (1, 1), (1, 10), (5,), (5,), (1, 10), (1, 10), (1, 10), (1, 10), (1,), (1, 10), (1, 10), (1, 3)
+    ]
     assert torch.equal(saved[3].value, torch.full((1, 10), 5))
 
 
@@ -251,7 +253,9 @@ def test_get_by_path(model: nnsight.NNsight, x: torch.Tensor) -> None:
     assert out.value.shape == (1, 10)
 
 
-def test_saved_proxy_behaves_like_its_value_after_the_trace(model: nnsight.NNsight, x: torch.Tensor, net: TinyNet) -> None:
+def test_saved_proxy_behaves_like_its_value_after_the_trace(
+    model: nnsight.NNsight, x: torch.Tensor, net: TinyNet
+) -> None:
     with model.trace(x):
         h = model.layer1.output.save()
     v = h.value
@@ -329,7 +333,8 @@ def test_modulelist_indexing_and_output(gpt2: nnsight.NNsight, gpt2_module: Any,
         both = gpt2.transformer.h.output.save()
     _, seen = hooked_run(gpt2_module, ids, read=("transformer.h.0", "transformer.h.1"))
     assert torch.equal(last.value, seen["transformer.h.1"])
-    assert [torch.equal(a, b) for a, b in zip(both.value, [seen["transformer.h.0"], seen["transformer.h.1"]])] == [True, True]
+    expected = [seen["transformer.h.0"], seen["transformer.h.1"]]
+    assert [torch.equal(a, b) for a, b in zip(both.value, expected)] == [True, True]
 
 
 def test_envoy_call_outside_a_trace_runs_the_module(model: nnsight.NNsight, net: TinyNet, x: torch.Tensor) -> None:
