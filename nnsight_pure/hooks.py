@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .plan import Site
+from .events import Site
 
 OnEvent = Callable[[str, Site, Any], Any]
 """Called as ``on_event(path, site, value)``; returns a replacement or ``None``."""
