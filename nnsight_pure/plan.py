@@ -116,11 +116,18 @@ class Plan:
     dynamic_sites: frozenset[tuple[str, Site]]
     writes: frozenset[int]
     touches: frozenset[tuple[Event, bool]]
-    stops: PMap[EventKey, StopsAt] = pmap()
+    stops: PMap[EventKey, StopsAt] = attrs.field(factory=lambda: NO_STOPS)
+
+
+NO_STOPS: PMap[EventKey, StopsAt] = pmap()
+"""The ``stops`` of a plan without any (the run skips the lookup per event)."""
 
 
 def plan_for(graph: Graph) -> Plan:
     """The plan of ``graph``, compiled once per graph structure (plan_cache.py)."""
+    memo = graph._plan  # (a replay finds it here: no call further)
+    if memo is not None:
+        return memo  # type: ignore[return-value]  # only plans are stored there
     return cached_plan(graph, compile_plan)
 
 
@@ -444,29 +451,28 @@ def compile_plan(graph: Graph) -> Plan:
                 stops.setdefault(call_key, []).append((node.ref.index, derived))
 
     # Second pass: the steps, each made once, complete.
+    def common(index: int, used: tuple[int, ...], program: ProgramKey, after: tuple[int, ...], unused: bool) -> _Common:
+        return _Common(
+            index=index,
+            release=tuple(each for each in used if each not in saved),
+            foreign=tuple(WaitValue(each, index) for each in used if program_of[each] != program),
+            after=tuple(WaitStep(each, index) for each in after),
+            unused=unused,
+        )
+
     steps: list[Step] = []
     programs: dict[ProgramKey, list[Step]] = {}
     for node, fact in zip(nodes, facts):
         index = node.ref.index
         program = program_of[index]
-
-
-        def common(used: tuple[int, ...], program: ProgramKey, after: tuple[int, ...], unused: bool) -> _Common:
-            return _Common(
-                index=index,
-                release=tuple(each for each in used if each not in saved),
-                foreign=tuple(WaitValue(each, index) for each in used if program_of[each] != program),
-                after=tuple(WaitStep(each, index) for each in after),
-                unused=unused,
-            )
-
         if isinstance(node.op, (Grad, SetGrad)):
             # The hook goes on where the node is written: in its invoke's program.
-            hook_fields = common(fact.hook_used, node.invoke, (), False)
+            hook_fields = common(index, fact.hook_used, node.invoke, (), False)
             hook = GradHookStep(key=GradKey(index), resolve=resolver(node), **hook_fields)
             programs.setdefault(node.invoke, []).append(hook)
         unused = uses[index] == 0 and index not in saved
-        step = _step(node, fact, frozenset(exports.get(index, ())), common(fact.used, program, after[index], unused))
+        fields = common(index, fact.used, program, after[index], unused)
+        step = _step(node, fact, frozenset(exports.get(index, ())), fields)
         steps.append(step)
         programs.setdefault(program, []).append(step)
     writes = frozenset(
@@ -487,7 +493,7 @@ def compile_plan(graph: Graph) -> Plan:
         dynamic_sites=frozenset(dynamic),
         writes=writes,
         touches=frozenset(access for found in accesses for access in found),
-        stops=pmap({key: tuple(found) for key, found in stops.items()}),
+        stops=pmap({key: tuple(found) for key, found in stops.items()}) if stops else NO_STOPS,
     )
 
 

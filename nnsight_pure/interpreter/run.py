@@ -61,7 +61,7 @@ class Run:
         self.scheduler.programs = [
             ProgramState(key, self.fold.fold(self.frame, steps)) for key, steps in self.plan.programs
         ]
-        self.world.advance()
+        self.scheduler.advance_all(self.world)
 
     def fold_all(self) -> Program:
         """The whole graph as one program, in node order (a session's: no
@@ -76,7 +76,8 @@ class Run:
             for program, at, waited in self.scheduler.blocked():
                 blocked[program] = (at, waited)
                 warn_unexecuted_writes(self.plan, graph, program, at, waited)
-        warn_missed_calls(self.world.missed, self.world.calls)
+        if self.world.missed:
+            warn_missed_calls(self.world.missed, self.world.calls)
         self.close()
         return self.frame.results(stopped, blocked, graph), self.frame.exports()
 

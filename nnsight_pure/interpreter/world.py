@@ -3,7 +3,7 @@
 The *event register* (``current``, ``activation``, ``swapped``) is the hook
 event being handled, its value, and whether a write replaced that value; a
 hook event sets it for as long as it feeds the programs and restores the
-outer one after (`World._during`: a hooked call made by a running program
+outer one after (`World._feed`: a hooked call made by a running program
 fires an event inside an event). Around it: the values kept for later
 readers, the call counts per hook site, the rows of each invoke handed out
 as views (so that a gradient hook goes on the tensor the model uses), and
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -25,15 +25,13 @@ from ..batching import BatchGroups, merge_rows
 from ..errors import TraceError
 from ..events import Event, EventKey, GradKey, Site
 from ..hooks import submodule
-from ..plan import Plan
+from ..plan import NO_STOPS, Plan
 from ..printing import module_expr
 from ..steps import ModuleSetStep
 
 if TYPE_CHECKING:
     from .scheduler import Scheduler
 
-T = TypeVar("T")
-K = TypeVar("K", EventKey, GradKey)
 
 
 class World:
@@ -51,7 +49,7 @@ class World:
         self.groups = groups
         # One invoke over the whole batch (or none): no access ever needs narrowing.
         self.whole_batch = all(groups.rows(invoke) is None for invoke in range(len(groups.groups)))
-        self.current: Event | None = None  # the event register (see `_during`)
+        self.current: Event | None = None  # the event register (see `_feed`)
         self.activation: Any = None
         self.swapped = False
         self.ended = False
@@ -66,17 +64,20 @@ class World:
         self.missed: list[EventKey] = []  # calls a loop over calls waited for in vain
         self.thread = threading.get_ident()
         self._modules: dict[str, torch.nn.Module] = {}
-        self._stops = plan.stops or None  # (most plans have none: no lookup per event then)
+        self._stops = None if plan.stops is NO_STOPS else plan.stops  # (most plans have none: no lookup then)
 
     # --- the event register -----------------------------------------------------------
 
-    def _during(self, key: K, value: Any, handle: Callable[[K], T]) -> T:
-        """``handle(key)`` with the register set to event ``key`` (value
-        ``value``, not swapped), the outer event restored after, whatever happens."""
+    def _feed(self, key: Event, value: Any) -> tuple[Any, bool]:
+        """Feed the programs event ``key``: the register holds it (value
+        ``value``, not swapped) for as long as they run, and the outer event
+        again after, whatever happens. Returns the event's final value and
+        whether a write replaced it."""
         outer = (self.current, self.activation, self.swapped)
         self.current, self.activation, self.swapped = key, value, False
         try:
-            return handle(key)
+            self.scheduler.advance_all(self)
+            return self.activation, self.swapped
         finally:
             self.current, self.activation, self.swapped = outer
 
@@ -99,29 +100,24 @@ class World:
         plan = self.plan
         if key not in plan.event_keys and site_key not in plan.dynamic_sites:
             return None
+        if self._stops is not None and key in self._stops:
+            self._arm_stops(key)
         # (A hooked call made by a running program, say an ad-hoc call with
         # hook=True, resumes only the other programs; the running one finds the
         # value kept below.)
-        return self._during(key, value, self._module_event)
-
-    def _module_event(self, key: EventKey) -> Any:
-        plan = self.plan
-        if self._stops is not None and key in self._stops:
-            self._arm_stops(key)
-        self.scheduler.advance_all(self)
+        value, swapped = self._feed(key, value)
         if self.readers.get(key, 0) > 0 or key in plan.kept_to_end:
             # Later nodes read this call again: keep its final value for them.
-            self.kept[key] = self.activation
-        elif (key[0], key[1]) in plan.dynamic_sites:
+            self.kept[key] = value
+        elif site_key in plan.dynamic_sites:
             # A loop over calls may still read this call (a look back within
             # its step): keep the latest call of the site only.
-            site_key = (key[0], key[1])
             previous = self.latest.get(site_key)
             if previous is not None and previous not in plan.event_keys:
                 self.kept.pop(previous, None)
-            self.kept[key] = self.activation
+            self.kept[key] = value
             self.latest[site_key] = key
-        return self.activation if self.swapped else None
+        return value if swapped else None
 
     def _arm_stops(self, key: EventKey) -> None:
         """A stop computed from module calls takes effect at the last of them,
@@ -130,10 +126,6 @@ class World:
         for _, needed in self.plan.stops[key]:
             if all(calls.get((path, site), 0) > call for path, site, call in needed):
                 self.stopping = True
-
-    def advance(self) -> None:
-        """Resume the programs as far as they go (before the model runs, say)."""
-        self.scheduler.advance_all(self)
 
     def end_of_run(self) -> None:
         """The model's method returned: end the loops over calls still waiting
@@ -209,21 +201,16 @@ class World:
     def on_gradient(self, key: GradKey, rows: tuple[int, int] | None, grad: torch.Tensor) -> torch.Tensor | None:
         """A gradient hook fired: feed the programs waiting for it; return the
         replaced gradient, or ``None`` to leave it (edits in place included)."""
-        value = grad if rows is None else grad.narrow(0, rows[0], rows[1])
-
-        def handle(key: GradKey) -> torch.Tensor | None:
-            self.scheduler.advance_all(self)
-            if self._keep(key):
-                self.kept[key] = self.activation
-            if not self.swapped:
-                return None
-            if rows is None:
-                return self.activation  # type: ignore[no-any-return]  # checked by swap_gradient
-            start, size = rows
-            rest = grad.shape[0] - start - size
-            return torch.cat([grad.narrow(0, 0, start), self.activation, grad.narrow(0, start + size, rest)])
-
-        return self._during(key, value, handle)
+        value, swapped = self._feed(key, grad if rows is None else grad.narrow(0, rows[0], rows[1]))
+        if self._keep(key):
+            self.kept[key] = value
+        if not swapped:
+            return None
+        if rows is None:
+            return value  # type: ignore[no-any-return]  # checked by swap_gradient
+        start, size = rows
+        rest = grad.shape[0] - start - size
+        return torch.cat([grad.narrow(0, 0, start), value, grad.narrow(0, start + size, rest)])
 
     def swap_gradient(self, new: Any) -> None:
         """Make the running gradient hook hand back ``new`` (same shape as the old one)."""
