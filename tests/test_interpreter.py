@@ -192,3 +192,13 @@ def test_a_session_graph_folds_without_events() -> None:
     g, _ = g.add(Save(), (total,))
     results = run_session(g, trace_runner=lambda *args: (None, {}))  # type: ignore[arg-type]
     assert results.values == {0: 3}
+
+
+def test_programs_are_named_from_their_typed_keys() -> None:
+    from nnsight_pure.events import GradProgram, LoopPart
+    from nnsight_pure.printing import program_label
+
+    assert program_label(None) == "outside invokes"
+    assert program_label(2) == "invoke 2"
+    assert program_label(GradProgram(3)) == "the gradient of %3"
+    assert program_label(LoopPart(5)) == "the later iterations of the loop over calls %5"
