@@ -1,4 +1,9 @@
-"""Installing torch module hooks: the only place that touches hook APIs.
+"""Installing and removing a run's torch module hooks, safely under interrupts.
+
+This is where a trace's forward hooks go on and come off. (Two other places
+register hooks, each for its own job: the interpreter puts one-shot tensor
+hooks on values for `.grad` (interpreter/world.py), and scan.py hooks the
+fake copy of a model to record its calls.)
 
 Hooks go only on the modules a plan names and are prepended, so they see the
 module's own value before any hook of the user's. The caller removes them
@@ -14,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .plan import Site
+from .events import Site
 
 OnEvent = Callable[[str, Site, Any], Any]
 """Called as ``on_event(path, site, value)``; returns a replacement or ``None``."""

@@ -1,17 +1,23 @@
 """Compiling a graph into a plan: what the interpreter needs, computed once.
 
-A `Plan` says, for every node, how to run it (a `Step`), which hook event it
-waits for, which values it uses (so values die after their last use), and
-which writes must run inside a particular hook (the out-of-order guard). It
-splits the steps into *programs*, one per invoke (and one for the nodes
-outside any invoke), in the order the programs began in the code, records
-the cross-invoke waits that keep accesses of one module call in text order,
-and lists the hook sites the run must install, including those of the
-condition and loop bodies nested in it (each body has a plan of its own).
-Plans depend only on the graph's structure, never on the model, the inputs
-or the values of tensor constants, and are cached per structure (see
-`plan_for`), so replaying a graph, or tracing the same code again, pays no
-planning.
+A `Plan` says, for every node, how to run it (a `Step`, steps.py), which
+hook event it waits for, which values it uses (so values die after their
+last use), and which writes must run inside a particular hook (the
+out-of-order guard). It splits the steps into *programs*, one per invoke
+(and one for the nodes outside any invoke, one per gradient hook), in the
+order the programs began in the code, records the cross-invoke waits that
+keep accesses of one module call in text order, and lists the hook sites
+the run must install, including those of the condition and loop bodies
+nested in it (each body has a plan of its own).
+
+A plan is built in two passes: the analysis computes every fact about every
+node first (its program, its body's plan, the body values later nodes read,
+what it reads and writes, what it must run after), and only then are the
+steps made, each once, complete and frozen. A plan holds no mutable
+container and no graph object, so it can be shared: plans depend only on the
+graph's structure, never on the model, the inputs or the values of tensor
+constants, and `plan_for` keeps them per structure (plan_cache.py), so
+replaying a graph, or tracing the same code again, pays no planning.
 
 Pure: building a plan reads the graph and nothing else.
 """
@@ -19,29 +25,17 @@ Pure: building a plan reads the graph and nothing else.
 from __future__ import annotations
 
 import operator
-import threading
-from collections import OrderedDict
-from typing import Any, Callable, Literal, Sequence, Union
+from typing import Sequence, TypedDict
 
 import attrs
+from pyrsistent import pmap
+from pyrsistent.typing import PMap
 
-from .arguments import (
-    ATOMS,
-    DictConst,
-    ListConst,
-    Ref,
-    SliceConst,
-    TensorConst,
-    TupleOf,
-    is_plain_constant,
-    refs_in,
-    structural_key,
-    thaw,
-)
-from .graph import _NO_KWARGS, Graph, Node, check_graph, node_refs, saved_refs, use_counts
-from .guard import describe_op, guarded, untrusted
+from .arguments import Ref, refs_in
+from .evaluate import computer, resolver
+from .events import Event, EventKey, GradKey, GradProgram, ProgramKey, Site, in_scope, site_of
+from .graph import Graph, Node, check_graph, node_refs, saved_refs, use_counts
 from .ops import (
-    AccessKind,
     ApplyModule,
     Bridge,
     Call,
@@ -56,128 +50,58 @@ from .ops import (
     ModuleAttr,
     ModuleGet,
     ModuleSet,
-    Op,
     Save,
     SetAttr,
     SetGrad,
     Stop,
     TraceRun,
 )
-from .shareable import shareable
+from .plan_cache import cached_plan
+from .steps import (
+    BridgeStep,
+    ComputeStep,
+    CondStep,
+    EachCallStep,
+    ExportStep,
+    GradHookStep,
+    GradStep,
+    Guard,
+    IterateStep,
+    IterItemStep,
+    ModuleGetStep,
+    ModuleSetStep,
+    SaveStep,
+    SetGradStep,
+    Step,
+    StopStep,
+    TraceRunStep,
+    WaitEvent,
+    WaitStep,
+    WaitValue,
+)
 
-Site = Literal["pre", "post", "grad"]
-"""Which hook an event comes from: a module call's ``pre`` (inputs) or
-``post`` (output) hook, or a gradient's tensor hook (``grad``)."""
-
-EventKey = tuple[str, Site, int]
-"""One hook event of a run: (module path, site, call index), or, for a
-gradient, ``("", "grad", node)``: the hook of that `Grad`/`SetGrad` node."""
-
-ProgramKey = Union[int, None, tuple[str, int]]
-"""Which program a step belongs to: an invoke (``None``: outside invokes), or
-``("grad", node)``: what runs when that node's gradient hook fires."""
-
-
-def grad_key(index: int) -> EventKey:
-    """The event of the gradient hook of node ``index``."""
-    return ("", "grad", index)
-
-
-def in_scope(path: str, scope: tuple[str, ...]) -> bool:
-    """Whether module ``path`` is one of the ``scope`` modules or below one."""
-    return any(not prefix or path == prefix or path.startswith(prefix + ".") for prefix in scope)
-
-
-def site_of(kind: AccessKind) -> Site:
-    """The hook that carries a module value: inputs before the call, output after."""
-    return "post" if kind == "output" else "pre"
-
-
-# Step kinds: the interpreter dispatches on these small ints in its hot loop.
-# HOOK puts a gradient hook on a tensor (for the GRAD or SETGRAD step of the
-# same node, which runs when the hook fires).
-EXEC, GET, SET, SAVE, STOP, BRIDGE, ITEM, EXPORT, COND, ITER, TRACE, GRAD, SETGRAD, HOOK, CALLS = range(15)
-
-KEEP_UNTIL_THE_END = 1 << 30
-"""Reader count for module calls read inside a loop body: every iteration
-reads them again, so a run keeps their values until it ends."""
-
-Resolver = Callable[[list[Any], Any], tuple[tuple[Any, ...], dict[str, Any]]]
-"""``resolve(env, nodes)``: a node's (args, kwargs) from the run's environment
-and the run's graph nodes (read only for constants a plan may not hold)."""
-
-
-class Step:
-    """How to run one node (plain slotted class: it sits in the hot loop).
-
-    ``release`` are the unsaved values it uses (each loses one use when the
-    step runs); ``foreign`` are the values it uses that another invoke's
-    program computes (it waits for them); ``after`` are the accesses of other
-    invokes to the same module call that are written before it and must run
-    first; ``guard`` is the module call a write must happen in, with the
-    access it writes through (its index). Context steps (condition, loop,
-    trace) carry their body's plan in ``body`` and, in ``exports``, the body
-    nodes whose values later nodes read; ``param`` is a bridge's slot or an
-    export's index. A step holds no graph object: a plan is shared by every
-    graph of the same structure (see `plan_for`), and the run reads what
-    varies (tensor constants, source lines, bodies) from its own graph.
-    """
-
-    __slots__ = ("index", "code", "key", "kind", "invoke", "run", "resolve", "direct", "release",
-                 "foreign", "after", "unused", "guard", "reads", "body", "exports", "param", "program",
-                 "again", "carry")
-
-    def __init__(
-        self,
-        index: int,
-        code: int,
-        resolve: Resolver,
-        *,
-        key: EventKey | None = None,
-        kind: AccessKind = "output",
-        invoke: int | None = None,
-        run: Callable[[Any, tuple[Any, ...], dict[str, Any]], Any] | None = None,
-        body: Plan | None = None,
-        param: int = 0,
-    ) -> None:
-        self.index = index
-        self.code = code
-        self.resolve = resolve
-        self.direct: Callable[[list[Any]], Any] | None = None  # a plain call, straight from the environment
-        self.key = key
-        self.kind = kind
-        self.invoke = invoke
-        self.run = run
-        self.body = body
-        self.param = param
-        self.release: tuple[int, ...] = ()
-        self.foreign: tuple[int, ...] = ()
-        self.after: tuple[int, ...] = ()
-        self.reads: tuple[EventKey, ...] = ()
-        self.exports: frozenset[int] = frozenset()
-        self.unused = False
-        self.guard: tuple[EventKey, int] | None = None
-        self.program: ProgramKey = invoke
-        # A loop over calls (CALLS): the body steps that run again at every call
-        # after the first (those that touch the scope's calls), and the values of
-        # the others that they use (computed once, in the first iteration).
-        self.again: tuple[Step, ...] = ()
-        self.carry: frozenset[int] = frozenset()
+StopsAt = tuple[tuple[int, tuple[EventKey, ...]], ...]
+"""The stops that take effect at one module call: ``(stop node, every call it derives from)`` each."""
 
 
 @attrs.frozen(eq=False)
 class Plan:
     """Everything the interpreter needs to run one graph (see module docstring).
 
-    ``readers`` counts, per module call, the steps (here and in nested
-    condition and loop bodies) that read or write it; ``dynamic_sites`` are
-    the module hooks whose call index is only known at run time (accesses
-    inside a loop over calls, `EachCall`); ``touches`` lists the module calls
-    the graph reads or writes, each with whether it writes. ``stops`` maps a
-    module call to the stops that take effect there: ``.stop()`` of a value
-    computed from module accesses, as ``(stop node, every call it derives
-    from)`` (it fires once all of them have happened, whatever its program
-    is waiting for).
+    ``steps`` has one step per node; ``programs`` the steps each program
+    folds, in the order the programs began (a gradient node has two steps
+    there: the hook, in its invoke's program, and the node, in the
+    gradient's). ``readers`` counts, per event, the steps (here and in
+    nested condition and loop bodies) that read or write it, so that the run
+    forgets a kept value after its last reader; the events in
+    ``kept_to_end`` are read inside a loop body (every iteration reads them
+    again) and kept until the run ends. ``event_keys`` are all of them.
+    ``dynamic_sites`` are the module hooks whose call index is only known at
+    run time (accesses inside a loop over calls, `EachCall`); ``touches``
+    lists the events the graph reads or writes, each with whether it writes.
+    ``stops`` maps a module call to the stops that take effect there:
+    ``.stop()`` of a value computed from module accesses fires once all of
+    them have happened, whatever its program is waiting for.
     """
 
     steps: tuple[Step, ...]
@@ -185,47 +109,26 @@ class Plan:
     program_of: tuple[ProgramKey, ...]
     uses: tuple[int, ...]
     saved: frozenset[int]
-    event_keys: frozenset[EventKey]
-    readers: dict[EventKey, int]
+    event_keys: frozenset[Event]
+    readers: tuple[tuple[Event, int], ...]
+    kept_to_end: frozenset[Event]
     hook_sites: tuple[tuple[str, Site], ...]
     dynamic_sites: frozenset[tuple[str, Site]]
     writes: frozenset[int]
-    touches: frozenset[tuple[EventKey, bool]]
-    stops: dict[EventKey, tuple[tuple[int, tuple[EventKey, ...]], ...]] = attrs.field(factory=dict)
+    touches: frozenset[tuple[Event, bool]]
+    stops: PMap[EventKey, StopsAt] = attrs.field(factory=lambda: NO_STOPS)
 
 
-# --- resolving arguments -------------------------------------------------------------
+NO_STOPS: PMap[EventKey, StopsAt] = pmap()
+"""The ``stops`` of a plan without any (the run skips the lookup per event)."""
 
 
-def _resolver(node: Node) -> Resolver:
-    """How to get the node's (args, kwargs) at run time.
-
-    Immutable constants are thawed once here; flat `Ref`s become list
-    lookups; anything else (tensor constants, fresh lists and dicts) is
-    thawed from the run's own node at each run.
-    """
-    index = node.ref.index
-    args = tuple(node.args)
-    names = tuple(node.kwargs.keys()) if node.kwargs else ()
-    if all(is_plain_constant(arg) for arg in args) and all(is_plain_constant(node.kwargs[name]) for name in names):
-        const_args = tuple(thaw(arg, ()) for arg in args)
-        const_kwargs = {name: thaw(node.kwargs[name], ()) for name in names}
-        if not const_kwargs:
-            return lambda env, nodes: (const_args, {})
-        return lambda env, nodes: (const_args, dict(const_kwargs))
-    if not names and all(type(arg) is Ref or is_plain_constant(arg) for arg in args):
-        parts = tuple((arg.index, None) if type(arg) is Ref else (-1, thaw(arg, ())) for arg in args)
-        return lambda env, nodes: (tuple(env[i] if i >= 0 else c for i, c in parts), {})
-
-    def generic(env: list[Any], nodes: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        own = nodes[index]
-        kwargs = own.kwargs
-        return (
-            tuple(thaw(arg, env) for arg in own.args),
-            {name: thaw(kwargs[name], env) for name in names},
-        )
-
-    return generic
+def plan_for(graph: Graph) -> Plan:
+    """The plan of ``graph``, compiled once per graph structure (plan_cache.py)."""
+    memo = graph._plan  # (a replay finds it here: no call further)
+    if memo is not None:
+        return memo  # type: ignore[return-value]  # only plans are stored there
+    return cached_plan(graph, compile_plan)
 
 
 # --- what a write can touch ----------------------------------------------------------
@@ -291,12 +194,12 @@ def _aliased_access(graph: Graph, ref: Ref) -> Node | None:
         target = graph.nodes[target.args[0].index]
 
 
-def _event_of(access: Node) -> EventKey:
+def _event_of(access: Node) -> Event:
     """The hook event whose value a module access (or gradient) reads."""
     op = access.op
     if isinstance(op, ModuleGet):
         return (op.path, site_of(op.kind), op.call)
-    return grad_key(access.ref.index)
+    return GradKey(access.ref.index)
 
 
 def _written_access(graph: Graph, node: Node) -> Node | None:
@@ -306,129 +209,102 @@ def _written_access(graph: Graph, node: Node) -> Node | None:
     return _aliased_access(graph, node.args[0])
 
 
-# --- building steps ------------------------------------------------------------------
+# --- the analysis -------------------------------------------------------------------
 
 
-def op_function(op: Op) -> Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]:
-    """How an ordinary node computes its value from (run state, args, kwargs).
-
-    The run state is only read by module ops; the shell also uses this to
-    compute on finished values after a trace (with no run state). An op read
-    from a document runs under the guard (guard.py)."""
-    run = _op_function(op)
-    if untrusted(op):
-        return guarded(op, describe_op(op), run)
-    return run
-
-
-def _op_function(op: Op) -> Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]:
-    match op:
-        case Call(fn):
-            return lambda state, args, kwargs: fn(*args, **kwargs)
-        case CallMethod(name):
-            return lambda state, args, kwargs: getattr(args[0], name)(*args[1:], **kwargs)
-        case GetAttr(name):
-            return lambda state, args, kwargs: getattr(args[0], name)
-        case SetAttr(name):
-            return lambda state, args, kwargs: setattr(args[0], name, args[1])
-        case ModuleAttr(path, name):
-            return lambda state, args, kwargs: getattr(state.module(path), name).clone()
-        case ApplyModule(path, hook):
-            if hook:
-                return lambda state, args, kwargs: state.module(path)(*args, **kwargs)
-            return lambda state, args, kwargs: state.module(path).forward(*args, **kwargs)
-        case (
-            ModuleGet() | ModuleSet() | Save() | Stop() | Grad() | SetGrad() | Bridge() | IterItem()
-            | Export() | Cond() | Iterate() | EachCall() | TraceRun()
-        ):
-            raise AssertionError(f"{type(op).__name__} is not an ordinary node")
-
-
-def _step(graph: Graph, node: Node) -> Step:
-    index, invoke = node.ref.index, node.invoke
-    resolve = _resolver(node)
-    match node.op:
-        case ModuleGet(path, kind, call):
-            return Step(index, GET, resolve, key=(path, site_of(kind), call), kind=kind, invoke=invoke)
-        case ModuleSet(path, kind, call):
-            return Step(index, SET, resolve, key=(path, site_of(kind), call), kind=kind, invoke=invoke)
-        case Save():
-            return Step(index, SAVE, resolve, invoke=invoke)
-        case Stop():
-            return Step(index, STOP, resolve, invoke=invoke)
-        case Grad():
-            return Step(index, GRAD, resolve, key=grad_key(index), invoke=invoke)
-        case SetGrad():
-            return Step(index, SETGRAD, resolve, key=grad_key(index), invoke=invoke)
-        case Bridge(slot):
-            return Step(index, BRIDGE, resolve, invoke=invoke, param=slot)
-        case IterItem():
-            return Step(index, ITEM, resolve, invoke=invoke)
-        case Export(inner):
-            return Step(index, EXPORT, resolve, invoke=invoke, param=inner)
-        case Cond(body):
-            return Step(index, COND, resolve, invoke=invoke, body=plan_for(body))
-        case Iterate(body):
-            return Step(index, ITER, resolve, invoke=invoke, body=plan_for(body))
-        case EachCall(body, scope=scope):
-            body_plan = plan_for(body)
-            step = Step(index, CALLS, resolve, invoke=invoke, body=body_plan)
-            step.again, step.carry = _per_call_part(body, body_plan, scope)
-            return step
-        case TraceRun(body):
-            # A trace is its own run (with its own hooks): its plan is made then.
-            return Step(index, TRACE, resolve, invoke=invoke)
-        case Call() | CallMethod() | GetAttr() | SetAttr() | ModuleAttr() | ApplyModule():
-            step = Step(index, EXEC, resolve, run=op_function(node.op), invoke=invoke)
-            step.direct = _direct_call(node)
-            reads = set()
-            for ref in node_refs(node):
-                access = _aliased_access(graph, ref)
-                if access is not None:
-                    reads.add(_event_of(access))
-            step.reads = tuple(sorted(reads))
-            if is_inplace(node):
-                access = _written_access(graph, node)
-                if access is not None:
-                    step.guard = (_event_of(access), access.ref.index)
-            return step
-
-
-def touches_scope(plan: Plan, scope: tuple[str, ...]) -> bool:
-    """Whether a body (its plan) reads or writes a call of a module in ``scope``."""
-    return any(key[1] != "grad" and in_scope(key[0], scope) for key in plan.readers) or any(
-        in_scope(path, scope) for path, _ in plan.dynamic_sites
-    )
-
-
-def _per_call_part(body: Graph, plan: Plan, scope: tuple[str, ...]) -> tuple[tuple[Step, ...], frozenset[int]]:
-    """Split a loop over calls' body: the steps that run at every call (they
-    access a module in ``scope``, or use a value that does, or hold a body
-    that does), and the values of the other steps that those use or save.
-
-    The other steps run once, in the first iteration: a value that does not
-    depend on the scope's calls is the same at every call (nnsight 0.4's
-    rule: ``.all()`` only applies to the module and those below it, so an
-    append of another module's value appends once).
-    """
-    per_call = [False] * len(plan.steps)
-    for node, step in zip(body.nodes, plan.steps):
-        if step.code in (GET, SET) and step.key is not None:
-            again = in_scope(step.key[0], scope)
-        elif step.body is not None:
-            again = touches_scope(step.body, scope)
+def _programs_of(graph: Graph) -> list[ProgramKey]:
+    """Each node's program: its invoke's, or, for a node computed from a
+    gradient, that of the gradient node it depends on (the latest one)."""
+    grad_source: list[int | None] = []
+    programs: list[ProgramKey] = []
+    for node in graph.nodes:
+        sources = [grad_source[ref.index] for ref in node_refs(node) if grad_source[ref.index] is not None]
+        if isinstance(node.op, (Grad, SetGrad)):
+            source: int | None = node.ref.index
         else:
-            again = False
-        per_call[step.index] = again or any(per_call[ref.index] for ref in node_refs(node))
-    carry = {
-        ref.index
-        for node in body.nodes
-        if per_call[node.ref.index]
-        for ref in node_refs(node)
-        if not per_call[ref.index]
-    }
-    carry.update(index for index in plan.saved if not per_call[index])
-    return tuple(step for step in plan.steps if per_call[step.index]), frozenset(carry)
+            source = max((s for s in sources if s is not None), default=None)
+        grad_source.append(source)
+        programs.append(node.invoke if source is None else GradProgram(source))
+    return programs
+
+
+def _event_key(node: Node) -> Event | None:
+    """The hook event a node waits for (a module access's call, a gradient's hook)."""
+    op = node.op
+    if isinstance(op, (ModuleGet, ModuleSet)):
+        return (op.path, site_of(op.kind), op.call)
+    if isinstance(op, (Grad, SetGrad)):
+        return GradKey(node.ref.index)
+    return None
+
+
+def _body_plan(node: Node) -> Plan | None:
+    op = node.op
+    return plan_for(op.body) if isinstance(op, (Cond, Iterate, EachCall)) else None
+
+
+def _reads(graph: Graph, node: Node) -> tuple[Event, ...]:
+    """The events whose values (or views of them) an ordinary node uses."""
+    reads = set()
+    for ref in node_refs(node):
+        access = _aliased_access(graph, ref)
+        if access is not None:
+            reads.add(_event_of(access))
+    return tuple(sorted(reads, key=_sort_key))
+
+
+def _sort_key(key: Event) -> tuple[object, ...]:
+    return (1, key.node) if isinstance(key, GradKey) else (0, *key)
+
+
+def _guard(graph: Graph, node: Node) -> Guard | None:
+    """The event an in-place node must run in: the one whose value it writes into."""
+    if not is_inplace(node):
+        return None
+    access = _written_access(graph, node)
+    return None if access is None else Guard(_event_of(access), access.ref.index)
+
+
+def _accesses(
+    node: Node, key: Event | None, reads: tuple[Event, ...], guard: Guard | None, body: Plan | None
+) -> list[tuple[Event, bool]]:
+    """The events a node reads or writes, each with whether it writes.
+
+    A node reads a call when it accesses it, or when it uses a value that is
+    (a view of) that call's value; it writes a call when it sets it, or
+    writes in place into such a value. A condition or loop touches what its
+    body touches (a loop over calls shifts its body's calls: not static).
+    """
+    found = [(each, False) for each in reads]
+    op = node.op
+    if key is not None:
+        found.append((key, isinstance(op, (ModuleSet, SetGrad))))
+    elif guard is not None:
+        found.append((guard.key, True))
+    elif body is not None and not isinstance(op, EachCall):
+        found.extend(body.touches)
+    return found
+
+
+def _order_accesses_across_invokes(
+    accesses: Sequence[list[tuple[Event, bool]]], program_of: Sequence[ProgramKey]
+) -> list[tuple[int, ...]]:
+    """Per node, the nodes it must run after: accesses of one module call from
+    different invokes keep the order they were written in. A write waits for
+    the reads and writes written before it; a read waits for the writes before it."""
+    seen: dict[Event, list[tuple[int, bool]]] = {}
+    result = []
+    for index, found in enumerate(accesses):
+        after: set[int] = set()
+        for key, writes in found:
+            earlier = seen.setdefault(key, [])
+            after.update(
+                other for other, other_writes in earlier
+                if program_of[other] != program_of[index] and (writes or other_writes)
+            )
+            earlier.append((index, writes))
+        result.append(tuple(sorted(after)))
+    return result
 
 
 def _stop_calls(graph: Graph, node: Node) -> tuple[EventKey, ...] | None:
@@ -454,97 +330,75 @@ def _stop_calls(graph: Graph, node: Node) -> tuple[EventKey, ...] | None:
     return tuple(sorted(calls)) if calls else None
 
 
-def _direct_call(node: Node) -> Callable[[list[Any]], Any] | None:
-    """For the most common node, a function or method on one or two values
-    (``h * 2``, ``a + b``, ``h.sum()``), one closure from the environment to
-    the value: no argument tuples on the hot path."""
-    op = node.op
-    head = node.args[0] if node.args else None
-    if node.kwargs or not 1 <= len(node.args) <= 2 or not isinstance(head, Ref) or untrusted(op):
-        return None  # (a loaded graph's op runs under its guard, in `op_function`)
-    first = head.index
-    if len(node.args) == 1:
-        if type(op) is Call:
-            fn1 = op.fn
-            return lambda env: fn1(env[first])
-        if type(op) is CallMethod:
-            name = op.name
-            return lambda env: getattr(env[first], name)()
-        return None
-    second = node.args[1]
-    if type(op) is not Call:
-        return None
-    fn = op.fn
-    if type(second) is Ref:
-        other = second.index
-        return lambda env: fn(env[first], env[other])
-    if is_plain_constant(second):
-        constant = thaw(second, ())
-        return lambda env: fn(env[first], constant)
-    return None
+def touches_scope(plan: Plan, scope: tuple[str, ...]) -> bool:
+    """Whether a body (its plan) reads or writes a call of a module in ``scope``."""
+    return any(not isinstance(key, GradKey) and in_scope(key[0], scope) for key in plan.event_keys) or any(
+        in_scope(path, scope) for path, _ in plan.dynamic_sites
+    )
 
 
-def _accesses(step: Step) -> list[tuple[EventKey, bool]]:
-    """The module calls a step reads or writes, each with whether it writes.
+def _per_call_part(body: Graph, plan: Plan, scope: tuple[str, ...]) -> tuple[tuple[Step, ...], frozenset[int]]:
+    """Split a loop over calls' body: the steps that run at every call (they
+    access a module in ``scope``, or use a value that does, or hold a body
+    that does), and the values of the other steps that those use or save.
 
-    A step reads a call when it accesses it, or when it uses a value that is
-    (a view of) that call's value; it writes a call when it sets it, or
-    writes in place into such a value. A condition or loop touches what its
-    body touches.
+    The other steps run once, in the first iteration: a value that does not
+    depend on the scope's calls is the same at every call (nnsight 0.4's
+    rule: ``.all()`` only applies to the module and those below it, so an
+    append of another module's value appends once).
     """
-    found = [(key, False) for key in step.reads]
-    if step.code in (GET, GRAD) and step.key is not None:
-        found.append((step.key, False))
-    elif step.code in (SET, SETGRAD) and step.key is not None:
-        found.append((step.key, True))
-    elif step.guard is not None:
-        found.append((step.guard[0], True))
-    elif step.body is not None and step.code != CALLS:
-        found.extend(step.body.touches)  # (a loop over calls shifts its body's calls: not static)
-    return found
-
-
-def _order_accesses_across_invokes(steps: Sequence[Step]) -> None:
-    """Fill in ``Step.after``: accesses of one module call from different
-    invokes keep the order they were written in. A write waits for the reads
-    and writes written before it; a read waits for the writes before it."""
-    seen: dict[EventKey, list[tuple[Step, bool]]] = {}
-    for step in steps:
-        after: set[int] = set()
-        for key, writes in _accesses(step):
-            earlier = seen.setdefault(key, [])
-            after.update(
-                other.index
-                for other, other_writes in earlier
-                if other.program != step.program and (writes or other_writes)
-            )
-            earlier.append((step, writes))
-        step.after = tuple(sorted(after))
-
-
-def _programs_of(graph: Graph) -> list[ProgramKey]:
-    """Each node's program: its invoke's, or, for a node computed from a
-    gradient, that of the gradient node it depends on (the latest one)."""
-    grad_source: list[int | None] = []
-    programs: list[ProgramKey] = []
-    for node in graph.nodes:
-        sources = [grad_source[ref.index] for ref in node_refs(node) if grad_source[ref.index] is not None]
-        if isinstance(node.op, (Grad, SetGrad)):
-            source: int | None = node.ref.index
+    per_call = [False] * len(plan.steps)
+    for node, step in zip(body.nodes, plan.steps):
+        if isinstance(step, (ModuleGetStep, ModuleSetStep)):
+            again = in_scope(step.key[0], scope)
+        elif isinstance(step, (CondStep, IterateStep, EachCallStep)):
+            again = touches_scope(step.body, scope)
         else:
-            source = max((s for s in sources if s is not None), default=None)
-        grad_source.append(source)
-        programs.append(node.invoke if source is None else ("grad", source))
-    return programs
+            again = False
+        per_call[step.index] = again or any(per_call[ref.index] for ref in node_refs(node))
+    carry = {
+        ref.index
+        for node in body.nodes
+        if per_call[node.ref.index]
+        for ref in node_refs(node)
+        if not per_call[ref.index]
+    }
+    carry.update(index for index in plan.saved if not per_call[index])
+    return tuple(step for step in plan.steps if per_call[step.index]), frozenset(carry)
 
 
-def _hook_step(step: Step) -> Step:
-    """The step that puts a gradient hook on the tensor of a Grad/SetGrad node.
+@attrs.frozen
+class _Facts:
+    """What the analysis found about one node (the first pass)."""
 
-    It runs where the node is written, in its invoke's program, so it comes
-    before the ``backward()`` calls written after it and after those before.
-    """
-    return Step(step.index, HOOK, step.resolve, key=step.key, invoke=step.invoke)
+    used: tuple[int, ...]  # the values the node's own step uses
+    hook_used: tuple[int, ...]  # for a gradient node: the values its hook step uses (the tensor)
+    key: Event | None
+    body: Plan | None
+    reads: tuple[Event, ...]
+    guard: Guard | None
+
+
+def _facts(graph: Graph, node: Node) -> _Facts:
+    used = tuple(sorted({ref.index for ref in node_refs(node)}))
+    hook_used: tuple[int, ...] = ()
+    if isinstance(node.op, (Grad, SetGrad)):
+        # The tensor is used where the hook is put; the new gradient (SetGrad) where the hook fires.
+        hook_used = _uses_in(node.args[:1])
+        used = _uses_in(node.args[1:])
+    ordinary = isinstance(node.op, (Call, CallMethod, GetAttr, SetAttr, ModuleAttr, ApplyModule))
+    return _Facts(
+        used=used,
+        hook_used=hook_used,
+        key=_event_key(node),
+        body=_body_plan(node),
+        reads=_reads(graph, node) if ordinary else (),
+        guard=_guard(graph, node) if ordinary else None,
+    )
+
+
+def _uses_in(arguments: Sequence[object]) -> tuple[int, ...]:
+    return tuple(sorted({ref.index for arg in arguments for ref in refs_in(arg)}))
 
 
 def compile_plan(graph: Graph) -> Plan:
@@ -553,64 +407,78 @@ def compile_plan(graph: Graph) -> Plan:
     saved = saved_refs(graph)
     uses = use_counts(graph)
     program_of = _programs_of(graph)
-    steps: list[Step] = []
-    readers: dict[EventKey, int] = {}
-    sites: set[tuple[str, Site]] = set()
-    writes = set()
-    touches: set[tuple[EventKey, bool]] = set()
-    dynamic: set[tuple[str, Site]] = set()
-    programs: dict[ProgramKey, list[Step]] = {}
-    stops: dict[EventKey, list[tuple[int, tuple[EventKey, ...]]]] = {}
+    nodes = graph.nodes
 
-    def uses_in(arguments: Sequence[object]) -> list[int]:
-        return sorted({ref.index for arg in arguments for ref in refs_in(arg)})
-
-    def place(step: Step, used: list[int]) -> None:
-        step.release = tuple(index for index in used if index not in saved)
-        step.foreign = tuple(index for index in used if program_of[index] != step.program)
-        programs.setdefault(step.program, []).append(step)
-
-    for node in graph.nodes:
-        step = _step(graph, node)
-        step.program = program_of[step.index]
-        used = sorted({ref.index for ref in node_refs(node)})
-        if step.code in (GRAD, SETGRAD):
-            # The tensor is used where the hook is put; the new gradient (SetGrad)
-            # where the hook fires.
-            place(_hook_step(step), uses_in(node.args[:1]))
-            used = uses_in(node.args[1:])
-        step.unused = uses[step.index] == 0 and step.index not in saved
-        if step.key is not None:
-            readers[step.key] = readers.get(step.key, 0) + 1
-            if step.key[1] != "grad":
-                sites.add((step.key[0], step.key[1]))
-        if step.body is not None:
-            # A loop reads its body's module calls again at every iteration; a
-            # loop over calls reads a different call of its scope's modules.
-            again = step.code in (ITER, CALLS)
-            scope = node.op.scope if isinstance(node.op, EachCall) else None
-            for key, count in step.body.readers.items():
-                if scope is not None and key[1] != "grad" and in_scope(key[0], scope):
-                    dynamic.add((key[0], key[1]))
-                    continue
-                readers[key] = KEEP_UNTIL_THE_END if again else min(readers.get(key, 0) + count, KEEP_UNTIL_THE_END)
-            sites.update(step.body.hook_sites)
-            dynamic.update(step.body.dynamic_sites)
-        if step.code == EXPORT:
+    # First pass: every fact about every node.
+    facts = [_facts(graph, node) for node in nodes]
+    exports: dict[int, set[int]] = {}
+    for node in nodes:
+        if isinstance(node.op, Export):
             source = node.args[0]
             assert type(source) is Ref, "an export's argument is its context node"
-            context = steps[source.index]
-            context.exports = context.exports | {step.param}
-        if step.code in (SET, SETGRAD) or step.guard is not None:
-            writes.add(step.index)
-        calls = _stop_calls(graph, node) if step.code == STOP else None
-        if calls is not None:
-            for key in calls:
-                stops.setdefault(key, []).append((step.index, calls))
-        touches.update(_accesses(step))
+            exports.setdefault(source.index, set()).add(node.op.index)
+    accesses = [_accesses(node, fact.key, fact.reads, fact.guard, fact.body) for node, fact in zip(nodes, facts)]
+    after = _order_accesses_across_invokes(accesses, program_of)
+    readers: dict[Event, int] = {}
+    kept_to_end: set[Event] = set()
+    sites: set[tuple[str, Site]] = set()
+    dynamic: set[tuple[str, Site]] = set()
+    stops: dict[EventKey, list[tuple[int, tuple[EventKey, ...]]]] = {}
+    for node, fact in zip(nodes, facts):
+        key = fact.key
+        if key is not None:
+            readers[key] = readers.get(key, 0) + 1
+            if not isinstance(key, GradKey):
+                sites.add((key[0], key[1]))
+        body = fact.body
+        if body is not None:
+            # A loop reads its body's module calls again at every iteration; a
+            # loop over calls reads a different call of its scope's modules.
+            again = isinstance(node.op, (Iterate, EachCall))
+            scope = node.op.scope if isinstance(node.op, EachCall) else None
+            for key, count in body.readers + tuple((each, 0) for each in body.kept_to_end):
+                if scope is not None and not isinstance(key, GradKey) and in_scope(key[0], scope):
+                    dynamic.add((key[0], key[1]))
+                elif again or key in body.kept_to_end:
+                    kept_to_end.add(key)
+                else:
+                    readers[key] = readers.get(key, 0) + count
+            sites.update(body.hook_sites)
+            dynamic.update(body.dynamic_sites)
+        derived = _stop_calls(graph, node) if isinstance(node.op, Stop) else None
+        if derived is not None:
+            for call_key in derived:
+                stops.setdefault(call_key, []).append((node.ref.index, derived))
+
+    # Second pass: the steps, each made once, complete.
+    def common(index: int, used: tuple[int, ...], program: ProgramKey, after: tuple[int, ...], unused: bool) -> _Common:
+        return _Common(
+            index=index,
+            release=tuple(each for each in used if each not in saved),
+            foreign=tuple(WaitValue(each, index) for each in used if program_of[each] != program),
+            after=tuple(WaitStep(each, index) for each in after),
+            unused=unused,
+        )
+
+    steps: list[Step] = []
+    programs: dict[ProgramKey, list[Step]] = {}
+    for node, fact in zip(nodes, facts):
+        index = node.ref.index
+        program = program_of[index]
+        if isinstance(node.op, (Grad, SetGrad)):
+            # The hook goes on where the node is written: in its invoke's program.
+            hook_fields = common(index, fact.hook_used, node.invoke, (), False)
+            hook = GradHookStep(key=GradKey(index), resolve=resolver(node), **hook_fields)
+            programs.setdefault(node.invoke, []).append(hook)
+        unused = uses[index] == 0 and index not in saved
+        fields = common(index, fact.used, program, after[index], unused)
+        step = _step(node, fact, frozenset(exports.get(index, ())), fields)
         steps.append(step)
-        place(step, used)
-    _order_accesses_across_invokes(steps)
+        programs.setdefault(program, []).append(step)
+    writes = frozenset(
+        index for index, fact in enumerate(facts)
+        if isinstance(nodes[index].op, (ModuleSet, SetGrad)) or fact.guard is not None
+    )
     return Plan(
         steps=tuple(steps),
         # Programs resume in the order they began in the code (dicts keep insertion order).
@@ -618,161 +486,75 @@ def compile_plan(graph: Graph) -> Plan:
         program_of=tuple(program_of),
         uses=tuple(uses),
         saved=saved,
-        event_keys=frozenset(readers),
-        readers=readers,
+        event_keys=frozenset(readers) | frozenset(kept_to_end),
+        readers=tuple((key, count) for key, count in readers.items() if key not in kept_to_end),
+        kept_to_end=frozenset(kept_to_end),
         hook_sites=tuple(sorted(sites)),
         dynamic_sites=frozenset(dynamic),
-        writes=frozenset(writes),
-        touches=frozenset(touches),
-        stops={key: tuple(found) for key, found in stops.items()},
+        writes=writes,
+        touches=frozenset(access for found in accesses for access in found),
+        stops=pmap({key: tuple(found) for key, found in stops.items()}) if stops else NO_STOPS,
     )
 
 
-def plan_for(graph: Graph) -> Plan:
-    """The plan of ``graph``, compiled once per graph structure.
+class _Common(TypedDict):
+    """The fields every step has (steps.py)."""
 
-    The plan is kept on the graph (replaying it finds it at once) and, when
-    the graph holds no function that could keep large objects alive (a
-    closure, a bound method), in a table keyed by the graph's structure,
-    so that a fresh trace of the same code, with other tensor constants and
-    on other lines, finds it too. A plan holds no graph object (see `Step`).
-    """
-    memo = graph._plan
-    if isinstance(memo, Plan):
-        return memo
-    key = structure_key(graph)
-    shared: Plan | None = None
-    if key is not None:
-        with _PLANS_LOCK:
-            shared = _PLANS.get(key)
-            if shared is not None:
-                _PLANS.move_to_end(key)
-    plan = shared if shared is not None else compile_plan(graph)
-    if key is not None and shared is None:
-        with _PLANS_LOCK:
-            _PLANS[key] = plan
-            while len(_PLANS) > _PLANS_KEPT:
-                _PLANS.popitem(last=False)
-    object.__setattr__(graph, "_plan", plan)
-    return plan
+    index: int
+    release: tuple[int, ...]
+    foreign: tuple[WaitValue, ...]
+    after: tuple[WaitStep, ...]
+    unused: bool
 
 
-_PLANS: OrderedDict[object, Plan] = OrderedDict()
-_PLANS_LOCK = threading.Lock()
-_PLANS_KEPT = 256
-
-
-# --- the structure key -------------------------------------------------------------------
-
-_NOT_SHARED: Any = object()
-
-
-def structure_key(graph: Graph) -> object | None:
-    """What a plan depends on: the graph with its tensor constants and other
-    non-immutable constants replaced by markers (and source lines left out).
-
-    ``None`` when the graph calls a function that could keep large objects
-    alive in a table (a closure, a bound method, a function with defaults):
-    its plan then stays with the graph alone.
-    """
-    key = _graph_key(graph)
-    return None if key is _NOT_SHARED else _Key(key)
-
-
-class _Key:
-    """A structure key with its hash computed once (a table lookup hashes it
-    and a hit compares it; both are C-level walks of plain tuples)."""
-
-    __slots__ = ("items", "hash")
-
-    def __init__(self, items: object) -> None:
-        self.items = items
-        self.hash = hash(items)
-
-    def __hash__(self) -> int:
-        return self.hash
-
-    def __eq__(self, other: object) -> bool:
-        return self is other or (isinstance(other, _Key) and self.hash == other.hash and self.items == other.items)
-
-
-def _graph_key(graph: Graph) -> object:
-    keys = []
-    for node in graph.nodes:
-        key = node._key
-        if key is None:
-            key = _node_key(node)
-            object.__setattr__(node, "_key", key)
-        if key is _NOT_SHARED:
-            return _NOT_SHARED
-        keys.append(key)
-    return (tuple(keys), _arg_key(graph.outputs))
-
-
-_FIELDS: dict[type, tuple[str, ...]] = {}
-
-
-def _op_key(op: Op) -> object:
-    """An op as a plain tuple (hashed and compared in C, unlike attrs classes)."""
-    kind = type(op)
-    names = _FIELDS.get(kind)
-    if names is None:
-        names = _FIELDS[kind] = tuple(field.name for field in attrs.fields(kind))
-    if not names:
-        return kind
-    if kind is Call:
-        return (kind, op.fn)  # type: ignore[union-attr]  # a Call
-    return (kind,) + tuple(getattr(op, name) for name in names)
-
-
-def _node_key(node: Node) -> object:
-    op = node.op
-    if untrusted(op):
-        return _NOT_SHARED  # a loaded graph's plan runs under its guard: never shared
-    if isinstance(op, (Cond, Iterate, EachCall, TraceRun)):
-        body = _graph_key(op.body)
-        if body is _NOT_SHARED:
-            return _NOT_SHARED
-        fields = tuple(getattr(op, field.name) for field in attrs.fields(type(op)) if field.name != "body")
-        op_key: object = (type(op), body, fields)
-    elif type(op) is Call:
-        fn = op.fn
-        if not shareable(fn):
-            return _NOT_SHARED
-        op_key = (Call, fn)
-    else:
-        op_key = _op_key(op)
-    args = node.args
-    if len(args) == 1:
-        args_key: object = _arg_key(args[0])
-    else:
-        args_key = tuple([_arg_key(arg) for arg in args])
-    kwargs = node.kwargs
-    if kwargs is _NO_KWARGS:
-        return (op_key, args_key, (), node.invoke)
-    return (op_key, args_key, tuple([(name, _arg_key(kwargs[name])) for name in kwargs]), node.invoke)
-
-
-def _arg_key(arg: object) -> object:
-    kind = type(arg)
-    if kind is Ref:
-        return -1 - arg.index  # type: ignore[attr-defined]  # a Ref (negative: no atom key is an int)
-    if kind is float:
-        return (float, arg.hex())  # type: ignore[attr-defined]  # as structural_key, inlined: the usual constant
-    if kind in ATOMS:
-        return structural_key(arg)
-    if kind is tuple:
-        return ("tuple", tuple(_arg_key(item) for item in arg))  # type: ignore[attr-defined]  # a tuple
-    if kind is TensorConst:
-        return ("tensor",)  # (no atom's key is a 1-tuple: a string stays a string)
-    if kind is ListConst:
-        return ("list", tuple(_arg_key(item) for item in arg.items))  # type: ignore[attr-defined]
-    if kind is DictConst:
-        return ("dict", tuple((structural_key(k), _arg_key(v)) for k, v in arg.items))  # type: ignore[attr-defined]
-    if kind is SliceConst:
-        return ("slice", _arg_key(arg.start), _arg_key(arg.stop), _arg_key(arg.step))  # type: ignore[attr-defined]
-    if kind is TupleOf:
-        return ("tupleof", arg.cls, tuple(_arg_key(item) for item in arg.items))  # type: ignore[attr-defined]
-    return ("constant",)  # read from the run's own graph, never held by a plan
-
-
+def _step(node: Node, fact: _Facts, exports: frozenset[int], kw: _Common) -> Step:
+    """The step of ``node``, from the facts the analysis found (``kw``: the fields every step has)."""
+    body = fact.body
+    match node.op:
+        case ModuleGet(path, kind, call):
+            call_key: EventKey = (path, site_of(kind), call)
+            return ModuleGetStep(key=call_key, wait=WaitEvent(call_key, node.ref.index), kind=kind,
+                                 invoke=node.invoke, **kw)
+        case ModuleSet(path, kind, call):
+            call_key = (path, site_of(kind), call)
+            return ModuleSetStep(key=call_key, wait=WaitEvent(call_key, node.ref.index), kind=kind,
+                                 invoke=node.invoke, resolve=resolver(node), **kw)
+        case Grad():
+            grad = GradKey(node.ref.index)
+            return GradStep(key=grad, wait=WaitEvent(grad, node.ref.index), **kw)
+        case SetGrad():
+            grad = GradKey(node.ref.index)
+            return SetGradStep(key=grad, wait=WaitEvent(grad, node.ref.index), resolve=resolver(node), **kw)
+        case Save():
+            return SaveStep(**kw)
+        case Stop():
+            return StopStep(**kw)
+        case Bridge(slot):
+            return BridgeStep(slot=slot, **kw)
+        case IterItem():
+            return IterItemStep(**kw)
+        case Export(inner):
+            return ExportStep(inner=inner, resolve=resolver(node), **kw)
+        case Cond():
+            assert body is not None
+            return CondStep(resolve=resolver(node), body=body, exports=exports, **kw)
+        case Iterate():
+            assert body is not None
+            return IterateStep(resolve=resolver(node), body=body, exports=exports, **kw)
+        case EachCall(body_graph, scope=scope):
+            assert body is not None
+            again, carry = _per_call_part(body_graph, body, scope)
+            # The first iteration up to the last step that later ones repeat; the rest beside them.
+            cut = again[-1].index + 1 if again else 0
+            return EachCallStep(
+                resolve=resolver(node), body=body, exports=exports, again=again,
+                again_nodes=frozenset(each.index for each in again), carry=carry,
+                head=tuple(each for each in body.steps if each.index < cut),
+                tail=tuple(each for each in body.steps if each.index >= cut),
+                **kw,
+            )
+        case TraceRun():
+            # A trace is its own run (with its own hooks): its plan is made then.
+            return TraceRunStep(resolve=resolver(node), exports=exports, **kw)
+        case Call() | CallMethod() | GetAttr() | SetAttr() | ModuleAttr() | ApplyModule():
+            return ComputeStep(compute=computer(node), guard=fact.guard, reads=fact.reads, **kw)

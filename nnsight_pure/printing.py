@@ -7,6 +7,7 @@ only on the graph value, never on memory addresses or hash order. Pure.
 
 from __future__ import annotations
 
+from .events import GradProgram, LoopPart, ProgramKey
 from .graph import Graph, Node
 from .ops import (
     ApplyModule,
@@ -133,11 +134,15 @@ def invoke_label(invoke: int | None) -> str:
     return "outside invokes" if invoke is None else f"invoke {invoke}"
 
 
-def program_label(program: object) -> str:
-    """How a program is named in messages: an invoke, or a gradient's."""
-    if isinstance(program, tuple):
-        return f"the gradient of %{program[1]}"
-    return invoke_label(program if isinstance(program, int) else None)
+def program_label(program: ProgramKey) -> str:
+    """How a program is named in messages: an invoke, a gradient's, or a loop's later iterations."""
+    match program:
+        case GradProgram(node):
+            return f"the gradient of %{node}"
+        case LoopPart(step):
+            return f"the later iterations of the loop over calls %{step}"
+        case _:
+            return invoke_label(program)
 
 
 def format_graph(graph: Graph, *, indent: str = "  ") -> str:

@@ -25,8 +25,8 @@ from .config import CONFIG
 from .contexts import active
 from .contexts.active import _OPEN
 from .errors import TraceError
+from .evaluate import op_function
 from .ops import Call, CallMethod, GetAttr, Grad, Op, Save, SetAttr, SetGrad, Stop
-from .plan import op_function
 from .printing import format_node
 from .scan import UNKNOWN, shape_like
 

@@ -10,9 +10,10 @@ from typing import Any, Mapping, Sequence, cast
 import attrs
 
 from .arguments import DictConst, ListConst, thaw
+from .events import ProgramKey
 from .graph import Graph
 from .ops import Grad, SetGrad
-from .plan import ProgramKey, plan_for
+from .plan import plan_for
 from .printing import format_node, invoke_label
 from .source import short
 

@@ -42,6 +42,8 @@ from torch._subclasses.fake_tensor import (
 from torch.overrides import TorchFunctionMode
 from torch.utils._mode_utils import no_dispatch
 
+from .evaluate import op_function
+from .events import EventKey, site_of
 from .ops import (
     ApplyModule,
     Call,
@@ -55,7 +57,6 @@ from .ops import (
     Save,
     SetGrad,
 )
-from .plan import EventKey, op_function, site_of
 from .printing import module_expr
 from .source import add_note
 

@@ -1,4 +1,4 @@
-"""The pure core: graph values, arguments, printing and plans, with no model at all."""
+"""The pure core: graph values, arguments and printing, with no model at all (plans: test_plan.py)."""
 
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from nnsight_pure.arguments import (
     is_plain_constant,
     thaw,
 )
-from nnsight_pure.graph import Graph, GraphError, Node, add, check_graph, saved_refs, use_counts, users
-from nnsight_pure.ops import Call, CallMethod, ModuleGet, ModuleSet, Op, Save, Stop
-from nnsight_pure.plan import compile_plan, is_inplace, plan_for, structure_key
+from nnsight_pure.graph import Graph, GraphError, add, check_graph, saved_refs, use_counts, users
+from nnsight_pure.ops import Call, CallMethod, ModuleGet, ModuleSet, Save, Stop
+from nnsight_pure.plan import compile_plan
 from nnsight_pure.printing import format_graph
 
 
@@ -194,136 +194,3 @@ def test_format_graph_is_the_same_in_another_process_and_hash_seed() -> None:
     }
     assert len(outputs) == 1
     assert "%0.view(a=2, b=1, c=3, dim=4)" in outputs.pop()
-
-
-def test_plans_are_cached_per_graph_value() -> None:
-    g = build()
-    assert plan_for(g) is plan_for(g)
-    assert plan_for(build()) is plan_for(g)  # an equal graph built again shares it
-
-
-def _scaled(constant: object, fn: Any = operator.mul) -> Graph:
-    g, h = Graph().add(ModuleGet("layer1", "output"))
-    g, r = g.add(Call(fn), (h, constant))
-    return g.add(Save(), (r,))[0]
-
-
-def test_plans_are_shared_by_structure_not_by_constants() -> None:
-    ones, twos = TensorConst(torch.ones(3)), TensorConst(torch.full((3,), 2.0))
-    assert plan_for(_scaled(ones)) is plan_for(_scaled(twos))  # tensors are read from each graph
-    assert structure_key(_scaled(ones)) == structure_key(_scaled(twos))
-    # Immutable constants are part of the structure (a plan may hold them).
-    assert plan_for(_scaled(2)) is not plan_for(_scaled(3))
-    assert plan_for(_scaled(2)) is not plan_for(_scaled(2.0))
-    assert structure_key(_scaled("tensor")) != structure_key(_scaled(ones))  # no marker collides with a string
-    assert plan_for(_scaled(2, operator.add)) is not plan_for(_scaled(2))
-    # A closure could pin large objects in the table: such graphs keep their plan to themselves.
-    big = torch.ones(1000)
-    closure = lambda value, other: value * other + big  # noqa: E731
-    assert structure_key(_scaled(2, closure)) is None
-    assert plan_for(_scaled(2, closure)) is not plan_for(_scaled(2, closure))
-
-
-def test_a_shared_plan_runs_each_graph_with_its_own_constants() -> None:
-    from nnsight_pure.batching import BatchGroups
-    from nnsight_pure.interpreter import run_trace
-
-    net = torch.nn.Sequential(torch.nn.Linear(3, 3))
-    x = torch.rand(1, 3)
-    graphs = [_on_linear(value) for value in (1.0, 2.0, 3.0)]
-    assert plan_for(graphs[0]) is plan_for(graphs[2])
-    for value, graph in zip((1.0, 2.0, 3.0), graphs):
-        results, _ = run_trace(graph, net, _interleave, net, (x,), {}, BatchGroups.from_sizes([1]))
-        assert torch.equal(results.values[1], net(x) * value)
-
-
-def _on_linear(value: float) -> Graph:
-    g, h = Graph().add(ModuleGet("0", "output"))
-    g, r = g.add(Call(operator.mul), (h, TensorConst(torch.full((3,), value))))
-    return g.add(Save(), (r,))[0]
-
-
-def _interleave(interleaver: Any, *args: Any, fn: Any, **kwargs: Any) -> Any:
-    with interleaver:
-        return fn(*args, **kwargs)
-
-
-def test_plan_lists_hook_sites_and_frees() -> None:
-    g = build()
-    plan = compile_plan(g)
-    assert plan.hook_sites == (("layer1", "post"),)
-    assert plan.saved == frozenset({0})
-    assert plan.uses == (4, 1, 0, 0, 0)
-    assert [step.release for step in plan.steps] == [(), (), (1,), (), ()]
-    assert [step.unused for step in plan.steps] == [False, False, True, True, True]
-    assert [invoke for invoke, _ in plan.programs] == [None]
-
-
-def test_inplace_detection() -> None:
-    def node(op: Op) -> Node:
-        from pyrsistent import pmap, pvector
-
-        return Node(Ref(1), op, pvector([Ref(0)]), pmap())
-
-    assert is_inplace(node(Call(operator.setitem)))
-    assert is_inplace(node(Call(operator.iadd)))
-    assert is_inplace(node(CallMethod("zero_")))
-    assert is_inplace(node(Call(torch.Tensor.add_)))
-    assert not is_inplace(node(CallMethod("requires_grad_")))
-    assert not is_inplace(node(CallMethod("add")))
-    assert not is_inplace(node(Call(operator.add)))
-
-
-# --- nodes shared between traces of the same code ------------------------------------------
-
-
-def _traced(model: Any, x: torch.Tensor, factor: Any) -> Graph:
-    with model.trace(x) as tracer:
-        (model.layer1.output * factor).save()
-    graph: Graph = tracer.graph
-    return graph
-
-
-def test_running_the_same_code_again_shares_its_nodes() -> None:
-    import nnsight_pure as nnsight
-    from tests.helpers import tiny_net
-
-    model = nnsight.NNsight(tiny_net())
-    x = torch.rand(1, 5)
-    first, second = _traced(model, x, 2.0), _traced(model, x, 2.0)
-    assert first == second
-    assert all(a is b for a, b in zip(first.nodes, second.nodes))  # made (and keyed) once
-    assert first.nodes[1]._key is not None  # the plan's key of the node is worked out once too
-
-
-def test_shared_nodes_keep_constants_exact_and_tensors_apart() -> None:
-    import nnsight_pure as nnsight
-    from tests.helpers import tiny_net
-
-    model = nnsight.NNsight(tiny_net())
-    x = torch.rand(1, 5)
-    by_int, by_float = _traced(model, x, 1), _traced(model, x, 1.0)
-    assert type(by_int.nodes[1].args[1]) is int and type(by_float.nodes[1].args[1]) is float
-    zero, minus_zero = _traced(model, x, 0.0), _traced(model, x, -0.0)
-    assert str(minus_zero.nodes[1].args[1]) == "-0.0" and str(zero.nodes[1].args[1]) == "0.0"
-    one, other = _traced(model, x, torch.ones(1)), _traced(model, x, torch.ones(1))
-    assert one.nodes[1] is not other.nodes[1]  # a tensor constant is never shared
-    scale = 3.0
-    closure, again = (
-        nnsight.trace(model, lambda m: nnsight.apply(lambda v: v * scale, m.layer1.output)) for _ in range(2)
-    )
-    assert closure.nodes[1] is not again.nodes[1]  # a closure is never held by the table
-
-
-def test_shared_nodes_keep_their_own_source_lines() -> None:
-    import nnsight_pure as nnsight
-    from tests.helpers import tiny_net
-
-    model = nnsight.NNsight(tiny_net())
-    with model.trace(torch.rand(1, 5)) as tracer:
-        a = model.layer1.output * 2.0
-        b = model.layer1.output * 2.0  # the same node value, another line
-    nodes = tracer.graph.nodes
-    assert nodes[1].source is not None and nodes[2].source is not None
-    assert nodes[2].source.lineno == nodes[1].source.lineno + 1
-    del a, b

@@ -118,9 +118,9 @@ def test_tables_kept_across_traces_are_bounded(monkeypatch: pytest.MonkeyPatch) 
             nnsight.apply(eval("lambda t: t + 1"), model.layer1.output).save()  # a fresh function each time
     assert len(shareable._KNOWN) <= shareable.KNOWN_KEPT
     assert len(graph_module._NODES) <= graph_module._NODES_KEPT
-    from nnsight_pure import plan
+    from nnsight_pure import plan_cache
 
-    assert len(plan._PLANS) <= plan._PLANS_KEPT
+    assert len(plan_cache._PLANS) <= plan_cache._PLANS_KEPT
 
 
 def test_a_session_with_inputs_made_outside_it(no_gc: None) -> None:

@@ -19,9 +19,9 @@ import warnings
 from typing import Any
 
 from ..errors import MissedCallsWarning
+from ..events import in_scope
 from ..graph import Graph, SourceLoc
 from ..ops import Cond, EachCall, Iterate, ModuleGet, ModuleSet, TraceRun
-from ..plan import in_scope
 from ..printing import module_expr
 from ..source import short
 from .base import GraphContext

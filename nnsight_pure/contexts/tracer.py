@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ..errors import TraceError
+from ..events import EventKey, in_scope
 from ..graph import SourceLoc
 from ..ops import AccessKind, ApplyModule, ModuleGet, ModuleSet, Op, TraceRun
-from ..plan import EventKey, in_scope
 from ..proxy import Proxy
 from ..scan import UNKNOWN, fake_copy, fake_value, new_mode, scan
 from ..source import short, user_location

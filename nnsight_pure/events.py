@@ -1,0 +1,65 @@
+"""The vocabulary of a run: hook events and programs.
+
+A run is driven by *events*: a module call's ``pre`` (inputs) or ``post``
+(output) hook, or a gradient's tensor hook. The plan says which events each
+node waits for, the interpreter feeds them to the *programs* (one per invoke,
+one per gradient hook, ...), and the shell names them in scans and
+messages. These are plain values, below the plan, so that the shell can use
+them without importing the planner.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple, Union
+
+from .ops import AccessKind
+
+Site = Literal["pre", "post"]
+"""Which module hook an event comes from: a call's ``pre`` (inputs) or ``post`` (output) hook."""
+
+EventKey = tuple[str, Site, int]
+"""One module call's hook event: (module path, site, call index). A plain
+tuple: a hook event builds one per call, and tables hash it in C."""
+
+
+class GradKey(NamedTuple):
+    """The event of the gradient hook of a `Grad`/`SetGrad` node (``node``, its index)."""
+
+    node: int
+
+
+Event = Union[EventKey, GradKey]
+"""Any event a step can wait for: a module call's, or a gradient's."""
+
+
+class GradProgram(NamedTuple):
+    """The program of what runs when the gradient hook of node ``node`` fires."""
+
+    node: int
+
+
+class LoopPart(NamedTuple):
+    """The program of the later iterations of the loop over calls at step ``step``."""
+
+    step: int
+
+
+ProgramKey = Union[int, None, GradProgram, LoopPart]
+"""Which program a step belongs to: an invoke's (``None``: outside invokes),
+a gradient hook's (`GradProgram`), or a loop over calls' later iterations
+(`LoopPart`, made at run time)."""
+
+
+def is_module_event(key: Event) -> bool:
+    """Whether ``key`` is a module call's event (not a gradient's)."""
+    return not isinstance(key, GradKey)
+
+
+def in_scope(path: str, scope: tuple[str, ...]) -> bool:
+    """Whether module ``path`` is one of the ``scope`` modules or below one."""
+    return any(not prefix or path == prefix or path.startswith(prefix + ".") for prefix in scope)
+
+
+def site_of(kind: AccessKind) -> Site:
+    """The hook that carries a module value: inputs before the call, output after."""
+    return "post" if kind == "output" else "pre"

@@ -1,0 +1,240 @@
+"""Steps: how the interpreter runs each node, one frozen class per kind.
+
+A plan (plan.py) turns every node into a step, named after the op it runs
+(`ModuleGetStep` for a `ModuleGet`, ...; `ComputeStep` for the ordinary
+ops, `GradHookStep` for the hook a `Grad`/`SetGrad` node puts on its
+tensor). `Step` is their closed union: the interpreter dispatches on it
+with ``match``, so mypy's exhaustiveness check reaches from the ops into
+the fold. Steps are built once every fact about them is known (plan.py
+builds them in a second pass) and never change: a plan, and its steps, is
+shared by every graph of the same structure and by every thread.
+
+What every step has: ``index`` (its node), ``release`` (the unsaved values
+it uses; each loses one use when it runs), ``foreign`` (waits for the values
+it uses that another program computes), ``after`` (waits for the accesses
+of other invokes to the same module call that are written before it) and
+``unused`` (no one reads its value). The waits are prebuilt here, at plan
+time, so the fold yields them as they are.
+
+A step holds no graph object: the run reads what varies between graphs of
+one structure (tensor constants, source lines, bodies) from its own graph.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence, Union
+
+import attrs
+
+from .events import Event, EventKey, GradKey
+from .ops import AccessKind
+
+if TYPE_CHECKING:
+    from .graph import Node
+    from .plan import Plan
+
+
+# --- waits ------------------------------------------------------------------------------
+
+
+class WaitEvent(NamedTuple):
+    """Step ``step`` waits for hook event ``key``; ``may_end``: the end of the
+    run ends the wait (inside an open-ended loop over calls)."""
+
+    key: Event
+    step: int
+    may_end: bool = False
+
+
+class WaitValue(NamedTuple):
+    """Step ``step`` waits for the value of node ``node``, computed by another program."""
+
+    node: int
+    step: int
+
+
+class WaitStep(NamedTuple):
+    """Step ``step`` waits for node ``node`` (another invoke's access of the
+    same module call, written before it) to run."""
+
+    node: int
+    step: int
+
+
+# --- what steps run ---------------------------------------------------------------------
+
+Resolver = Callable[[list[Any], "Sequence[Node]"], tuple[tuple[Any, ...], dict[str, Any]]]
+"""``resolve(env, nodes)``: a node's (args, kwargs) from the run's environment
+and the run's graph nodes (read only for constants a plan may not hold)."""
+
+Compute = Callable[[list[Any], "Sequence[Node]", Any], Any]
+"""``compute(env, nodes, modules)``: an ordinary node's value, from the run's
+environment, its graph nodes and what looks up its modules (evaluate.py)."""
+
+
+class Guard(NamedTuple):
+    """A write in place must run inside hook event ``key``: it writes into the
+    value of access node ``access`` (or a view of it)."""
+
+    key: Event
+    access: int
+
+
+# --- the steps --------------------------------------------------------------------------
+
+
+@attrs.frozen(eq=False, kw_only=True)
+class _Step:
+    index: int
+    release: tuple[int, ...] = ()
+    foreign: tuple[WaitValue, ...] = ()
+    after: tuple[WaitStep, ...] = ()
+    unused: bool = False
+
+
+@attrs.frozen(eq=False, kw_only=True)
+class ComputeStep(_Step):
+    """An ordinary op (`Call`, `CallMethod`, `GetAttr`, `SetAttr`,
+    `ModuleAttr`, `ApplyModule`). ``guard``: the event a write in place must
+    happen in; ``reads``: the module calls whose values (or views of them) it uses."""
+
+    compute: Compute
+    guard: Guard | None = None
+    reads: tuple[Event, ...] = ()
+
+
+@attrs.frozen(eq=False, kw_only=True)
+class ModuleGetStep(_Step):
+    """A module access: wait for call ``key`` and take its ``kind`` of value (this invoke's rows)."""
+
+    key: EventKey
+    wait: WaitEvent
+    kind: AccessKind
+    invoke: int | None
+
+
+@attrs.frozen(eq=False, kw_only=True)
+class ModuleSetStep(_Step):
+    """A module write: wait for call ``key`` and hand the model a new value (this invoke's rows)."""
+
+    key: EventKey
+    wait: WaitEvent
+    kind: AccessKind
+    invoke: int | None
+    resolve: Resolver
+
+
+@attrs.frozen(eq=False, kw_only=True)
+class GradHookStep(_Step):
+    """Put a one-shot gradient hook (event ``key``) on the tensor of a
+    `Grad`/`SetGrad` node, where the node is written; the node's own step
+    runs when the hook fires."""
+
+    key: GradKey
+    resolve: Resolver
+
+
+@attrs.frozen(eq=False, kw_only=True)
+class GradStep(_Step):
+    """Read a gradient: wait for its hook."""
+
+    key: GradKey
+    wait: WaitEvent
+
+
+@attrs.frozen(eq=False, kw_only=True)
+class SetGradStep(_Step):
+    """Replace a gradient: wait for its hook and hand back a new one."""
+
+    key: GradKey
+    wait: WaitEvent
+    resolve: Resolver
+
+
+@attrs.frozen(eq=False, kw_only=True)
+class SaveStep(_Step):
+    """Mark a value saved (the plan keeps it; the step itself computes nothing)."""
+
+
+@attrs.frozen(eq=False, kw_only=True)
+class StopStep(_Step):
+    """End the innermost loop, or else the model run (or the session)."""
+
+
+@attrs.frozen(eq=False, kw_only=True)
+class BridgeStep(_Step):
+    """Take the value captured from the enclosing graph into ``slot``."""
+
+    slot: int
+
+
+@attrs.frozen(eq=False, kw_only=True)
+class IterItemStep(_Step):
+    """Take the loop's current item."""
+
+
+@attrs.frozen(eq=False, kw_only=True)
+class ExportStep(_Step):
+    """Take value ``inner`` out of a finished body (its context node's value)."""
+
+    inner: int
+    resolve: Resolver
+
+
+@attrs.frozen(eq=False, kw_only=True)
+class CondStep(_Step):
+    """Run ``body`` once if the condition holds; ``exports``: the body nodes
+    later nodes read."""
+
+    resolve: Resolver
+    body: Plan
+    exports: frozenset[int]
+
+
+@attrs.frozen(eq=False, kw_only=True)
+class IterateStep(_Step):
+    """Run ``body`` once per item; a stop inside ends the loop."""
+
+    resolve: Resolver
+    body: Plan
+    exports: frozenset[int]
+
+
+@attrs.frozen(eq=False, kw_only=True)
+class EachCallStep(_Step):
+    """A loop over calls: ``body`` once per call index, its accesses shifted.
+
+    ``again``: the body steps that run again at every call after the first
+    (those that touch the scope's calls); ``carry``: the values of the others
+    that they use (computed once, in the first iteration). ``head`` is the
+    first iteration up to the last step the later ones repeat, ``tail`` the
+    rest of it (which runs beside them), ``again_nodes`` the indexes of
+    ``again``.
+    """
+
+    resolve: Resolver
+    body: Plan
+    exports: frozenset[int]
+    again: tuple[Step, ...]
+    again_nodes: frozenset[int]
+    carry: frozenset[int]
+    head: tuple[Step, ...]
+    tail: tuple[Step, ...]
+
+
+@attrs.frozen(eq=False, kw_only=True)
+class TraceRunStep(_Step):
+    """A trace of a session: a whole model run (its plan is made then)."""
+
+    resolve: Resolver
+    exports: frozenset[int]
+
+
+Step = Union[
+    ComputeStep, ModuleGetStep, ModuleSetStep, GradHookStep, GradStep, SetGradStep, SaveStep, StopStep,
+    BridgeStep, IterItemStep, ExportStep, CondStep, IterateStep, EachCallStep, TraceRunStep,
+]
+"""Every kind of step (see the module docstring)."""
+
+BodyStep = Union[CondStep, IterateStep, EachCallStep]
+"""The steps that run a body of their own (a trace's is a run of its own)."""
