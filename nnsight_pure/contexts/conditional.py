@@ -26,7 +26,7 @@ from ..graph import SourceLoc
 from ..ops import Call, Cond
 from ..proxy import Proxy
 from ..source import short, user_location
-from . import active
+from .. import open_blocks as active
 from .base import BodyContext, GraphContext
 
 _ELSE = object()  # `else_()` without a condition

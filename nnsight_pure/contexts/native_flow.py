@@ -46,7 +46,7 @@ import attrs
 
 from ..errors import TraceError
 from ..graph import SourceLoc
-from . import active
+from .. import open_blocks as active
 
 if TYPE_CHECKING:
     from ..proxy import Proxy

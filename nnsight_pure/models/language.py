@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 
 from ..scan import scanning
-from ..util import WrapperModule
+from .wrapper_module import WrapperModule
 from .nnsight import NNsight
 
 
