@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 
-from .config import CONFIG
 from . import open_blocks as active
-from .open_blocks import _OPEN
+from .config import CONFIG
 from .errors import TraceError
+from .open_blocks import _OPEN
 from .ops import Call, CallMethod, GetAttr, Grad, Op, Save, SetAttr, SetGrad, Stop
 from .plan import op_function
 from .printing import format_node
@@ -442,10 +442,13 @@ class Proxy:
             from .contexts import native_flow
 
             return native_flow.loop(self, frame)
-        return iter(self._needs_value("iterating", "Index it instead (out[0], out[1]), or loop with session.iter(...)."))
+        return iter(
+            self._needs_value("iterating", "Index it instead (out[0], out[1]), or loop with session.iter(...).")
+        )
 
     def __index__(self) -> int:
-        return operator.index(self._needs_value("the integer value", "Pass it to torch functions as a shape tuple, e.g. torch.zeros((n, 3))."))
+        hint = "Pass it to torch functions as a shape tuple, e.g. torch.zeros((n, 3))."
+        return operator.index(self._needs_value("the integer value", hint))
 
     def __int__(self) -> int:
         return int(self._needs_value("int()", "Keep it a traced value."))

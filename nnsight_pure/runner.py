@@ -21,8 +21,8 @@ import attrs
 from .batching import BatchGroups
 from .contexts import recorded_calls
 from .interpreter import Interleaver, TraceRunner, run_trace
-from .ops import TraceRun
 from .open_blocks import _OPEN
+from .ops import TraceRun
 
 if TYPE_CHECKING:
     import torch

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol, Sequence
 import attrs
 from pyrsistent import PMap, PVector, pmap, pvector
 
+from .. import open_blocks as active
 from ..arguments import ATOMS, Ref, freeze
 from ..config import CONFIG
 from ..errors import TraceError
@@ -38,7 +39,6 @@ from ..printing import format_node
 from ..proxy import Proxy, Recorder
 from ..results import Results, missing_value_message
 from ..source import short, user_location
-from .. import open_blocks as active
 from . import recorded_calls
 from .recorded_calls import FactoryRecord
 
@@ -336,7 +336,9 @@ class GraphContext:
             self._recording = attrs.evolve(recording, graph=graph, exports=recording.exports.set(key, ref))
         return ref
 
-    def _close_child(self, child: GraphContext, op: Op, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -> None:
+    def _close_child(
+        self, child: GraphContext, op: Op, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None
+    ) -> None:
         """Record a closed child's context node (its graph in ``op``; ``args``
         first, then the parent's values for the child's bridges)."""
         proxy = self.record(op, tuple(args) + child._recording.captures, kwargs, source=child._where)

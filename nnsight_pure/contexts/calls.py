@@ -42,7 +42,9 @@ class EachCallContext(GraphContext):
     ) -> None:
         super().__init__(parent._handle, where, parent)
         if step < 1 or start < 0 or (stop is not None and stop < 0) or any(call < 0 for call in calls):
-            raise ValueError(f"calls are counted from 0 with a positive step; got start={start}, stop={stop}, step={step}")
+            raise ValueError(
+                f"calls are counted from 0 with a positive step; got start={start}, stop={stop}, step={step}"
+            )
         self._selection = (start, stop, step)
         self._scope = scope
         self._calls = calls

@@ -48,10 +48,10 @@ from torch.overrides import TorchFunctionMode
 
 from ..config import CONFIG
 from ..errors import TraceError
+from ..open_blocks import _OPEN
 from ..ops import Call
 from ..source import short, user_location
 from ..trees import NOT_FOUND, find_leaf
-from ..open_blocks import _OPEN
 
 FACTORIES = frozenset(
     {

@@ -10,11 +10,11 @@ node runs through the runner (`runner.session_runner`) with the session's
 
 from __future__ import annotations
 
+from .. import open_blocks as active
 from ..graph import SourceLoc
 from ..interpreter import run_session
 from ..runner import ModelAdapter, session_runner
 from ..source import short
-from .. import open_blocks as active
 from . import recorded_calls
 from .base import GraphContext
 

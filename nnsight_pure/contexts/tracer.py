@@ -31,7 +31,6 @@ from ..graph import Graph, SourceLoc
 from ..ops import AccessKind, ApplyModule, ModuleGet, ModuleSet, Op, TraceRun
 from ..plan import EventKey, in_scope
 from ..proxy import Proxy, settled
-from ..results import Results
 from ..runner import Inputs, ModelAdapter, Prepared, prepare, run_invokes
 from ..scan import UNKNOWN, fake_copy, fake_value, new_mode, scan
 from ..source import short, user_location

@@ -107,8 +107,8 @@ class LanguageModel(NNsight):
             load_kwargs[_dtype_keyword(transformers)] = dtype
         given_tokenizer = tokenizer is not None
         if isinstance(model, torch.nn.Module):
-            module, repo_id, dispatched = _own_root(model), getattr(getattr(model, "config", None), "_name_or_path", None), True
             config = getattr(model, "config", None)
+            module, repo_id, dispatched = _own_root(model), getattr(config, "_name_or_path", None), True
             if tokenizer is None:
                 if not repo_id:
                     raise ValueError("a LanguageModel made from a module needs tokenizer=...")
@@ -171,7 +171,8 @@ class LanguageModel(NNsight):
     def _tokenize(self, value: Any, what: str, **tokenizer_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask)`` for text, token ids or an encoding."""
         tokenizer = self.tokenizer
-        if isinstance(value, str) or (isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value)):
+        texts_given = isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value)
+        if isinstance(value, str) or texts_given:
             texts = [value] if isinstance(value, str) else list(value)
             encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", **tokenizer_kwargs)
             return encoded["input_ids"], encoded["attention_mask"]
@@ -238,7 +239,8 @@ class LanguageModel(NNsight):
         joined = {}
         for name, value in kwargs.items():
             if name in fill:
-                joined[name] = torch.cat([_left_pad(batch[name], width, fill[name]), _left_pad(value, width, fill[name])])
+                pad = fill[name]
+                joined[name] = torch.cat([_left_pad(batch[name], width, pad), _left_pad(value, width, pad)])
             else:
                 joined[name] = value
         return (), joined

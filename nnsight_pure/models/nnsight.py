@@ -225,7 +225,9 @@ class NNsight:
     def _before_run(self) -> None:
         """Called before each real run (not before scans): a subclass loads its weights here."""
 
-    def interleave(self, interleaver: Interleaver, *args: Any, fn: Callable[..., Any] | str | None = None, **kwargs: Any) -> Any:
+    def interleave(
+        self, interleaver: Interleaver, *args: Any, fn: Callable[..., Any] | str | None = None, **kwargs: Any
+    ) -> Any:
         """Run ``fn(*args, **kwargs)`` (default `_execute`) with the trace's hooks in place.
 
         Override to prepare the model first (load weights, say); keep the call
