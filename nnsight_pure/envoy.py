@@ -15,11 +15,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .contexts import active
+from . import open_blocks as active
 from .contexts.calls import EachCallContext, calls_from
 from .contexts.tracer import Tracer
 from .errors import TraceError
-from .models.handle import ModelHandle
+from .handle import ModelHandle
 from .ops import AccessKind, ApplyModule, Call, ModuleAttr
 from .printing import module_expr
 from .proxy import Proxy
@@ -150,7 +150,7 @@ class Envoy:
     @iter.setter
     def iter(self, call: int) -> None:
         """``envoy.iter = i``: from now on, accesses to this module read call ``i``."""
-        self._require_tracer("iter")._fixed[self._path] = int(call)
+        self._require_tracer("iter")._fix_call(self._path, int(call))
 
     def __call__(self, *args: Any, hook: bool = False, **kwargs: Any) -> Any:
         """Run this module on ``args``: inside a trace, records an ad-hoc call

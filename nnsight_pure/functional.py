@@ -3,7 +3,7 @@ inputs (`run`), and make a model that runs it first (`edit`).
 
 ``with model.trace(x): body`` is sugar for ``run(model, trace(model, body), x)``:
 both record with the same tracer and run through the same
-``NNsight._run_invokes``. A graph is a value, so the one built here can be
+`runner.run_invokes`. A graph is a value, so the one built here can be
 replayed over a dataset (planned once: the plan cache is keyed on the graph),
 compared, hashed, written to JSON and composed.
 """
@@ -16,8 +16,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar, overload
 import attrs
 import torch
 
-from .arguments import freeze
-from .contexts import active
+from . import open_blocks as active
 from .contexts.tracer import Tracer
 from .errors import TraceError
 from .graph import Graph, Node
@@ -28,15 +27,16 @@ from .models.nnsight import NNsight
 from .ops import Call
 from .passes import as_edit, check_standalone, compose, graph_kind, invoke_count, module_paths
 from .printing import format_node
-from .proxy import Proxy
 from .results import Results
+from .runner import run_invokes, session_runner
 from .source import add_note, describe, short, user_location
 
 F = TypeVar("F", bound=Callable[..., Any])
 Invokes = Sequence["tuple[tuple[Any, ...], dict[str, Any]] | None"]
 
 
-def _wrapper(model: NNsight | torch.nn.Module) -> NNsight:
+def as_wrapper(model: NNsight | torch.nn.Module) -> NNsight:
+    """``model`` as an `NNsight` wrapper (a plain torch module gets a new one)."""
     if isinstance(model, NNsight):
         return model
     if isinstance(model, torch.nn.Module):
@@ -80,22 +80,21 @@ def trace(model: Any, fn: Any = None, *example_inputs: Any, method: str | None =
         return _traced_function(model)
     if not callable(fn):
         raise TypeError("nnsight_pure.trace(model, fn, ...) needs fn: a function of the model")
-    wrapper = _wrapper(model)
+    wrapper = as_wrapper(model)
     scanning = bool(example_inputs)
     tracer = Tracer(
-        wrapper, _method(wrapper, method), kwargs, user_location(), None, scan=scanning, validate=scanning
-    )
-    tracer._runs = False
-    tracer._why_no_run = (
-        "nnsight_pure.trace(...) only builds a graph; run it with nnsight_pure.run(model, graph, "
-        "inputs) and read the results' outputs"
+        wrapper._adapter(), _method(wrapper, method), kwargs, user_location(), None, scan=scanning,
+        validate=scanning, edits=wrapper.edits, inputs=(example_inputs, {}), never_runs=_BUILDS_ONLY,
     )
     with tracer:
-        tracer._open_implicit_invoker(example_inputs, {})
-        returned = fn(wrapper)
-        tracer._close_sticky(True)  # values made in `.all()` blocks are exported from them
-        outputs = freeze(returned, Proxy, tracer._argument)
-    return tracer.graph.with_outputs(outputs)
+        graph = tracer._outputs(fn(wrapper))  # (values made in `.all()` blocks are exported from them)
+    return graph
+
+
+_BUILDS_ONLY = (
+    "nnsight_pure.trace(...) only builds a graph; run it with nnsight_pure.run(model, graph, "
+    "inputs) and read the results' outputs"
+)
 
 
 def _traced_function(fn: F) -> F:
@@ -133,12 +132,12 @@ def run(
     traced function returned them, and ``results.values``, every saved value
     by node index.
     """
-    wrapper = _wrapper(model)
-    facts = _facts(graph)
+    wrapper = as_wrapper(model)
+    facts = graph_facts(graph)
     if facts.kind == "session":
         if inputs or invokes is not None or kwargs:
             raise TypeError("a session's graph takes no inputs: each of its traces holds its own")
-        return run_session(graph, wrapper._run_trace_node)
+        return run_session(graph, session_runner(wrapper._adapter()))
     _check_modules(facts.paths, wrapper._model)
     needed = facts.invokes
     if invokes is None:
@@ -155,10 +154,17 @@ def run(
     if not any(invoke is not None for invoke in invokes):
         raise ValueError("run needs inputs for the model: none were given")
     try:
-        results, _ = wrapper._run_invokes(graph, _method(wrapper, method), list(invokes), kwargs, None, keep_result=keep_result)
+        results, _ = run_invokes(
+            wrapper._adapter(), graph, list(invokes), method=_method(wrapper, method), kwargs=kwargs,
+            keep_result=keep_result,
+        )
     except BaseException as error:
         # Where run was called is found only now: it costs a stack walk on every run.
-        add_note(error, f"nnsight_pure: raised by the model while running the graph given to nnsight_pure.run at\n  {describe(user_location())}")
+        add_note(
+            error,
+            "nnsight_pure: raised by the model while running the graph given to nnsight_pure.run at\n  "
+            + describe(user_location()),
+        )
         raise
     return results
 
@@ -180,7 +186,7 @@ def _find_facts(graph: Graph) -> _Facts:
     return _Facts(graph_kind(graph), invoke_count(graph), paths)
 
 
-_facts = PerGraph(_find_facts)
+graph_facts = PerGraph(_find_facts)
 """The graph's facts, worked out once per graph object (replays skip the walk)."""
 
 
@@ -201,8 +207,8 @@ def edit(model: NNsight | torch.nn.Module, graph: Graph, *, inplace: bool = Fals
     """A model whose every later trace runs ``graph`` first: ``model.edit()``
     with a graph value. The edits are ``compose(model.edits, graph)``, made
     to apply to every row; ``inplace=True`` edits ``model`` itself."""
-    wrapper = _wrapper(model)
+    wrapper = as_wrapper(model)
     target = wrapper if inplace else wrapper._shallow_copy()
     edits = as_edit(graph) if wrapper.edits is None else compose(wrapper.edits, as_edit(graph))
-    object.__setattr__(target, "_edits", edits)
+    target._store_edits(edits)
     return target

@@ -10,6 +10,10 @@ variables; ``.value`` gives the value itself.
 Attribute access is recorded lazily: ``h.sum`` alone adds nothing, and
 ``h.sum(dim=0)`` becomes one method-call node instead of an attribute read
 followed by a call.
+
+A proxy knows its block only through the `Recorder` Protocol (the blocks of
+`contexts` implement it), and the open blocks through `open_blocks`, the
+piece of the shell below both.
 """
 
 from __future__ import annotations
@@ -17,15 +21,15 @@ from __future__ import annotations
 import copy
 import operator
 import sys
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 
+from . import open_blocks as active
 from .config import CONFIG
-from .contexts import active
-from .contexts.active import _OPEN
 from .errors import TraceError
 from .evaluate import op_function
+from .open_blocks import _OPEN
 from .ops import Call, CallMethod, GetAttr, Grad, Op, Save, SetAttr, SetGrad, Stop
 from .printing import format_node
 from .scan import UNKNOWN, shape_like
@@ -34,7 +38,7 @@ if TYPE_CHECKING:
     from types import FrameType
 
     from .arguments import Ref
-    from .contexts.base import GraphContext
+    from .graph import Graph
 
 
 _NO_NATIVE_FLOW = (
@@ -56,6 +60,34 @@ def _fake_attribute(fake: Any, name: str) -> Any:
     return UNKNOWN if callable(value) else value
 
 
+class Recorder(Protocol):
+    """What a proxy needs of the block whose graph holds its node: a block of
+    `contexts` (`GraphContext`), or `_Settled` for a value known while tracing.
+
+    ``_open``: the block is open (it records); ``_ran``: its outermost block
+    has run, so ``has_value``/``value_of`` answer; ``_trace``: the trace it
+    records into (``None`` at session level).
+    """
+
+    @property
+    def graph(self) -> Graph: ...
+
+    @property
+    def _open(self) -> bool: ...
+
+    @property
+    def _ran(self) -> bool: ...
+
+    @property
+    def _trace(self) -> Any: ...
+
+    def record(self, op: Op, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None) -> Proxy: ...
+
+    def has_value(self, ref: Ref) -> bool: ...
+
+    def value_of(self, ref: Ref) -> Any: ...
+
+
 def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Call ``fn`` on the arguments (the node for calling a traced value)."""
     return fn(*args, **kwargs)
@@ -75,7 +107,7 @@ def _record_grad(op: Op, args: Sequence[Any]) -> Any:
     context = active.innermost()
     if context is None or context._trace is None:
         raise TraceError(".grad can only be read or set inside a trace")
-    if context is not context._trace:
+    if not context._is_trace:
         raise TraceError(
             ".grad cannot be used inside a condition or loop: its value arrives during "
             "backward(), after the body has run. Read it directly in the trace."
@@ -116,7 +148,7 @@ class _Settled:
     _parent = None
 
     def __init__(self, graph: Any, index: int, value: Any) -> None:
-        self.graph = self._graph = graph
+        self.graph = graph
         self._index = index
         self._value = value
 
@@ -188,14 +220,14 @@ class Proxy:
 
     __slots__ = ("_context", "_ref", "_pending", "_fake", "__weakref__")
 
-    _context: GraphContext
+    _context: Recorder
     _ref: Ref | None
     _pending: tuple[Proxy, str] | None
     _fake: Any  # a fake tensor (scan/validate), or UNKNOWN
 
     def __init__(
         self,
-        context: GraphContext,
+        context: Recorder,
         ref: Ref | None,
         pending: tuple[Proxy, str] | None = None,
         fake: Any = UNKNOWN,
@@ -285,7 +317,7 @@ class Proxy:
             return record(CallMethod(name), (receiver,) + args, kwargs)
         return record(Call(call), (self,) + args, kwargs)
 
-    def _materialize(self, context: GraphContext) -> Ref:
+    def _materialize(self, context: Recorder) -> Ref:
         """Record a pending attribute read in ``context`` (once) and return its node."""
         assert self._pending is not None
         receiver, name = self._pending
@@ -410,10 +442,13 @@ class Proxy:
             from .contexts import native_flow
 
             return native_flow.loop(self, frame)
-        return iter(self._needs_value("iterating", "Index it instead (out[0], out[1]), or loop with session.iter(...)."))
+        return iter(
+            self._needs_value("iterating", "Index it instead (out[0], out[1]), or loop with session.iter(...).")
+        )
 
     def __index__(self) -> int:
-        return operator.index(self._needs_value("the integer value", "Pass it to torch functions as a shape tuple, e.g. torch.zeros((n, 3))."))
+        hint = "Pass it to torch functions as a shape tuple, e.g. torch.zeros((n, 3))."
+        return operator.index(self._needs_value("the integer value", hint))
 
     def __int__(self) -> int:
         return int(self._needs_value("int()", "Keep it a traced value."))

@@ -23,7 +23,9 @@ import torch.utils.data
 from .arguments import DictConst, ListConst, Ref, TupleOf
 from .batching import batch_size_of
 from .errors import TraceError
-from .functional import _facts, _wrapper, run
+from .functional import as_wrapper as _wrapper
+from .functional import graph_facts as _facts
+from .functional import run
 from .graph import Graph, SourceLoc
 from .models.nnsight import NNsight
 from .reducers import Concat, Reducer

@@ -1,9 +1,9 @@
 """``nnsight_pure.util``: the helpers nnsight 0.4 scripts import from ``nnsight.util``.
 
-* `WrapperModule`: a module that returns its input. Attach one
-  (``model.layer1.probe = WrapperModule()``) and route a value through it
-  with ``hook=True``, and that value gets ``.input``/``.output`` hook points
-  of its own in later traces.
+* `WrapperModule` (defined in `models.wrapper_module`): a module that returns
+  its input. Attach one (``model.layer1.probe = WrapperModule()``) and route
+  a value through it with ``hook=True``, and that value gets
+  ``.input``/``.output`` hook points of its own in later traces.
 * `apply`: map a function over every value of one type in nested data.
 * `fetch_attr`: read a dotted attribute path (``"transformer.h.0.mlp"``).
 """
@@ -12,14 +12,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import torch
+from .models.wrapper_module import WrapperModule
 
-
-class WrapperModule(torch.nn.Module):
-    """Returns its single positional argument (or the tuple of them); ignores keywords."""
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return args[0] if len(args) == 1 else args
+__all__ = ["WrapperModule", "apply", "fetch_attr"]
 
 
 def apply(data: Any, fn: Callable[[Any], Any], cls: type | tuple[type, ...], inplace: bool = False) -> Any:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 import nnsight_pure as nnsight
-from nnsight_pure.contexts import active
+from nnsight_pure import open_blocks as active
 
 
 def _hooks(net: torch.nn.Module) -> int:

@@ -1,8 +1,13 @@
-"""GraphContext: the one mutable cell of the shell, holding the current graph.
+"""GraphContext: a `with` block of the shell, holding its recording in one cell.
 
-Every context (a trace, a session, a condition, a loop) owns a `Graph` value.
-Recording an operation replaces that value with a new graph one node longer;
-the old value is untouched. Contexts nest: a child records into its own graph
+Every context (a trace, a session, a condition, a loop) owns one `Recording`
+value: its `Graph` and what goes with it (the bridges and exports made so
+far, the finished children, the factory calls it could take back).
+Recording an operation replaces that value with a new one (``attrs.evolve``)
+whose graph is one node longer; the old value is untouched, so a block can
+be snapshot and restored (`GraphContext._snapshot`, `_restore`). Besides it,
+a block has lifecycle flags (open, closed, ran) that only its own methods
+set, and, once run, its results. Contexts nest: a child records into its own graph
 and, when its block exits, its whole graph becomes one node of its parent's
 graph (the child's *context node*).
 
@@ -19,29 +24,76 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol, Sequence
 
+import attrs
+from pyrsistent import PMap, PVector, pmap, pvector
+
+from .. import open_blocks as active
 from ..arguments import ATOMS, Ref, freeze
 from ..config import CONFIG
 from ..errors import TraceError
 from ..graph import Graph, SourceLoc, saved_refs
 from ..ops import Bridge, Call, Cond, Export, Iterate, Op, Stop, print_at_run_time
 from ..printing import format_node
-from ..proxy import Proxy
+from ..proxy import Proxy, Recorder
 from ..results import Results, missing_value_message
 from ..source import short, user_location
-from . import active, recorded_calls
+from . import recorded_calls
 from .recorded_calls import FactoryRecord
 
 if TYPE_CHECKING:
-    from ..models.handle import ModelHandle
-    from .calls import EachCallContext
+    from ..handle import ModelHandle
     from .conditional import Conditional
-    from .iterator import IteratorContext
-    from .tracer import Tracer
+    from .flow import IterSelector
 
 
-_EMPTY = Graph()  # every block starts from it (a value: sharing it is safe)
+@attrs.frozen
+class Bridged:
+    """A value of the parent brought into a block: its bridge slot and the `Bridge` node."""
+
+    slot: int
+    ref: Ref
+
+
+@attrs.frozen
+class Recording:
+    """What a block has recorded: one value, replaced on every change.
+
+    ``bridges`` maps a node of the parent's graph to its `Bridge` node here
+    (the slots, in order, are the block's captures: one structure for one
+    fact); ``exports`` maps (a finished child's context node, a node of it)
+    to the `Export` node reading it; ``children`` are the finished child
+    blocks that get results after the run; ``factory_records`` the factory
+    calls (torch.zeros ...) that could be taken back (`recorded_calls`).
+    """
+
+    graph: Graph = Graph()
+    bridges: PMap[int, Bridged] = pmap()
+    exports: PMap[tuple[int, int], Ref] = pmap()
+    children: tuple[GraphContext, ...] = ()
+    factory_records: PVector[FactoryRecord] = pvector()
+
+    @property
+    def captures(self) -> tuple[Ref, ...]:
+        """Per bridge slot, the node of the parent's graph it stands for."""
+        by_slot = sorted((bridged.slot, index) for index, bridged in self.bridges.items())
+        return tuple(Ref(index) for _, index in by_slot)
+
+
+_EMPTY = Recording()  # every block starts from it (a value: sharing it is safe)
+
+
+class TraceLike(Protocol):
+    """What a block needs of the trace it records into (`Tracer`)."""
+
+    _fake_mode: Any
+
+    def _current_invoke(self) -> int | None: ...
+
+    def _fake_of(self, op: Op, args: Sequence[Any], kwargs: Mapping[str, Any], invoke: int | None) -> Any: ...
+
+    def _current(self) -> GraphContext: ...
 
 
 class GraphContext:
@@ -53,32 +105,50 @@ class GraphContext:
     _closed = False
     _ran = False  # the outermost context has run and handed out results
     _results: Results | None = None
-    _invoke: int | None = None  # the invoke new nodes belong to (traces)
-    _node_ref: Ref | None = None  # our context node in the parent's graph
+    _node_ref: Ref | None = None  # our context node in the parent's graph (set by `_placed`)
     _is_trace = False  # True for a Tracer (which records into itself)
     _records_factories = False  # True for the first open block of a thread (see `_push`)
-    _factory_records: list[FactoryRecord] | None = None  # factory calls that could be taken back
+    _never_runs: str | None = None  # why the block never runs (a scan, an edit), if it never does
 
     def __init__(self, handle: ModelHandle, where: SourceLoc | None, parent: GraphContext | None) -> None:
-        self._graph = _EMPTY
+        self._recording = _EMPTY
         self._handle = handle
         self._where = where
         self._parent = parent
-        self._enclosing_trace: Tracer | None = parent._trace if parent is not None else None
-        self._captures: list[object] = []  # per bridge slot: the value in the parent's graph
-        self._bridges: dict[int, Ref] = {}  # parent node index -> our bridge node
-        self._exports: dict[tuple[int, int], Ref] = {}  # (context node, inner node) -> export node
-        self._children: list[GraphContext] = []
+        self._enclosing_trace: TraceLike | None = parent._trace if parent is not None else None
 
     @property
-    def _trace(self) -> Tracer | None:
+    def _trace(self) -> TraceLike | None:
         """The trace this block records into (None at session level)."""
         return self._enclosing_trace
 
     @property
     def graph(self) -> Graph:
         """The graph recorded so far (an immutable value; later records do not change it)."""
-        return self._graph
+        return self._recording.graph
+
+    # --- the recording cell -----------------------------------------------------------
+
+    def _snapshot(self) -> Recording:
+        """The block's recording now (a value: restoring it undoes what came after)."""
+        return self._recording
+
+    def _restore(self, recording: Recording) -> None:
+        """Make ``recording`` (an earlier `_snapshot`) the block's recording again."""
+        self._recording = recording
+
+    def _restart_from(self, graph: Graph) -> None:
+        """Start the recording from ``graph`` (a model's edits) instead of the empty graph."""
+        self._recording = attrs.evolve(self._recording, graph=graph)
+
+    def _note_factory(self, record: FactoryRecord) -> None:
+        """Remember a factory call recorded here, to take it back if it is an input."""
+        recording = self._recording
+        self._recording = attrs.evolve(recording, factory_records=recording.factory_records.append(record))
+
+    def _placed(self, node_ref: Ref | None) -> None:
+        """Called by the parent: this finished block is node ``node_ref`` of its graph."""
+        self._node_ref = node_ref
 
     @property
     def closed(self) -> bool:
@@ -119,7 +189,8 @@ class GraphContext:
     def _pop(self) -> None:
         self._open = False
         self._closed = True
-        self._factory_records = None  # each holds a proxy of this block: a cycle once closed
+        if self._recording.factory_records:  # each holds a proxy of this block: a cycle once closed
+            self._recording = attrs.evolve(self._recording, factory_records=pvector())
         interrupted: KeyboardInterrupt | None = None
         attempts = 3  # (a counter, not range(): no call before the ``try`` for an interrupt to land at)
         while attempts:  # an interrupt (Ctrl-C) inside the removal does not stop it
@@ -174,9 +245,11 @@ class GraphContext:
         else:
             frozen_args = tuple([frozen(arg) for arg in args])
         frozen_kwargs = {name: frozen(value) for name, value in kwargs.items()} if kwargs else None
-        trace: Tracer | None = self if self._is_trace else self._enclosing_trace  # type: ignore[assignment]  # `_trace`, sans calls
-        invoke = None if trace is None else trace._invoke
-        self._graph, ref = self._graph.add(op, frozen_args, frozen_kwargs, source or user_location(), invoke)
+        trace: TraceLike | None = self if self._is_trace else self._enclosing_trace  # type: ignore[assignment]
+        invoke = None if trace is None else trace._current_invoke()
+        recording = self._recording
+        graph, ref = recording.graph.add(op, frozen_args, frozen_kwargs, source or user_location(), invoke)
+        self._recording = attrs.evolve(recording, graph=graph)
         if trace is None or trace._fake_mode is None:
             return Proxy(self, ref)
         return Proxy(self, ref, fake=trace._fake_of(op, args, kwargs or {}, invoke))
@@ -189,11 +262,14 @@ class GraphContext:
             return arg
         return freeze(arg, Proxy, self._argument)
 
-    _runs = True  # a scan or an edit never runs its graph
-    _why_no_run = ""
+    def _as_argument(self, value: Any) -> object:
+        """``value`` (proxies and constants, in any nesting) as an argument of
+        this block's graph (a graph's outputs, say)."""
+        return freeze(value, Proxy, self._argument)
 
     def _current_invoke(self) -> int | None:
-        return self._trace._invoke if self._trace is not None else None
+        trace = self._trace
+        return trace._current_invoke() if trace is not None else None
 
     def _argument(self, proxy: Proxy) -> object:
         """What a proxy becomes as an argument of this context's next node."""
@@ -202,21 +278,24 @@ class GraphContext:
         assert proxy._ref is not None
         return self._import(proxy._context, proxy._ref)
 
-    def _import(self, owner: GraphContext, ref: Ref) -> object:
+    def _import(self, owner: Recorder, ref: Ref) -> object:
         """An argument of this graph standing for node ``ref`` of ``owner``'s graph."""
         if owner is self:
             return ref
+        if owner._ran and owner.has_value(ref):
+            # A finished value (saved by an earlier run) is just a constant here.
+            # (Checked first: a block that ran is no longer open.)
+            return freeze(owner.value_of(ref), Proxy, self._argument)
+        if not isinstance(owner, GraphContext):
+            raise TraceError(f"a traced value of {owner!r} has no value here")
         if owner._open and owner._is_ancestor_of(self):
             assert self._parent is not None
             return self._bridge(self._parent._import(owner, ref))
-        if owner._ran and owner.has_value(ref):
-            # A finished value (saved by an earlier run) is just a constant here.
-            return freeze(owner.value_of(ref), Proxy, self._argument)
         parent = owner._parent
         if owner._closed and parent is not None and parent._open and owner._node_ref is not None:
             # Made inside a finished child of an open context: export it from there.
             return self._import(parent, parent._export(owner._node_ref, ref))
-        node = owner._graph.nodes[ref.index]
+        node = owner.graph.nodes[ref.index]
         made = f"`{format_node(node)}` (made at {short(node.source)})"
         if owner._closed:
             raise TraceError(
@@ -234,31 +313,37 @@ class GraphContext:
         """A node of this graph for ``outer``, an argument of the parent's graph."""
         if type(outer) is not Ref:
             return outer  # a constant needs no bridge
-        ref = self._bridges.get(outer.index)
-        if ref is None:
-            slot = len(self._captures)
-            self._captures.append(outer)
-            self._graph, ref = self._graph.add(Bridge(slot), source=user_location(), invoke=self._current_invoke())
-            self._bridges[outer.index] = ref
+        recording = self._recording
+        bridged = recording.bridges.get(outer.index)
+        if bridged is not None:
+            return bridged.ref
+        slot = len(recording.bridges)
+        graph, ref = recording.graph.add(Bridge(slot), source=user_location(), invoke=self._current_invoke())
+        self._recording = attrs.evolve(
+            recording, graph=graph, bridges=recording.bridges.set(outer.index, Bridged(slot, ref))
+        )
         return ref
 
     def _export(self, context_node: Ref, inner: Ref) -> Ref:
         """A node of this graph reading node ``inner`` of a finished child's last run."""
         key = (context_node.index, inner.index)
-        ref = self._exports.get(key)
+        recording = self._recording
+        ref = recording.exports.get(key)
         if ref is None:
-            self._graph, ref = self._graph.add(
+            graph, ref = recording.graph.add(
                 Export(inner.index), (context_node,), source=user_location(), invoke=self._current_invoke()
             )
-            self._exports[key] = ref
+            self._recording = attrs.evolve(recording, graph=graph, exports=recording.exports.set(key, ref))
         return ref
 
-    def _close_child(self, child: GraphContext, op: Op, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -> None:
+    def _close_child(
+        self, child: GraphContext, op: Op, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None
+    ) -> None:
         """Record a closed child's context node (its graph in ``op``; ``args``
         first, then the parent's values for the child's bridges)."""
-        proxy = self.record(op, tuple(args) + tuple(child._captures), kwargs, source=child._where)
-        child._node_ref = proxy._ref
-        self._children.append(child)
+        proxy = self.record(op, tuple(args) + child._recording.captures, kwargs, source=child._where)
+        child._placed(proxy._ref)
+        self._recording = attrs.evolve(self._recording, children=self._recording.children + (child,))
 
     # --- results ----------------------------------------------------------------------
 
@@ -271,18 +356,20 @@ class GraphContext:
         """
         self._results = results
         self._ran = True
-        for child in self._children:
+        children = self._recording.children
+        self._recording = attrs.evolve(self._recording, children=())
+        for child in children:
             found = None
             if results is not None and child._node_ref is not None:
                 found = results.children.get(child._node_ref.index)
             child._assign(found)
-        self._children = []
 
     def _release(self) -> None:
         """Drop the links to children of a block that will never run."""
-        for child in self._children:
+        children = self._recording.children
+        self._recording = attrs.evolve(self._recording, children=())
+        for child in children:
             child._release()
-        self._children = []
 
     def has_value(self, ref: Ref) -> bool:
         return self._results is not None and self._results.has(ref.index)
@@ -292,12 +379,13 @@ class GraphContext:
         results = self._results
         if results is not None and ref.index in results.values:
             return results.values[ref.index]
-        node = self._graph.nodes[ref.index]
+        graph = self.graph
+        node = graph.nodes[ref.index]
         made = f"`{format_node(node)}` (made at {short(node.source)})"
         if not self._ran:
             outer = self._outermost()
-            if not outer._runs:
-                raise ValueError(f"{made} has no value: {outer._why_no_run}")
+            if outer._never_runs is not None:
+                raise ValueError(f"{made} has no value: {outer._never_runs}")
             if outer._open or not outer._closed:
                 raise ValueError(
                     f"{made} has no value yet: the trace has not run. Values exist after the "
@@ -309,8 +397,8 @@ class GraphContext:
                 f"{made} has no value: the block it was made in never ran (a false condition, "
                 "an empty loop, or a trace of a session that was never reached)."
             )
-        saved = ref.index in saved_refs(self._graph)
-        raise ValueError(missing_value_message(self._graph, ref.index, self._results, saved))
+        saved = ref.index in saved_refs(graph)
+        raise ValueError(missing_value_message(graph, ref.index, self._results, saved))
 
     # --- pictures -----------------------------------------------------------------------
 
@@ -335,7 +423,7 @@ class GraphContext:
         """
         from ..vis import render
 
-        return render(self._graph, title=title, path=path, format=format, recursive=recursive, group=group)
+        return render(self.graph, title=title, path=path, format=format, recursive=recursive, group=group)
 
     # --- what every context offers (recorded in the innermost open block) ------------
 
@@ -356,35 +444,17 @@ class GraphContext:
     def iter(self) -> IterSelector:
         """``ctx.iter(collection)``: a block run once per item of ``collection``
         (``with ... as item:``); inside a trace, ``ctx.iter[i]``, ``[a:b]`` or
-        ``[[i, j]]``: a block run once per selected call of every module."""
-        return IterSelector(self)
+        ``[[i, j]]``: a block run once per selected call of every module.
+        (The blocks are built in `flow`, above the block classes.)"""
+        from . import flow
+
+        return flow.IterSelector(self)
 
     def cond(self, condition: Any) -> Conditional:
         """A block run only when ``condition`` is true at run time."""
-        from .conditional import Conditional
+        from . import flow
 
-        return Conditional(self._within("cond"), condition, user_location())
-
-
-class IterSelector:
-    """What ``ctx.iter`` gives: call it with a collection, or index it with calls."""
-
-    def __init__(self, context: GraphContext) -> None:
-        self._context = context
-
-    def __call__(self, collection: Any) -> IteratorContext:
-        from .iterator import IteratorContext
-
-        return IteratorContext(self._context._within("iter"), collection, user_location())
-
-    def __getitem__(self, key: Any) -> EachCallContext:
-        from .calls import EachCallContext, calls_from
-
-        trace = self._context._trace
-        if trace is None:
-            raise TraceError("iter[...] selects calls of modules, so it needs a trace")
-        selection = calls_from([key] if isinstance(key, int) else key)
-        return EachCallContext(trace._current(), ("",), user_location(), **selection)
+        return flow.cond(self._within("cond"), condition)
 
 
 class BodyContext(GraphContext):
@@ -402,4 +472,4 @@ class BodyContext(GraphContext):
         self._pop()
         if exc_type is None:
             assert self._parent is not None
-            self._parent._close_child(self, type(self)._node_kind(self._graph), (self._first,))
+            self._parent._close_child(self, type(self)._node_kind(self.graph), (self._first,))

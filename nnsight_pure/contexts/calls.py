@@ -42,9 +42,18 @@ class EachCallContext(GraphContext):
     ) -> None:
         super().__init__(parent._handle, where, parent)
         if step < 1 or start < 0 or (stop is not None and stop < 0) or any(call < 0 for call in calls):
-            raise ValueError(f"calls are counted from 0 with a positive step; got start={start}, stop={stop}, step={step}")
-        self._op_fields = (start, stop, step, scope, calls)
+            raise ValueError(
+                f"calls are counted from 0 with a positive step; got start={start}, stop={stop}, step={step}"
+            )
+        self._selection = (start, stop, step)
+        self._scope = scope
+        self._calls = calls
         self._sticky = False
+
+    @property
+    def scope(self) -> tuple[str, ...]:
+        """The module paths whose calls the loop selects (``""``: every module)."""
+        return self._scope
 
     def _begin(self, sticky: bool) -> EachCallContext:
         self._push()
@@ -65,10 +74,11 @@ class EachCallContext(GraphContext):
         self._pop()
         if record:
             assert self._parent is not None
-            start, stop, step, scope, calls = self._op_fields
-            if len(self._graph.nodes) and not touches(self._graph, scope):
+            start, stop, step = self._selection
+            graph, scope = self.graph, self._scope
+            if len(graph.nodes) and not touches(graph, scope):
                 self._warn_runs_once(scope)
-            self._parent._close_child(self, EachCall(self._graph, start, stop, step, scope, calls), ())
+            self._parent._close_child(self, EachCall(graph, start, stop, step, scope, self._calls), ())
 
     def _warn_runs_once(self, scope: tuple[str, ...]) -> None:
         names = " or ".join(module_expr(path) for path in scope)

@@ -21,12 +21,12 @@ from __future__ import annotations
 import operator
 from typing import Any
 
+from .. import open_blocks as active
 from ..errors import TraceError
 from ..graph import SourceLoc
 from ..ops import Call, Cond
 from ..proxy import Proxy
 from ..source import short, user_location
-from . import active
 from .base import BodyContext, GraphContext
 
 _ELSE = object()  # `else_()` without a condition

@@ -12,6 +12,7 @@ import dis
 import sys
 from typing import Any, Iterator
 
+from ..arguments import Ref
 from ..graph import SourceLoc
 from ..ops import Iterate, IterItem
 from ..proxy import Proxy
@@ -25,6 +26,13 @@ class ItemProxy(Proxy):
     over it is a nested loop (`native_flow`)."""
 
     __slots__ = ("_iterator",)
+
+    @classmethod
+    def of(cls, iterator: IteratorContext, ref: Ref | None) -> ItemProxy:
+        """The item proxy of node ``ref`` of ``iterator``'s body, knowing its loop."""
+        item = cls(iterator, ref)
+        object.__setattr__(item, "_iterator", iterator)  # (the slot's own setter: Proxy records attribute writes)
+        return item
 
     def __iter__(self) -> Iterator[Any]:
         frame = sys._getframe(1)
@@ -51,9 +59,7 @@ class IteratorContext(BodyContext):
     def __enter__(self) -> ItemProxy:
         self._push()
         proxy = self.record(IterItem(), source=self._where)
-        item = ItemProxy(self, proxy._ref)
-        object.__setattr__(item, "_iterator", self)
-        return item
+        return ItemProxy.of(self, proxy._ref)
 
 
     def __repr__(self) -> str:

@@ -44,9 +44,9 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import attrs
 
+from .. import open_blocks as active
 from ..errors import TraceError
 from ..graph import SourceLoc
-from . import active
 
 if TYPE_CHECKING:
     from ..proxy import Proxy

@@ -48,10 +48,10 @@ from torch.overrides import TorchFunctionMode
 
 from ..config import CONFIG
 from ..errors import TraceError
+from ..open_blocks import _OPEN
 from ..ops import Call
 from ..source import short, user_location
 from ..trees import NOT_FOUND, find_leaf
-from .active import _OPEN
 
 FACTORIES = frozenset(
     {
@@ -116,13 +116,10 @@ class _FactoryMode(TorchFunctionMode):
     ) -> Any:
         if func in FACTORIES and recording():
             context = _OPEN.get()[-1]
-            before = context._graph
+            before = context._snapshot()
             proxy = _record(func, tuple(args), dict(kwargs or {}))
             # Remember how to take it back: it may turn out to be a trace's input.
-            made = context._factory_records
-            if made is None:
-                made = context._factory_records = []
-            made.append(FactoryRecord(before, proxy, func, tuple(args), dict(kwargs or {})))
+            context._note_factory(FactoryRecord(before, proxy, func, tuple(args), dict(kwargs or {})))
             return proxy
         return func(*args, **(kwargs or {}))
 
@@ -131,7 +128,7 @@ class _FactoryMode(TorchFunctionMode):
 class FactoryRecord:
     """A factory call recorded in a block, and the block's graph before it."""
 
-    before: Any  # the Graph before the call's node
+    before: Any  # the block's Recording before the call's node (restored to take it back)
     proxy: Any  # its Proxy
     func: Callable[..., Any]
     args: tuple[Any, ...]
@@ -162,8 +159,8 @@ def settle_inputs(value: Any) -> None:
     if not wanted:
         return
     context = wanted[0]._context
-    made = context._factory_records
-    if made is None or any(proxy._context is not context for proxy in wanted):
+    made = context._snapshot().factory_records
+    if not made or any(proxy._context is not context for proxy in wanted):
         return
     ids = {id(record.proxy): position for position, record in enumerate(made)}
     if any(id(proxy) not in ids for proxy in wanted):
@@ -171,8 +168,8 @@ def settle_inputs(value: Any) -> None:
     start = min(ids[id(proxy)] for proxy in wanted)
     tail = made[start:]
     # The tail must be the block's last nodes, one per record, in order.
-    first = len(tail[0].before)
-    if len(context._graph) != first + len(tail) or any(
+    first = len(tail[0].before.graph)
+    if len(context.graph) != first + len(tail) or any(
         record.proxy._ref is None or record.proxy._ref.index != first + offset for offset, record in enumerate(tail)
     ):
         return
@@ -195,8 +192,7 @@ def settle_inputs(value: Any) -> None:
                 values[id(record.proxy)] = record.func(*args, **kwargs)
     except LookupError:
         return  # a call of the tail uses a value that is not one of them
-    context._graph = tail[0].before
-    del made[start:]
+    context._restore(tail[0].before)  # (its factory records are those before the tail's)
     for record in tail:
         settle(record.proxy, values[id(record.proxy)])
 

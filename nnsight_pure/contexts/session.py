@@ -3,29 +3,28 @@
 The session's graph holds its own nodes (``apply``, lists, loops, conditions)
 and one `TraceRun` node per trace opened inside it; nothing runs until the
 session exits, and then everything runs in order. A value of one trace can be
-used by a later trace, or by the session, without saving it.
+used by a later trace, or by the session, without saving it. Each trace
+node runs through the runner (`runner.session_runner`) with the session's
+`ModelAdapter`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from .. import open_blocks as active
 from ..graph import SourceLoc
 from ..interpreter import run_session
+from ..runner import ModelAdapter, session_runner
 from ..source import short
-from . import active, recorded_calls
+from . import recorded_calls
 from .base import GraphContext
-
-if TYPE_CHECKING:
-    from ..models.nnsight import NNsight
 
 
 class Session(GraphContext):
     """The context returned by `NNsight.session`: several traces run as one."""
 
-    def __init__(self, model: NNsight, where: SourceLoc | None, validate: bool = False) -> None:
-        super().__init__(model._handle, where, None)
-        self._model = model
+    def __init__(self, adapter: ModelAdapter, where: SourceLoc | None, validate: bool = False) -> None:
+        super().__init__(adapter.handle, where, None)
+        self._adapter = adapter
         self.validate = validate  # the default of the traces opened inside
 
     def __enter__(self) -> Session:
@@ -49,7 +48,7 @@ class Session(GraphContext):
             return
         try:
             with recorded_calls.suspended():
-                results = run_session(self._graph, self._model._run_trace_node)
+                results = run_session(self.graph, session_runner(self._adapter))
         except BaseException:
             self._release()
             raise

@@ -1,30 +1,85 @@
-"""Tracer: ``with model.trace(...)``. Records a graph, then runs it once on exit.
+"""Tracer and Invoker: ``with model.trace(...)`` and ``with tracer.invoke(inputs):``.
 
-The tracer owns the current graph (the only mutable cell of a trace), the
-invokes' inputs, and which invoke is open. A tracer on its own runs its
-graph when its block exits; a tracer inside a session instead becomes a
-`TraceRun` node of the session's graph, and runs when the session does.
+A tracer records a graph, then runs it once on exit through the runner
+(`runner.run_invokes`), with the `ModelAdapter` its model wrapper gave it.
+A tracer inside a session instead becomes a `TraceRun` node of the
+session's graph, and runs when the session does.
+
+Besides its recording (`GraphContext`), a tracer holds one more value, its
+`TraceSetup`: the invokes' inputs, which calls of which modules accesses
+read, the sticky loops, the cached accesses. Both are frozen values,
+replaced (``attrs.evolve``) on each change, never changed in place.
+
+An `Invoker` is one slice of the trace's batch: entering it prepares its
+inputs (the adapter's `prepare_input`) and makes every module access inside
+the block see only these inputs' rows. An invoke with no inputs sees the
+whole batch.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+import enum
+from typing import Any, Mapping, Sequence
 
+import attrs
+import torch
+from pyrsistent import PMap, pmap
+
+from .. import open_blocks as active
 from ..errors import TraceError
 from ..events import EventKey, in_scope
-from ..graph import SourceLoc
+from ..graph import Graph, SourceLoc
 from ..ops import AccessKind, ApplyModule, ModuleGet, ModuleSet, Op, TraceRun
-from ..proxy import Proxy
+from ..proxy import Proxy, settled
+from ..runner import Inputs, ModelAdapter, Prepared, prepare, run_invokes
 from ..scan import UNKNOWN, fake_copy, fake_value, new_mode, scan
 from ..source import short, user_location
-from ..trees import find_leaf, map_leaves
-from . import active, recorded_calls
+from ..trees import NOT_FOUND, find_leaf, map_leaves
+from . import recorded_calls
 from .base import GraphContext
 from .calls import EachCallContext
-from .invoker import Invoker, _is_proxy
 
-if TYPE_CHECKING:
-    from ..models.nnsight import NNsight
+
+class Every(enum.Enum):
+    """`Tracer._close_sticky`'s default: the sticky loops of every invoke (and of none)."""
+
+    INVOKE = enum.auto()
+
+
+EVERY_INVOKE = Every.INVOKE
+
+AccessKey = tuple[GraphContext, str, AccessKind, "int | None", int]
+
+
+@attrs.frozen
+class TraceSetup:
+    """What a trace holds besides its recording; one value, replaced on each change.
+
+    ``inputs``: per invoke, its inputs as given (``None``: no inputs);
+    ``invokes``: per invoke, what the run gets (`Prepared` for a trace on its
+    own, prepared as the invoke opens; ``None`` in a session, or without
+    inputs); ``open_invoke``: the index of the open invoke (new nodes belong
+    to it) and ``invoker`` its block (``implicit``: the one ``model.trace(x)``
+    opened); ``offsets``: ``.next()`` skips, (module path, calls);
+    ``fixed``: ``envoy.iter = n``, that module's call from now on;
+    ``sticky``: the open ``.all()`` loops and their invoke; ``scanned``: per
+    invoke, the fake values of a scan; ``accesses``: one proxy per module
+    value read in a block and invoke (forgotten on a write).
+    """
+
+    inputs: tuple[Inputs | None, ...] = ()
+    invokes: tuple[Prepared | None, ...] = ()
+    open_invoke: int | None = None
+    invoker: Invoker | None = None
+    implicit: Invoker | None = None
+    offsets: tuple[tuple[str, int], ...] = ()
+    fixed: PMap[str, int] = pmap()
+    sticky: tuple[tuple[EachCallContext, int | None], ...] = ()
+    scanned: PMap[int | None, Mapping[EventKey, Any]] = pmap()
+    accesses: PMap[AccessKey, Proxy] = pmap()
+
+
+_NEW_SETUP = TraceSetup()
 
 
 def _unknown_inputs(inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> TraceError:
@@ -42,47 +97,49 @@ def _unknown_inputs(inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> TraceErr
 
 
 class Tracer(GraphContext):
-    """The context returned by `NNsight.trace`: record interventions, run on exit."""
+    """The context returned by `NNsight.trace`: record interventions, run on exit.
+
+    ``adapter`` is how the model prepares and runs inputs (`runner.ModelAdapter`);
+    ``edits`` the graph the trace starts from (a model's edits run first);
+    ``inputs`` opens one invoke at once, kept open for the whole block;
+    ``never_runs``, when given, says why the block never runs (a scan, a graph
+    built by `nnsight_pure.trace`); ``keep_result`` keeps what the method returns.
+    """
 
     _is_trace = True
-    _scan = False
-    _validate = False
-    _fake_mode: Any = None  # a FakeTensorMode (scan/validate)
-    _fake_model: NNsight | None = None  # a wrapper of a fake copy (scan/validate)
-    _invoker: Invoker | None = None
-    _implicit: Invoker | None = None
-    _keep_result = False  # keep what the method returns (trace=False)
+    _fake_adapter: ModelAdapter | None = None  # the adapter over a fake copy (scan/validate)
 
     def __init__(
         self,
-        model: NNsight,
+        adapter: ModelAdapter,
         method: str | None,
         method_kwargs: dict[str, Any],
         where: SourceLoc | None,
         parent: GraphContext | None = None,
         scan: bool = False,
         validate: bool = False,
+        *,
+        edits: Graph | None = None,
+        inputs: Inputs | None = None,
+        never_runs: str | None = None,
+        keep_result: bool = False,
     ) -> None:
-        super().__init__(model._handle, where, parent)
-        if scan or validate:
-            self._scan = scan
-            self._validate = validate
-            self._fake_mode = new_mode()
-        self._scanned: dict[int | None, dict[EventKey, Any]] = {}
-        if model._edits is not None:
-            self._graph = model._edits  # the model's edits run first, then this trace's nodes
-        self._model = model
+        super().__init__(adapter.handle, where, parent)
+        self._scan = scan
+        self._validate = validate
+        self._fake_mode: Any = new_mode() if scan or validate else None  # a FakeTensorMode
+        if edits is not None:
+            self._restart_from(edits)  # the model's edits run first, then this trace's nodes
+        self._adapter = adapter
         self._method = method
         self._method_kwargs = method_kwargs
-        # Per invoke: its inputs as given (None: no inputs). A tracer on its
-        # own also prepares them at once, to know each invoke's batch size.
-        self._inputs: list[tuple[tuple[Any, ...], dict[str, Any]] | None] = []
-        self._prepared: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-        self._sizes: list[int | None] = []
-        self._accesses: dict[tuple[GraphContext, str, AccessKind, int | None, int], Proxy] = {}
-        self._offsets: list[tuple[str, int]] = []  # .next(): (module path, calls to skip)
-        self._fixed: dict[str, int] = {}  # envoy.iter = n: that module's call, from now on
-        self._sticky: list[tuple[EachCallContext, int | None]] = []  # .all() loops (and their invoke)
+        self._never_runs = never_runs  # (None: it runs)
+        self._keep_result = keep_result
+        self._setup = _NEW_SETUP
+        if inputs is not None:
+            implicit = Invoker(self, inputs[0], inputs[1])
+            implicit.__enter__()
+            self._setup = attrs.evolve(self._setup, implicit=implicit)
 
     @property
     def _trace(self) -> Tracer:
@@ -92,6 +149,19 @@ class Tracer(GraphContext):
     def in_session(self) -> bool:
         """True when this trace is part of a session (it runs when the session does)."""
         return self._parent is not None
+
+    def _forget_accesses(self) -> None:
+        """Drop the cached accesses (their proxies point back at this tracer)."""
+        self._setup = attrs.evolve(self._setup, accesses=pmap())
+
+    def _current_invoke(self) -> int | None:
+        """The invoke new nodes belong to (``None``: outside any invoke)."""
+        return self._setup.open_invoke
+
+    def _returned(self) -> Any:
+        """What the method returned in the run (``keep_result=True``)."""
+        assert self._results is not None
+        return self._results.returned
 
     # --- the context protocol ---------------------------------------------------------
 
@@ -105,34 +175,40 @@ class Tracer(GraphContext):
         finally:
             self._closed = True  # first: from here on, even an interrupt cannot leave it open
             self._pop()  # whatever happened (an interrupt included), the trace is no longer open
-        if self._implicit is not None and self._invoker is self._implicit:
-            self._implicit.__exit__(None, None, None)
+        setup = self._setup
+        if setup.implicit is not None and setup.invoker is setup.implicit:
+            setup.implicit.__exit__(None, None, None)
         # Recording is over: drop what points back at this tracer (proxies in
         # the access cache, invokers), so that no reference cycle keeps saved
         # values alive after the user drops their proxies.
-        self._accesses.clear()
-        self._implicit = self._invoker = None
+        invokes = self._setup.invokes
+        self._setup = attrs.evolve(self._setup, accesses=pmap(), implicit=None, invoker=None, invokes=())
         if exc_type is not None:
             self._release()
             return
-        if not self._runs:
-            return  # a scan: never runs
+        if self._never_runs is not None:
+            return  # a scan, an edit, a graph built to run later: never runs here
         if self._parent is not None:
             self._parent._close_child(
-                self, TraceRun(self._graph, self._method), (tuple(self._inputs),), self._method_kwargs
+                self, TraceRun(self.graph, self._method), (tuple(setup.inputs),), self._method_kwargs
             )
             return
         try:
-            results, _ = self._model._run_trace(
-                self._graph, self._method, self._prepared, self._sizes, self._method_kwargs, self._where,
-                keep_result=self._keep_result,
+            results, _ = run_invokes(
+                self._adapter, self.graph, invokes, method=self._method,
+                kwargs=self._method_kwargs, where=self._where, keep_result=self._keep_result,
             )
         except BaseException:
             self._release()
             raise
-        finally:
-            self._prepared.clear()
         self._assign(results)
+
+    def _outputs(self, returned: Any) -> Graph:
+        """The graph recorded so far, with ``returned`` (proxies and constants)
+        as its outputs; the sticky loops close first, so that values made in
+        them are exported (`nnsight_pure.trace`)."""
+        self._close_sticky(True)
+        return self.graph.with_outputs(self._as_argument(returned))
 
     # --- invokes ----------------------------------------------------------------------
 
@@ -148,63 +224,61 @@ class Tracer(GraphContext):
     @property
     def invoker(self) -> Invoker | None:
         """The open invoke of this trace (nnsight 0.4's ``tracer.invoker``), if any."""
-        return self._invoker
+        return self._setup.invoker
 
-    def _enter_invoke(self, invoker: Invoker) -> int | None:
-        if self._invoker is not None:
+    def _enter_invoke(self, invoker: Invoker) -> int:
+        setup = self._setup
+        if setup.invoker is not None:
             raise TraceError(
                 "an invoke is already open in this trace"
                 + (" (model.trace(inputs) opens one for its inputs; use model.trace() "
-                   "with no inputs to invoke several times)" if self._invoker is self._implicit else "")
+                   "with no inputs to invoke several times)" if setup.invoker is setup.implicit else "")
             )
         if self._closed:
             raise TraceError(f"the trace opened at {short(self._where)} has closed")
         innermost = active.innermost()
         if self._open and innermost is not self:
             raise TraceError("open invokes directly in the trace, not inside a loop or condition")
-        index = len(self._inputs)
+        index = len(setup.inputs)
         given, given_kwargs = invoker.given
         scanning = self._scan or invoker.scan
-        if not given and not given_kwargs:
-            self._inputs.append(None)  # an invoke without inputs sees the whole batch
-            self._sizes.append(None)
-        else:
-            self._inputs.append((given, given_kwargs))
-            prepared = invoker._prepare() if self._parent is None or (scanning and invoker._concrete) else None
+        entry: Inputs | None = None
+        prepared: Prepared | None = None
+        if given or given_kwargs:
+            entry = (given, given_kwargs)
+            if self._parent is None or (scanning and invoker._concrete):
+                prepared = invoker._prepare()
             if self._parent is None and prepared is None:
                 raise _unknown_inputs(given, given_kwargs)
             if scanning:
                 if prepared is None:
                     raise TraceError("scan=True needs inputs known while tracing, not values of the session")
-                if self._fake_mode is None:
-                    self._fake_mode = new_mode()
-                faked = self._faked()
-                args, kwargs = prepared
-                with recorded_calls.suspended():
-                    # The method gets the trace's own keywords too (max_new_tokens=...), as at run time.
-                    self._scanned[index] = scan(
-                        faked._model, faked._method_fn(self._method), args, {**kwargs, **self._method_kwargs},
-                        self._fake_mode,
-                    )
-            if self._parent is None:
-                assert prepared is not None
-                self._prepared.append((tuple(prepared[0]), dict(prepared[1])))
-                self._sizes.append(invoker.batch_size)
-            else:
-                self._sizes.append(None)  # prepared when the session runs
-        self._invoker = invoker
-        self._invoke = index
-        return self._invoke
+                self._scan_invoke(index, prepared)
+            if self._parent is not None:
+                prepared = None  # prepared when the session runs
+        self._setup = attrs.evolve(
+            self._setup, inputs=self._setup.inputs + (entry,), invokes=self._setup.invokes + (prepared,),
+            invoker=invoker, open_invoke=index,
+        )
+        return index
+
+    def _scan_invoke(self, index: int, prepared: Prepared) -> None:
+        """Run the model on fake tensors for one invoke's inputs (scan=True)."""
+        if self._fake_mode is None:
+            self._fake_mode = new_mode()
+        faked = self._faked()
+        with recorded_calls.suspended():
+            # The method gets the trace's own keywords too (max_new_tokens=...), as at run time.
+            scanned = scan(
+                faked.handle.module, faked.method_fn(self._method), prepared.args,
+                {**prepared.kwargs, **self._method_kwargs}, self._fake_mode,
+            )
+        self._setup = attrs.evolve(self._setup, scanned=self._setup.scanned.set(index, scanned))
 
     def _exit_invoke(self, invoker: Invoker, ok: bool = True) -> None:
-        if self._invoker is invoker:
-            self._close_sticky(ok, only_invoke=self._invoke)
-            self._invoker = None
-            self._invoke = None
-
-    def _open_implicit_invoker(self, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self._implicit = Invoker(self, inputs, kwargs)
-        self._implicit.__enter__()
+        if self._setup.invoker is invoker:
+            self._close_sticky(ok, only_invoke=self._setup.open_invoke)
+            self._setup = attrs.evolve(self._setup, invoker=None, open_invoke=None)
 
     # --- module accesses (called by envoys) ------------------------------------------
 
@@ -212,11 +286,11 @@ class Tracer(GraphContext):
         """The proxy for a module value in the current block and invoke (one node per value)."""
         context = self._current()
         call = self._call_of(path) if call is None else call
-        key = (context, path, kind, self._invoke, call)
-        proxy = self._accesses.get(key)
+        key = (context, path, kind, self._setup.open_invoke, call)
+        proxy = self._setup.accesses.get(key)
         if proxy is None:
             proxy = context.record(ModuleGet(path, kind, call))
-            self._accesses[key] = proxy
+            self._setup = attrs.evolve(self._setup, accesses=self._setup.accesses.set(key, proxy))
         return proxy
 
     def _write_access(self, path: str, kind: AccessKind, value: Any, call: int | None = None) -> None:
@@ -225,8 +299,13 @@ class Tracer(GraphContext):
         self._current().record(ModuleSet(path, kind, call), (value,))
         # Later reads of this module, in any invoke, must be new nodes that run
         # after the write and see its value: forget the cached accesses.
-        for key in [key for key in self._accesses if key[1] == path]:
-            del self._accesses[key]
+        accesses = self._setup.accesses
+        stale = [key for key in accesses if key[1] == path]
+        if stale:
+            evolver = accesses.evolver()
+            for key in stale:
+                del evolver[key]
+            self._setup = attrs.evolve(self._setup, accesses=evolver.persistent())
 
     def _fake_of(self, op: Op, args: Sequence[Any], kwargs: Mapping[str, Any], invoke: int | None) -> Any:
         """The fake value of a node recorded in this trace (scan/validate)."""
@@ -237,20 +316,18 @@ class Tracer(GraphContext):
 
         with recorded_calls.suspended():
             return fake_value(
-                op, args, kwargs, fake, self._scanned.get(invoke, {}), lambda: self._faked()._model,
+                op, args, kwargs, fake, self._setup.scanned.get(invoke, {}), lambda: self._faked().handle.module,
                 self._fake_mode, self._validate,
             )
 
-    def _faked(self) -> NNsight:
-        """This trace's model wrapper around a fake copy of the module tree."""
-        if self._fake_model is None:
+    def _faked(self) -> ModelAdapter:
+        """This trace's adapter over a fake copy of the module tree."""
+        if self._fake_adapter is None:
             assert self._fake_mode is not None
-            faked = self._model._shallow_copy()
             with recorded_calls.suspended():
-                fake_module = fake_copy(self._model._model, self._fake_mode)
-            object.__setattr__(faked, "_handle", self._model._handle.with_module(fake_module))
-            self._fake_model = faked
-        return self._fake_model
+                fake_module = fake_copy(self._adapter.handle.module, self._fake_mode)
+            self._fake_adapter = self._adapter.on_module(fake_module)
+        return self._fake_adapter
 
     def _fake_of_leaf(self, leaf: Any) -> Any:
         if isinstance(leaf, Proxy):
@@ -266,15 +343,20 @@ class Tracer(GraphContext):
 
     def _call_of(self, path: str) -> int:
         """The call of module ``path`` that an access reads now (after ``.next()``s)."""
-        if not self._offsets and not self._fixed:
+        setup = self._setup
+        if not setup.offsets and not setup.fixed:
             return 0
-        if path in self._fixed:
-            return self._fixed[path]
-        return sum(skip for prefix, skip in self._offsets if in_scope(path, (prefix,)))
+        if path in setup.fixed:
+            return setup.fixed[path]
+        return sum(skip for prefix, skip in setup.offsets if in_scope(path, (prefix,)))
 
     def _skip_calls(self, path: str, count: int) -> None:
         self._current()
-        self._offsets.append((path, count))
+        self._setup = attrs.evolve(self._setup, offsets=self._setup.offsets + ((path, count),))
+
+    def _fix_call(self, path: str, call: int) -> None:
+        """``envoy.iter = n``: accesses of ``path`` read call ``n`` from now on."""
+        self._setup = attrs.evolve(self._setup, fixed=self._setup.fixed.set(path, call))
 
     def _loop_over_calls(self, scope: tuple[str, ...], sticky: bool, **selection: Any) -> EachCallContext:
         """A block over calls of the ``scope`` modules; a sticky one opens now and
@@ -282,21 +364,23 @@ class Tracer(GraphContext):
         context = EachCallContext(self._current(), scope, user_location(), **selection)
         if sticky:
             context._begin(True)
-            self._sticky.append((context, self._invoke))
+            self._setup = attrs.evolve(self._setup, sticky=self._setup.sticky + ((context, self._setup.open_invoke),))
         return context
 
-    def _close_sticky(self, record: bool, only_invoke: int | None | object = ...) -> None:
+    def _close_sticky(self, record: bool, only_invoke: int | None | Every = EVERY_INVOKE) -> None:
         """Close the sticky loops (those opened in ``only_invoke``, if given), innermost first."""
-        while self._sticky and (only_invoke is ... or self._sticky[-1][1] == only_invoke):
-            context, _ = self._sticky.pop()
+        while self._setup.sticky and (only_invoke is EVERY_INVOKE or self._setup.sticky[-1][1] == only_invoke):
+            context, _ = self._setup.sticky[-1]
+            self._setup = attrs.evolve(self._setup, sticky=self._setup.sticky[:-1])
             context._close(record)
 
     def _close_last_loop(self, scope: tuple[str, ...]) -> None:
         """End the sticky loop ``with envoy.all():`` opened, at the end of its block."""
-        for position in range(len(self._sticky) - 1, -1, -1):
-            context, _ = self._sticky[position]
-            if context._op_fields[3] == scope:
-                del self._sticky[position]
+        sticky = self._setup.sticky
+        for position in range(len(sticky) - 1, -1, -1):
+            context, _ = sticky[position]
+            if context.scope == scope:
+                self._setup = attrs.evolve(self._setup, sticky=sticky[:position] + sticky[position + 1:])
                 context._close(True)
                 return
 
@@ -319,3 +403,69 @@ class Tracer(GraphContext):
                 "in this thread"
             )
         return context
+
+
+def _holds_proxies(inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether inputs hold traced values (proxies) anywhere."""
+    if not kwargs and all(type(item) is torch.Tensor for item in inputs):
+        return False  # the usual inputs, at a glance (this is on every trace's path)
+    return find_leaf((inputs, kwargs), _is_proxy) is not NOT_FOUND
+
+
+def _is_proxy(value: Any) -> bool:
+    return isinstance(value, Proxy)
+
+
+class Invoker:
+    """One invoke of a trace.
+
+    ``given`` is ``(inputs, kwargs)`` as written; ``inputs`` is nnsight 0.4's
+    view of them once prepared by the model (`NNsight`: ``(args, kwargs)``;
+    `LanguageModel`: ``((encoding,), {})``, so ``invoker.inputs[0][0]["input_ids"]``
+    are the token ids), and ``batch_size`` their rows. Only the invoker sets
+    its own ``index``, ``batch_size`` and ``prepared``.
+    """
+
+    def __init__(self, tracer: Tracer, inputs: tuple[Any, ...], kwargs: dict[str, Any], scan: bool = False) -> None:
+        self.tracer = tracer
+        concrete = not _holds_proxies(inputs, kwargs)
+        if not concrete:
+            if tracer._parent is None:
+                recorded_calls.settle_inputs((inputs, kwargs))  # torch.rand(...) written as the input
+            # Saved values of traces that already ran are plain values here.
+            inputs, kwargs = settled(inputs), settled(kwargs)
+            concrete = not _holds_proxies(inputs, kwargs)
+        self._concrete = concrete
+        self.given: tuple[tuple[Any, ...], dict[str, Any]] = (inputs, kwargs)
+        self.scan = scan
+        self.index: int | None = None
+        self.batch_size = 0
+        self.prepared: Inputs | None = None
+        self._prepared: Prepared | None = None
+
+    @property
+    def inputs(self) -> Any:
+        """The prepared inputs, in nnsight 0.4's shape (prepared now if they were
+        not yet: inputs of a trace in a session are prepared when it runs)."""
+        prepared = self._prepare()
+        if prepared is None:
+            return self.given  # values of the session, known only when it runs
+        return self.tracer._adapter.invoker_inputs((prepared.args, prepared.kwargs))
+
+    def _prepare(self) -> Prepared | None:
+        """Prepare the given inputs (once); ``None`` when they hold values of the session."""
+        if self._prepared is None:
+            if not self._concrete:
+                return None
+            inputs, kwargs = self.given
+            self._prepared = prepared = prepare(self.tracer._adapter, inputs, kwargs)
+            self.batch_size = prepared.size
+            self.prepared = (prepared.args, prepared.kwargs)
+        return self._prepared
+
+    def __enter__(self) -> Invoker:
+        self.index = self.tracer._enter_invoke(self)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        self.tracer._exit_invoke(self, exc_type is None)

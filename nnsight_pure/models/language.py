@@ -12,20 +12,27 @@ keeping its own attention mask, and the position ids are derived from the
 attention mask, so a padded row computes exactly what the prompt computes
 alone (nnsight #672 and TransformerLens #1609 silently did not).
 
+A model or tokenizer the user passes in is never changed: the
+``generator`` hook point (``model.generator.output``: the generated ids)
+hangs under a root of the wrapper's own (`_own_root`, sharing the user's
+submodules and weights), and a tokenizer without a pad token is padded with
+its end token through a private copy (`_padding`).
+
 transformers is imported only when a LanguageModel is made (it is an
 optional extra: ``pip install nnsight_pure[lm]``).
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any, ClassVar, Mapping
 
 import torch
 
 from ..scan import scanning
-from ..util import WrapperModule
 from .nnsight import NNsight
+from .wrapper_module import WrapperModule
 
 
 def _dtype_keyword(transformers: Any) -> str:
@@ -98,9 +105,10 @@ class LanguageModel(NNsight):
         dtype = load_kwargs.pop("dtype", load_kwargs.pop("torch_dtype", torch_dtype))
         if dtype is not None:
             load_kwargs[_dtype_keyword(transformers)] = dtype
+        given_tokenizer = tokenizer is not None
         if isinstance(model, torch.nn.Module):
-            module, repo_id, dispatched = model, getattr(getattr(model, "config", None), "_name_or_path", None), True
             config = getattr(model, "config", None)
+            module, repo_id, dispatched = _own_root(model), getattr(config, "_name_or_path", None), True
             if tokenizer is None:
                 if not repo_id:
                     raise ValueError("a LanguageModel made from a module needs tokenizer=...")
@@ -118,10 +126,9 @@ class LanguageModel(NNsight):
                 with torch.device("meta"):  # the tree as it will load: same dtype, no memory
                     module = automodel.from_config(config, **_only_dtype(load_kwargs))
             dispatched = dispatch
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer = _padding(tokenizer, given_tokenizer)
         if "generator" not in module._modules:
-            module.generator = WrapperModule()  # the generated ids pass through it
+            module.generator = WrapperModule()  # the generated ids pass through it (our own root)
         super().__init__(module, rename)
         for name, value in (
             ("tokenizer", tokenizer),
@@ -164,7 +171,8 @@ class LanguageModel(NNsight):
     def _tokenize(self, value: Any, what: str, **tokenizer_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask)`` for text, token ids or an encoding."""
         tokenizer = self.tokenizer
-        if isinstance(value, str) or (isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value)):
+        texts_given = isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value)
+        if isinstance(value, str) or texts_given:
             texts = [value] if isinstance(value, str) else list(value)
             encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", **tokenizer_kwargs)
             return encoded["input_ids"], encoded["attention_mask"]
@@ -231,7 +239,8 @@ class LanguageModel(NNsight):
         joined = {}
         for name, value in kwargs.items():
             if name in fill:
-                joined[name] = torch.cat([_left_pad(batch[name], width, fill[name]), _left_pad(value, width, fill[name])])
+                pad = fill[name]
+                joined[name] = torch.cat([_left_pad(batch[name], width, pad), _left_pad(value, width, pad)])
             else:
                 joined[name] = value
         return (), joined
@@ -296,6 +305,27 @@ class LanguageModel(NNsight):
         processors = transformers.LogitsProcessorList(kwargs.get("logits_processor") or [])
         processors.append(PickOneToken())
         return {**kwargs, "logits_processor": processors, "do_sample": False}
+
+
+def _own_root(module: torch.nn.Module) -> torch.nn.Module:
+    """A root module of the wrapper's own for a module the user passed in: a
+    shallow copy with its own list of children (where ``generator`` goes),
+    sharing everything else (the submodules, weights, config, hooks)."""
+    if "generator" in module._modules:
+        return module  # a tree that has its hook point already (e.g. another wrapper's root)
+    root = copy.copy(module)
+    root.__dict__["_modules"] = type(module._modules)(module._modules)
+    return root
+
+
+def _padding(tokenizer: Any, given: bool) -> Any:
+    """A tokenizer that pads (with its end token when it has no pad token);
+    one the user gave is copied first, not changed."""
+    if tokenizer.pad_token is not None:
+        return tokenizer
+    padded = copy.deepcopy(tokenizer) if given else tokenizer
+    padded.pad_token = padded.eos_token
+    return padded
 
 
 def _left_pad(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 The wrapper holds no per-trace state: `trace` returns a new `Tracer` each
 time, and the torch module is only ever touched by the interpreter's hooks,
-for the length of one run.
+for the length of one run. The contexts it builds get its `WrapperAdapter`
+(the `runner.ModelAdapter` Protocol over the subclass contract below) and
+their options through their constructors; they reach nothing else of it.
 """
 
 from __future__ import annotations
@@ -10,22 +12,21 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence, cast
 
+import attrs
 import torch
 
-from ..batching import BatchGroups, batch_size_of, default_batch
-from ..contexts import active, recorded_calls
-from ..contexts.active import _OPEN
+from .. import open_blocks as active
+from ..batching import batch_size_of, default_batch
 from ..contexts.editing import EditingTracer
 from ..contexts.session import Session
 from ..contexts.tracer import Tracer
 from ..envoy import Envoy, _envoy_class
-from ..graph import Graph, Node, SourceLoc
-from ..interpreter import Interleaver, run_trace
-from ..ops import TraceRun
-from ..results import Results
+from ..graph import Graph
+from ..handle import ModelHandle
+from ..interpreter import Interleaver
+from ..runner import Inputs
 from ..source import user_location
 from ..trees import NOT_FOUND, find_leaf, map_leaves
-from .handle import ModelHandle
 
 
 class NNsight:
@@ -96,26 +97,50 @@ class NNsight:
 
         Returns a `Tracer` (or, with ``trace=False``, the model's output).
         """
+        return self._tracer(
+            inputs, trace=trace, scan=scan, method=method, invoker_kwargs=invoker_kwargs, backend=backend,
+            remote=remote, validate=validate, kwargs=kwargs,
+        )
+
+    def _tracer(
+        self,
+        inputs: tuple[Any, ...],
+        *,
+        trace: bool,
+        scan: bool,
+        method: str | None,
+        invoker_kwargs: dict[str, Any] | None,
+        backend: Any,
+        remote: bool,
+        validate: bool | None,
+        kwargs: dict[str, Any],
+        never_runs: str | None = None,
+    ) -> Any:
+        """`trace` and `scan`: build the tracer with its options (and run it, for ``trace=False``)."""
         if backend is not None or remote:
             _refuse_remote()
         parent = self._session_parent() if trace else None
         if validate is None:
             session = parent._outermost() if parent is not None else None
             validate = bool(getattr(session, "validate", False))
-        tracer = Tracer(self, method, kwargs, user_location(), parent, scan=scan, validate=validate)
-        if inputs:
-            tracer._open_implicit_invoker(inputs, dict(invoker_kwargs or {}))
-        elif invoker_kwargs:
+        if not inputs and invoker_kwargs:
             raise TypeError("invoker_kwargs needs positional inputs to go with")
+        if not trace and not inputs:
+            raise ValueError("trace=False runs the model at once, so it needs inputs")
+        tracer = Tracer(
+            self._adapter(), method, kwargs, user_location(), parent, scan=scan, validate=validate,
+            edits=self._edits, inputs=(inputs, dict(invoker_kwargs or {})) if inputs else None,
+            never_runs=never_runs, keep_result=not trace,
+        )
         if not trace:
-            if not inputs:
-                raise ValueError("trace=False runs the model at once, so it needs inputs")
-            tracer._keep_result = True
             with tracer:
                 pass
-            assert tracer._results is not None
-            return tracer._results.returned
+            return tracer._returned()
         return tracer
+
+    def _adapter(self) -> WrapperAdapter:
+        """This wrapper as the contexts see it (`runner.ModelAdapter`)."""
+        return WrapperAdapter(self)
 
     def scan(self, *inputs: Any, **kwargs: Any) -> Tracer:
         """A trace that only scans: ``with model.scan(x): n = model.layer1.output.shape[-1]``.
@@ -125,10 +150,14 @@ class NNsight:
         raised there; the block itself never runs the model.
         """
         kwargs.pop("validate", None)
-        tracer = self.trace(*inputs, scan=True, validate=True, **kwargs)
+        options = {name: kwargs.pop(name) for name in _TRACE_OPTIONS if name in kwargs}
+        tracer = self._tracer(
+            inputs, trace=bool(options.get("trace", True)), scan=True, method=options.get("method"),
+            invoker_kwargs=options.get("invoker_kwargs"), backend=options.get("backend"),
+            remote=bool(options.get("remote", False)), validate=True, kwargs=kwargs,
+            never_runs="a scan never runs the model; use model.trace(...) for values.",
+        )
         assert isinstance(tracer, Tracer)
-        tracer._runs = False
-        tracer._why_no_run = "a scan never runs the model; use model.trace(...) for values."
         return tracer
 
     def edit(self, *inputs: Any, inplace: bool = False, **kwargs: Any) -> EditingTracer:
@@ -141,7 +170,13 @@ class NNsight:
         in nnsight 0.4, and not needed: nothing runs until a later trace.
         """
         target = self if inplace else self._shallow_copy()
-        return EditingTracer(target, user_location())
+        return EditingTracer(
+            target._adapter(), user_location(), edits=target._edits, entered=target, store=target._store_edits
+        )
+
+    def _store_edits(self, edits: Graph | None) -> None:
+        """Make ``edits`` the graph every later trace of this wrapper starts from."""
+        object.__setattr__(self, "_edits", edits)
 
     def clear_edits(self) -> None:
         """Remove this wrapper's edits (other wrappers of the model keep theirs)."""
@@ -175,7 +210,7 @@ class NNsight:
         as for `trace` (local execution only)."""
         if backend is not None or remote:
             _refuse_remote()
-        return Session(self, user_location(), validate=validate)
+        return Session(self._adapter(), user_location(), validate=validate)
 
     def _session_parent(self) -> Any:
         """The innermost open block of a session of this model, outside any trace, if any."""
@@ -187,94 +222,12 @@ class NNsight:
             return context
         return None
 
-    def _run_trace(
-        self,
-        graph: Graph,
-        method: str | None,
-        prepared: list[tuple[tuple[Any, ...], dict[str, Any]]],
-        sizes: list[int | None],
-        method_kwargs: dict[str, Any],
-        where: SourceLoc | None,
-        captures: tuple[Any, ...] = (),
-        keep: frozenset[int] = frozenset(),
-        keep_result: bool = False,
-    ) -> tuple[Results, dict[int, Any]]:
-        """Batch the invokes' prepared inputs and run ``graph`` over one call of the method.
-
-        A run records nothing, even inside an open block (`recorded_calls`).
-        """
-        token = recorded_calls.suspend() if _OPEN.get() else None
-        try:
-            self._before_run()
-            batched: tuple[tuple[Any, ...], dict[str, Any]] | None = None
-            for args, kwargs in prepared:
-                batched = self._batch(batched, *args, **kwargs)
-            args, kwargs = batched if batched is not None else ((), {})
-            clash = sorted(set(kwargs) & set(method_kwargs))
-            if clash:
-                raise TypeError(
-                    f"keyword argument(s) {clash} were given both to the invokes and to trace(...); "
-                    "give each once"
-                )
-            return run_trace(
-                graph,
-                self._model,
-                self.interleave,
-                self._method_fn(method),
-                args,
-                {**kwargs, **method_kwargs},
-                BatchGroups.from_sizes(sizes),
-                where,
-                captures,
-                keep,
-                keep_result,
-            )
-        finally:
-            if token is not None:
-                recorded_calls.resume(token)
-
     def _before_run(self) -> None:
         """Called before each real run (not before scans): a subclass loads its weights here."""
 
-    def _run_trace_node(
-        self,
-        node: Node,
-        invokes: Any,
-        method_kwargs: dict[str, Any],
-        captures: tuple[Any, ...],
-        keep: frozenset[int],
-    ) -> tuple[Results, dict[int, Any]]:
-        """Run a trace of a session (its inputs are known only now)."""
-        op = node.op
-        assert isinstance(op, TraceRun)
-        return self._run_invokes(op.body, op.method, invokes, method_kwargs, node.source, captures, keep)
-
-    def _run_invokes(
-        self,
-        graph: Graph,
-        method: str | None,
-        invokes: Any,
-        method_kwargs: dict[str, Any],
-        where: SourceLoc | None,
-        captures: tuple[Any, ...] = (),
-        keep: frozenset[int] = frozenset(),
-        keep_result: bool = False,
-    ) -> tuple[Results, dict[int, Any]]:
-        """Prepare each invoke's inputs (``(args, kwargs)``, or ``None`` for an
-        invoke without inputs), then run ``graph`` over them."""
-        prepared: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-        sizes: list[int | None] = []
-        for invoke in invokes:
-            if invoke is None:
-                sizes.append(None)
-                continue
-            inputs, kwargs = invoke
-            (args, prepared_kwargs), size = self._prepare_input(*inputs, **kwargs)
-            prepared.append((tuple(args), dict(prepared_kwargs)))
-            sizes.append(size)
-        return self._run_trace(graph, method, prepared, sizes, method_kwargs, where, captures, keep, keep_result)
-
-    def interleave(self, interleaver: Interleaver, *args: Any, fn: Callable[..., Any] | str | None = None, **kwargs: Any) -> Any:
+    def interleave(
+        self, interleaver: Interleaver, *args: Any, fn: Callable[..., Any] | str | None = None, **kwargs: Any
+    ) -> Any:
         """Run ``fn(*args, **kwargs)`` (default `_execute`) with the trace's hooks in place.
 
         Override to prepare the model first (load weights, say); keep the call
@@ -383,6 +336,46 @@ class NNsight:
 
     def __repr__(self) -> str:
         return repr(self._envoy)
+
+
+_TRACE_OPTIONS = ("trace", "method", "invoker_kwargs", "backend", "remote", "blocking", "debug")
+
+
+@attrs.frozen(eq=False)
+class WrapperAdapter:
+    """An `NNsight` wrapper as a `runner.ModelAdapter`: the Protocol's methods
+    call the wrapper's overridable contract (`_prepare_input`, `_batch`,
+    `interleave`, ...), so subclasses keep overriding those."""
+
+    wrapper: NNsight
+
+    @property
+    def handle(self) -> ModelHandle:
+        return self.wrapper._handle
+
+    def prepare_input(self, *inputs: Any, **kwargs: Any) -> tuple[Inputs, int]:
+        return self.wrapper._prepare_input(*inputs, **kwargs)
+
+    def invoker_inputs(self, prepared: Inputs) -> Any:
+        return self.wrapper._invoker_inputs(prepared)
+
+    def batch(self, batched: Inputs | None, *args: Any, **kwargs: Any) -> Inputs:
+        return self.wrapper._batch(batched, *args, **kwargs)
+
+    def before_run(self) -> None:
+        self.wrapper._before_run()
+
+    def interleave(self, interleaver: Interleaver, *args: Any, fn: Callable[..., Any] | str | None = None,
+                   **kwargs: Any) -> Any:
+        return self.wrapper.interleave(interleaver, *args, fn=fn, **kwargs)
+
+    def method_fn(self, method: str | None) -> Callable[..., Any]:
+        return self.wrapper._method_fn(method)
+
+    def on_module(self, module: torch.nn.Module) -> WrapperAdapter:
+        faked = self.wrapper._shallow_copy()
+        object.__setattr__(faked, "_handle", self.wrapper._handle.with_module(module))
+        return WrapperAdapter(faked)
 
 
 def _refuse_remote() -> None:

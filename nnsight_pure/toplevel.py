@@ -11,14 +11,14 @@ from __future__ import annotations
 import builtins
 from typing import Any, Callable
 
-from .contexts import active
+from . import open_blocks as active
+from .contexts import flow
 from .contexts.base import GraphContext
 from .contexts.conditional import Conditional
 from .contexts.iterator import IteratorContext
 from .errors import TraceError
 from .ops import Call, print_at_run_time
 from .proxy import Proxy
-from .source import user_location
 
 
 def _innermost(what: builtins.str) -> GraphContext:
@@ -45,12 +45,12 @@ def stop() -> None:
 
 def cond(condition: Any) -> Conditional:
     """A block that runs only when ``condition`` is true at run time."""
-    return Conditional(_innermost("cond"), condition, user_location())
+    return flow.cond(_innermost("cond"), condition)
 
 
 def iter(collection: Any) -> IteratorContext:
     """A block that runs once per item of ``collection``."""
-    return IteratorContext(_innermost("iter"), collection, user_location())
+    return flow.iterate(_innermost("iter"), collection)
 
 
 class _LocalBlock:

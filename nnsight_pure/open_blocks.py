@@ -11,7 +11,7 @@ from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .base import GraphContext
+    from .contexts.base import GraphContext
 
 _OPEN: ContextVar[tuple[GraphContext, ...]] = ContextVar("nnsight_pure_open_contexts", default=())
 
