@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 import runpy
+import sys
 import tempfile
 from pathlib import Path
 
-from nnsight_pure.vis import legend_examples, render
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # the repository root: tests.vis_examples, as the tests import it
 
-HERE = Path(__file__).parent
+from nnsight_pure.vis import render  # noqa: E402
+from tests.vis_examples import legend_examples  # noqa: E402
 LEGEND = HERE / "legend"
 
 

@@ -22,7 +22,8 @@ import torch
 import nnsight_pure as nnsight
 from nnsight_pure.graph import Graph
 from nnsight_pure.ops import Op
-from nnsight_pure.vis import STYLES, legend_examples, render, to_dot
+from nnsight_pure.vis import STYLES, render, to_dot
+from tests.vis_examples import legend_examples
 
 ROOT = Path(__file__).parent.parent
 GOLDEN = Path(__file__).parent / "golden" / "vis"
@@ -122,13 +123,14 @@ def test_the_same_text_in_another_process_and_hash_seed() -> None:
     script = textwrap.dedent(
         """
         import sys
-        from nnsight_pure.vis import legend_examples, to_dot
+        from nnsight_pure.vis import to_dot
+        from tests.vis_examples import legend_examples
         sys.stdout.write("".join(to_dot(g, title=k, recursive=True, group=True) for k, g in legend_examples().items()))
         """
     )
     outputs = {
         subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, check=True,
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT,
             env={**os.environ, "PYTHONHASHSEED": seed},
         ).stdout
         for seed in ("1", "2")

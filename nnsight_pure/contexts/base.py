@@ -365,6 +365,17 @@ class GraphContext:
 
         return Conditional(self._within("cond"), condition, user_location())
 
+    # Jupyter shows a block as the picture of its graph so far (notebook.py).
+    def _repr_mimebundle_(self, include: object = None, exclude: object = None, **kwargs: object) -> dict[str, str]:
+        from ..notebook import mimebundle
+
+        return mimebundle(self._graph, include, exclude)
+
+    def _repr_svg_(self) -> str | None:
+        from ..notebook import svg
+
+        return svg(self._graph)
+
 
 class IterSelector:
     """What ``ctx.iter`` gives: call it with a collection, or index it with calls."""
