@@ -203,3 +203,94 @@ def test_group_without_recursive_warns() -> None:
 def test_quoting() -> None:
     text = to_dot(legend_examples()["GetAttr"], title='a "quoted" \\ title')
     assert 'digraph "a \\"quoted\\" \\\\ title" {' in text
+
+
+# --- what the picture says: tooltips, saved values, slots ------------------------------------
+
+LABEL = re.compile(r'^\s*"([^"]+)" \[label="((?:[^"\\]|\\.)*)"')
+SLOT_EDGE = re.compile(r'^\s*"([^"]+)" -> "([^"]+)" \[label="(#\d+)"')
+
+
+def _attributes(text: str, node_id: str) -> str:
+    line = next(line for line in text.splitlines() if line.strip().startswith(f'"{node_id}" ['))
+    return line
+
+
+def test_every_traced_node_has_its_user_line_as_tooltip(model: nnsight.NNsight, x: torch.Tensor) -> None:
+    with model.trace(x) as tracer:
+        hidden = model.layer1.output
+        doubled = (hidden * 2).save()  # the line a tooltip shows
+    del doubled
+    text = to_dot(tracer.graph)
+    for node in tracer.graph.nodes:
+        assert node.source is not None
+        line = _attributes(text, f"n{node.ref.index}")
+        assert f'tooltip="test_vis.py:{node.source.lineno}  ' in line
+    assert "doubled = (hidden * 2).save()  # the line a tooltip shows" in _attributes(text, "n1")
+    assert all("tooltip=" not in line for line in text.splitlines() if '_f' in line.split("[")[0])
+
+
+def test_a_node_without_a_source_has_no_tooltip() -> None:
+    text = to_dot(legend_examples()["Save"])
+    assert "tooltip" not in text
+
+
+def test_tooltips_are_escaped(tmp_path: Path) -> None:
+    from nnsight_pure.graph import SourceLoc
+    from nnsight_pure.ops import ModuleGet
+
+    code = tmp_path / "odd.py"
+    code.write_text('x = "a\\\\b"  # quoted\n')
+    graph, _ = Graph().add(ModuleGet("layer1", "output"), source=SourceLoc(str(code), 1, "f"))
+    graph, _ = graph.add(ModuleGet("layer2", "output"), source=SourceLoc('we"ird\nname.py', 3, "f"))
+    text = to_dot(graph)
+    assert 'tooltip="odd.py:1  x = \\"a\\\\\\\\b\\"  # quoted"' in _attributes(text, "n0")
+    assert 'tooltip="we\\"ird\\nname.py:3"' in _attributes(text, "n1")
+
+
+def test_saved_values_have_a_double_border() -> None:
+    text = to_dot(legend_examples()["Save"])
+    assert "peripheries=2" in _attributes(text, "n0")  # the value saved
+    assert "peripheries" not in _attributes(text, "n1")  # the save itself
+    as_output = legend_examples()["ModuleGet"]
+    assert "peripheries" not in to_dot(as_output)
+    from nnsight_pure.arguments import Ref
+
+    assert "peripheries=2" in _attributes(to_dot(as_output.with_outputs(Ref(0))), "n0")
+
+
+def _check_slots(text: str) -> None:
+    """No box names a node by its id; each ``#k`` in a box is the label of an edge into it."""
+    labels = {m.group(1): m.group(2) for line in text.splitlines() if (m := LABEL.match(line))}
+    into: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        if edge := SLOT_EDGE.match(line):
+            into.setdefault(edge.group(2), set()).add(edge.group(3))
+    for node_id, label in labels.items():
+        assert not re.search(r"%\d", label), (node_id, label)
+        assert set(re.findall(r"#\d+", label)) == into.get(node_id, set()), (node_id, label)
+
+
+@needs_dot
+@pytest.mark.parametrize("recursive", [False, True])
+def test_boxes_name_only_visible_nodes(seed: dict[str, Any], recursive: bool) -> None:
+    for graph in [*_seed_graphs(seed).values(), *legend_examples().values()]:
+        _check_slots(to_dot(graph, recursive=recursive))
+    tracer_2 = to_dot(seed["tracer_2"].graph)
+    assert '"n3_a1" [label="(:, #0)"' in tracer_2 and '"n2" -> "n3_a1" [label="#0"' in tracer_2
+
+
+def test_a_node_twice_in_one_box_is_one_slot() -> None:
+    import operator
+
+    from nnsight_pure.arguments import ListConst, Ref
+    from nnsight_pure.ops import Call, ModuleGet
+
+    graph, _ = Graph().add(ModuleGet("layer1", "output"))
+    graph, _ = graph.add(ModuleGet("layer2", "output"))
+    graph, _ = graph.add(Call(operator.add), (ListConst((Ref(1), Ref(0), Ref(1))), 1), {"other": (Ref(0),)})
+    text = to_dot(graph)
+    _check_slots(text)
+    assert '"n2_a0" [label="[#0, #1, #0]"' in text
+    assert '"n1" -> "n2_a0" [label="#0"' in text and '"n0" -> "n2_a0" [label="#1"' in text
+    assert '"n2_k_other" [label="other=(#0,)"' in text
