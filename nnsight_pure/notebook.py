@@ -11,6 +11,7 @@ missing picture must not break a notebook.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterable
 
 import graphviz
@@ -27,7 +28,7 @@ def svg(graph: Graph) -> str | None:
     when Graphviz's ``dot`` is not installed or fails."""
     try:
         return graphviz.Source(to_dot(graph)).pipe(format="svg", encoding="utf-8")
-    except (graphviz.ExecutableNotFound, graphviz.CalledProcessError):
+    except (graphviz.ExecutableNotFound, subprocess.CalledProcessError):  # graphviz's is a subclass
         return None
 
 

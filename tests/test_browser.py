@@ -25,7 +25,9 @@ from nnsight_pure.vis import node_label, render, tooltip
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs headless Chromium at /usr/bin/chromium (apt-get install chromium)"),
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="needs headless Chromium at /usr/bin/chromium (apt-get install chromium)"
+    ),
     pytest.mark.skipif(shutil.which("dot") is None, reason="needs Graphviz's dot program"),
 ]
 

@@ -4,7 +4,9 @@ their printed text alone (without raising) when Graphviz's ``dot`` is missing.""
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import graphviz
 import pytest
@@ -27,7 +29,13 @@ def no_dot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
 
 
-def _traced(model: nnsight.NNsight, x: torch.Tensor) -> nnsight.Tracer:
+def _format(shown: object, **options: object) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What Jupyter does with a cell's last value."""
+    data, metadata = DisplayFormatter().format(shown, **options)  # type: ignore[no-untyped-call]
+    return data, metadata
+
+
+def _traced(model: nnsight.NNsight, x: torch.Tensor) -> Any:
     with model.trace(x) as tracer:
         model.layer1.output.save()
     return tracer
@@ -36,7 +44,7 @@ def _traced(model: nnsight.NNsight, x: torch.Tensor) -> nnsight.Tracer:
 @needs_dot
 def test_a_graph_formats_to_svg_in_ipython(model: nnsight.NNsight, x: torch.Tensor) -> None:
     graph = _traced(model, x).graph
-    data, metadata = DisplayFormatter().format(graph)
+    data, metadata = _format(graph)
     assert set(data) == {SVG, TEXT} and metadata == {}
     assert "<svg" in data[SVG] and "</svg>" in data[SVG]
     assert data[SVG] == graphviz.Source(to_dot(graph)).pipe(format="svg", encoding="utf-8")
@@ -49,12 +57,12 @@ def test_contexts_display_their_graph(model: nnsight.NNsight, x: torch.Tensor) -
     with model.session() as session:
         with model.trace(x) as tracer:
             model.layer1.output.save()
-            inside = DisplayFormatter().format(tracer)[0]
+            inside = _format(tracer)[0]
         with session.iter([0, 1]) as (_, loop):
             pass
     assert inside == notebook.mimebundle(tracer.graph)
     for context in (session, tracer, loop):
-        data = DisplayFormatter().format(context)[0]
+        data = _format(context)[0]
         assert data == notebook.mimebundle(context.graph) and set(data) == {SVG, TEXT}
         assert context._repr_svg_() == data[SVG]
 
@@ -70,7 +78,7 @@ def test_include_and_exclude_follow_ipython(monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr(graphviz.Source, "pipe", refuse)
     assert graph._repr_mimebundle_(exclude=[SVG]) == {TEXT: repr(graph)}
-    assert DisplayFormatter().format(graph, exclude={SVG})[0] == {TEXT: repr(graph)}
+    assert _format(graph, exclude={SVG})[0] == {TEXT: repr(graph)}
 
 
 @pytest.mark.usefixtures("no_dot")
@@ -80,12 +88,12 @@ def test_without_dot_the_text_is_shown_and_nothing_raises(model: nnsight.NNsight
         graph = shown if isinstance(shown, Graph) else shown.graph
         assert shown._repr_mimebundle_() == {TEXT: repr(graph)}
         assert shown._repr_svg_() is None
-        assert DisplayFormatter().format(shown) == ({TEXT: repr(graph)}, {})
+        assert _format(shown) == ({TEXT: repr(graph)}, {})
 
 
 def test_a_failing_dot_falls_back_to_text(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args: object, **kwargs: object) -> str:
-        raise graphviz.CalledProcessError(1, ["dot", "-Tsvg"], output=b"", stderr=b"syntax error")
+        raise subprocess.CalledProcessError(1, ["dot", "-Tsvg"], output=b"", stderr=b"syntax error")
 
     monkeypatch.setattr(graphviz.Source, "pipe", fail)
     graph = legend_examples()["Cond"]

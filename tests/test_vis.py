@@ -141,7 +141,9 @@ def test_the_same_text_in_another_process_and_hash_seed() -> None:
     )
 
 
-def test_to_dot_neither_runs_the_model_nor_changes_the_graph(model: nnsight.NNsight, x: torch.Tensor, tmp_path: Path) -> None:
+def test_to_dot_neither_runs_the_model_nor_changes_the_graph(
+    model: nnsight.NNsight, x: torch.Tensor, tmp_path: Path
+) -> None:
     calls: list[int] = []
     handle = model._model.register_forward_hook(lambda m, i, o: calls.append(1))
     try:
@@ -178,7 +180,8 @@ def test_render_writes_pictures(format: str, tmp_path: Path) -> None:
     target = render(legend_examples()["Cond"], title="cond", path=tmp_path / "new" / "folder", format=format)
     assert target == tmp_path / "new" / "folder" / f"cond.{format}"
     data = target.read_bytes()
-    assert {"png": b"\x89PNG", "svg": b"<?xml", "pdf": b"%PDF"}[format] == data[: {"png": 4, "svg": 5, "pdf": 4}[format]]
+    magic = {"png": b"\x89PNG", "svg": b"<?xml", "pdf": b"%PDF"}[format]
+    assert data[: len(magic)] == magic
 
 
 def test_render_without_dot_says_how_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
