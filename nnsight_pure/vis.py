@@ -239,7 +239,9 @@ class _Writer:
         if saved:
             attributes.append("peripheries=2")
         if hint:
-            attributes.append(f"tooltip={_quote(hint)}")
+            # Graphviz unescapes a tooltip's backslashes twice (its DOT string,
+            # then its SVG link title; 2.43), so each is doubled before quoting.
+            attributes.append(f"tooltip={_quote(hint.replace(chr(92), chr(92) * 2))}")
         self.lines.append(f"{indent}{_quote(node_id)} [{', '.join(attributes)}];")
 
     def edge(self, source: str, target: str, indent: str, label: str = "", style: str = "", color: str = "") -> None:

@@ -243,11 +243,12 @@ def test_tooltips_are_escaped(tmp_path: Path) -> None:
     from nnsight_pure.ops import ModuleGet
 
     code = tmp_path / "odd.py"
-    code.write_text('x = "a\\\\b"  # quoted\n')
+    code.write_text('x = "a\\b"  # quoted\n')  # one backslash
     graph, _ = Graph().add(ModuleGet("layer1", "output"), source=SourceLoc(str(code), 1, "f"))
     graph, _ = graph.add(ModuleGet("layer2", "output"), source=SourceLoc('we"ird\nname.py', 3, "f"))
     text = to_dot(graph)
-    assert 'tooltip="odd.py:1  x = \\"a\\\\\\\\b\\"  # quoted"' in _attributes(text, "n0")
+    # Graphviz unescapes tooltips twice: the backslash is written four times.
+    assert r'tooltip="odd.py:1  x = \"a\\\\b\"  # quoted"' in _attributes(text, "n0")
     assert 'tooltip="we\\"ird\\nname.py:3"' in _attributes(text, "n1")
 
 
@@ -297,3 +298,19 @@ def test_a_node_twice_in_one_box_is_one_slot() -> None:
     assert '"n2_a0" [label="[#0, #1, #0]"' in text
     assert '"n1" -> "n2_a0" [label="#0"' in text and '"n0" -> "n2_a0" [label="#1"' in text
     assert '"n2_k_other" [label="other=(#0,)"' in text
+
+
+@needs_dot
+def test_an_escaped_tooltip_reads_back_as_written_in_svg(tmp_path: Path) -> None:
+    import html
+
+    from nnsight_pure.graph import SourceLoc
+    from nnsight_pure.ops import ModuleGet
+
+    code = tmp_path / "odd.py"
+    code.write_text('x = "a\\\\N<b>" & 1\n')
+    graph, _ = Graph().add(ModuleGet("layer1", "output"), source=SourceLoc(str(code), 1, "f"))
+    graph, _ = graph.add(ModuleGet("layer2", "output"), source=SourceLoc('we"ird\n\\name.py', 3, "f"))
+    svg = render(graph, title="odd", path=tmp_path, format="svg").read_text()
+    titles = [html.unescape(t).replace("\xa0", " ") for t in re.findall(r'xlink:title="([^"]*)"', svg)]
+    assert titles == ['odd.py:1  x = "a\\\\N<b>" & 1', 'we"ird\n\\name.py:3']
