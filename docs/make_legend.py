@@ -2,19 +2,24 @@
 
 Run from the repository root: ``.venv/bin/python docs/make_legend.py``
 (needs Graphviz's ``dot``). Writes docs/legend/<Kind>.svg, one per node kind,
-and docs/legend/seed_session.svg, the seed example's session drawn recursively.
+docs/legend/seed_session.svg, the seed example's session drawn recursively,
+and docs/legend/seed_tracer_2.svg, its second trace (slots, tooltips).
 """
 
 from __future__ import annotations
 
 import os
 import runpy
+import sys
 import tempfile
 from pathlib import Path
 
-from nnsight_pure.vis import legend_examples, render
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # the repository root: tests.vis_examples, as the tests import it
 
-HERE = Path(__file__).parent
+from nnsight_pure.vis import render  # noqa: E402
+from tests.vis_examples import legend_examples  # noqa: E402
+
 LEGEND = HERE / "legend"
 
 
@@ -31,6 +36,7 @@ def main() -> None:
             os.chdir(here)
     session = namespace["sesh"].graph
     render(session, title="seed_session", path=LEGEND, format="svg", recursive=True, group=True)
+    render(namespace["tracer_2"].graph, title="seed_tracer_2", path=LEGEND, format="svg")
     print(f"wrote {len(list(LEGEND.glob('*.svg')))} pictures into {LEGEND}")
 
 

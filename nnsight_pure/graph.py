@@ -184,6 +184,17 @@ class Graph:
 
         return format_graph(self)
 
+    # Jupyter shows a graph as its picture, or its text without Graphviz (notebook.py).
+    def _repr_mimebundle_(self, include: object = None, exclude: object = None, **kwargs: object) -> dict[str, str]:
+        from .notebook import mimebundle
+
+        return mimebundle(self, include, exclude)
+
+    def _repr_svg_(self) -> str | None:
+        from .notebook import svg
+
+        return svg(self)
+
 
 # --- shared nodes -------------------------------------------------------------------------
 #

@@ -12,12 +12,21 @@ drawn is data, the `STYLES` table, following the legend of nnsight's `.vis()`:
 * hexagons do things independent of data: ad-hoc module call (blue), running
   a trace (purple), stop (red), loop (blue) and condition (orange) contexts.
 
+A saved value (one a `Save` reads, or an output of the graph) has a double
+border. Every node made by user code carries that line as its tooltip
+(``file.py:12  code``; SVG shows it on hover). Every name in a box is
+visible: a constant holding nodes (an index ``(:, %2)``) is drawn with
+numbered slots, ``(:, #0)``, each the label of the dashed edge from its node.
+
 `render` hands the text to the graphviz package and writes the file; it is
-the only function here that does I/O.
+the only function here that writes (`to_dot` only reads the user's source
+lines for the tooltips, as tracebacks do). Jupyter's display of graphs and
+contexts is in `notebook`.
 """
 
 from __future__ import annotations
 
+import linecache
 import os
 import pathlib
 import warnings
@@ -25,11 +34,10 @@ from typing import Mapping
 
 import attrs
 import graphviz
-import torch
 
-from .arguments import Ref, refs_in
+from .arguments import Ref, map_refs
 from .errors import GraphvizNotFoundError
-from .graph import Graph, Node, node_refs
+from .graph import Graph, Node, SourceLoc, node_refs, saved_refs
 from .ops import (
     ApplyModule,
     Bridge,
@@ -54,6 +62,7 @@ from .ops import (
     first_bridge,
 )
 from .printing import _invoke_inputs, body_of
+from .source import short
 
 
 @attrs.frozen
@@ -156,15 +165,62 @@ def op_fields(node: Node) -> list[tuple[str, str]]:
         case Bridge(slot):
             return [("slot", str(slot))]
         case Export(index):
-            return [("node", f"%{index}")]
+            return [("node", f"{index} of the body")]
         case TraceRun(_, method):
-            fields = [("inputs", _invoke_inputs(node.args[0]) or "()")]
+            fields = [("inputs", _invoke_inputs(with_slots(node.args[0])[0]) or "()")]
             return fields + ([("method", repr(method))] if method else [])
         case EachCall(_, start, stop, step, scope, listed):
-            calls = ", ".join(map(str, listed)) if listed else f"{start}:{'' if stop is None else stop}" + (f":{step}" if step != 1 else "")
+            if listed:
+                calls = ", ".join(map(str, listed))
+            else:
+                calls = f"{start}:{'' if stop is None else stop}" + (f":{step}" if step != 1 else "")
             return [("calls", calls), ("scope", ", ".join(repr(_path_text(p)) for p in scope))]
         case Call() | CallMethod() | Save() | Stop() | IterItem() | Cond() | Iterate() | Grad() | SetGrad():
             return []
+
+
+@attrs.frozen(repr=False)
+class _Slot:
+    """Where a container argument holds a node: drawn ``#0``, ``#1``..., the
+    label of the dashed edge from that node (so every name in a box is visible)."""
+
+    number: int
+
+    def __repr__(self) -> str:
+        return f"#{self.number}"
+
+
+def with_slots(arg: object) -> tuple[object, list[Ref]]:
+    """``arg`` with each distinct node it holds replaced by a numbered slot, and
+    those nodes in slot order (first appearance, depth first).
+
+    >>> from nnsight_pure.arguments import SliceConst
+    >>> with_slots((SliceConst(None, None, None), Ref(2), Ref(2)))
+    ((:, #0, #0), [%2])
+    """
+    refs: list[Ref] = []
+    numbers: dict[int, _Slot] = {}
+
+    def slot(ref: Ref) -> _Slot:
+        if ref.index not in numbers:
+            numbers[ref.index] = _Slot(len(refs))
+            refs.append(ref)
+        return numbers[ref.index]
+
+    return map_refs(arg, slot), refs
+
+
+def tooltip(source: SourceLoc | None) -> str:
+    """A node's tooltip: the user's line that made it, ``file.py:12  code``
+    (the file's short name, as messages print it); empty without a location.
+
+    It reads the line through `linecache`, as tracebacks do; the same files
+    give the same text.
+    """
+    if source is None:
+        return ""
+    code = linecache.getline(source.filename, source.lineno).strip()
+    return f"{short(source)}  {code}" if code else short(source)
 
 
 class _Writer:
@@ -176,13 +232,17 @@ class _Writer:
         self.group = group
         self.clusters: dict[str, int] = {}
 
-    def node(self, node_id: str, label: str, style: Style, indent: str, dashed: bool = False) -> None:
-        font = f", fontcolor={_quote(style.color)}" if style is CONSTANT or style is BODY else ""
-        extra = ", style=dashed" if dashed else ""
-        self.lines.append(
-            f"{indent}{_quote(node_id)} [label={_quote(_short(label))}, shape={style.shape}, "
-            f"color={_quote(style.color)}{font}{extra}];"
-        )
+    def node(self, node_id: str, label: str, style: Style, indent: str, *, saved: bool = False, hint: str = "") -> None:
+        attributes = [f"label={_quote(_short(label))}", f"shape={style.shape}", f"color={_quote(style.color)}"]
+        if style is CONSTANT or style is BODY:
+            attributes.append(f"fontcolor={_quote(style.color)}")
+        if saved:
+            attributes.append("peripheries=2")
+        if hint:
+            # Graphviz unescapes a tooltip's backslashes twice (its DOT string,
+            # then its SVG link title; 2.43), so each is doubled before quoting.
+            attributes.append(f"tooltip={_quote(hint.replace(chr(92), chr(92) * 2))}")
+        self.lines.append(f"{indent}{_quote(node_id)} [{', '.join(attributes)}];")
 
     def edge(self, source: str, target: str, indent: str, label: str = "", style: str = "", color: str = "") -> None:
         attributes = []
@@ -195,21 +255,26 @@ class _Writer:
         suffix = f" [{', '.join(attributes)}]" if attributes else ""
         self.lines.append(f"{indent}{_quote(source)} -> {_quote(target)}{suffix};")
 
-    def graph(self, graph: Graph, prefix: str, indent: str) -> None:
-        for node in graph.nodes:
-            self.one_node(node, prefix, indent)
+    def slot_edges(self, refs: list[Ref], box: str, prefix: str, indent: str) -> None:
+        """A dashed grey edge from each node a constant box holds, labelled with its slot."""
+        for number, ref in enumerate(refs):
+            self.edge(f"{prefix}{ref.index}", box, indent, label=f"#{number}", style="dashed", color="gray")
 
-    def one_node(self, node: Node, prefix: str, indent: str) -> None:
+    def graph(self, graph: Graph, prefix: str, indent: str) -> None:
+        saved = saved_refs(graph)
+        for node in graph.nodes:
+            self.one_node(node, prefix, indent, node.ref.index in saved)
+
+    def one_node(self, node: Node, prefix: str, indent: str, saved: bool) -> None:
         node_id = f"{prefix}{node.ref.index}"
         style = STYLES[type(node.op)]
-        self.node(node_id, node_label(node.op), style, indent)
+        self.node(node_id, node_label(node.op), style, indent, saved=saved, hint=tooltip(node.source))
         for number, (name, value) in enumerate(op_fields(node)):
             box = f"{node_id}_f{number}"
             self.node(box, f"{name}={value}", CONSTANT, indent)
             if isinstance(node.op, TraceRun) and name == "inputs":
                 # The invokes' inputs may hold values of the session (a loop's item).
-                for position, ref in enumerate(refs_in(node.args[0])):
-                    self.edge(f"{prefix}{ref.index}", box, indent, label=str(position), style="dashed", color="gray")
+                self.slot_edges(with_slots(node.args[0])[1], box, prefix, indent)
             self.edge(box, node_id, indent)
         body = body_of(node)
         self.arguments(node, node_id, prefix, indent, context=body is not None)
@@ -237,14 +302,15 @@ class _Writer:
         for name in sorted(node.kwargs):
             self.argument(node.kwargs[name], node_id, f"{node_id}_k_{name}", prefix, indent, name, keyword=True)
 
-    def argument(self, arg: object, node_id: str, box: str, prefix: str, indent: str, label: str, keyword: bool = False) -> None:
+    def argument(
+        self, arg: object, node_id: str, box: str, prefix: str, indent: str, label: str, keyword: bool = False
+    ) -> None:
         if type(arg) is Ref:
             self.edge(f"{prefix}{arg.index}", node_id, indent, label=label)
             return
-        text = f"{label}={arg!r}" if keyword else repr(arg)
-        self.node(box, text, CONSTANT, indent)
-        for position, ref in enumerate(refs_in(arg)):
-            self.edge(f"{prefix}{ref.index}", box, indent, label=str(position), style="dashed", color="gray")
+        shown, refs = with_slots(arg)
+        self.node(box, f"{label}={shown!r}" if keyword else repr(shown), CONSTANT, indent)
+        self.slot_edges(refs, box, prefix, indent)
         self.edge(box, node_id, indent, label="" if keyword else label)
 
     def body(self, node: Node, node_id: str, prefix: str, body: Graph, style: Style, indent: str) -> None:
@@ -340,45 +406,3 @@ def render(
     folder.mkdir(parents=True, exist_ok=True)
     target.write_bytes(data)
     return target
-
-
-def legend_examples() -> dict[str, Graph]:
-    """A small graph showing each kind of node, by kind name (for the legend
-    pictures in docs/ and their golden tests). Pure."""
-    import operator
-
-    from .arguments import DictConst, SliceConst, TensorConst
-
-    def grown(*steps: tuple[Op, tuple[object, ...]]) -> Graph:
-        graph = Graph()
-        for op, args in steps:
-            graph, _ = graph.add(op, args)
-        return graph
-
-    get = (ModuleGet("layer1", "output"), ())
-    body = grown((IterItem(), ()), (Bridge(0), ()), (Call(operator.add), (Ref(0), Ref(1))))
-    return {
-        "ModuleGet": grown(get),
-        "ModuleSet": grown(get, (Call(operator.mul), (Ref(0), 2)), (ModuleSet("layer1", "output"), (Ref(1),))),
-        "ModuleAttr": grown((ModuleAttr("layer1", "weight"), ())),
-        "ApplyModule": grown(get, (ApplyModule("layer2"), (Ref(0),))),
-        "Call": grown(get, (Call(operator.setitem), (Ref(0), (SliceConst(None, None, None), 0), 1.0))),
-        "CallMethod": grown(get, (CallMethod("sum"), (Ref(0),))),
-        "GetAttr": grown(get, (GetAttr("shape"), (Ref(0),))),
-        "SetAttr": grown(get, (SetAttr("flag"), (Ref(0), True))),
-        "Save": grown(get, (Save(), (Ref(0),))),
-        "Stop": grown(get, (Stop(), (Ref(0),))),
-        "Grad": grown(get, (Grad(), (Ref(0),)), (Save(), (Ref(1),))),
-        "SetGrad": grown(get, (Grad(), (Ref(0),)), (Call(operator.mul), (Ref(1), 2)), (SetGrad(), (Ref(0), Ref(2)))),
-        "Bridge": grown((Bridge(0), ()), (Call(operator.neg), (Ref(0),))),
-        "IterItem": grown((IterItem(), ())),
-        "Export": grown((Cond(grown(get)), (True,)), (Export(0), (Ref(0),))),
-        "Cond": grown(get, (Cond(grown((Bridge(0), ()), (Save(), (Ref(0),)))), (True, Ref(0)))),
-        "Iterate": grown(get, (Iterate(body), ((0, 1, 2), Ref(0)))),
-        "EachCall": grown((EachCall(grown(get, (Save(), (Ref(0),))), 0, None, 1, ("layer1",)), ())),
-        "TraceRun": grown((TraceRun(grown(get, (Save(), (Ref(0),)))), ((((TensorConst(_example_input()),), DictConst(())),),))),
-    }
-
-
-def _example_input() -> torch.Tensor:
-    return torch.zeros(1, 5)

@@ -52,8 +52,8 @@ from nnsight_pure.ops import (
     TraceRun,
 )
 from nnsight_pure.serialize import VERSION, SerializationError
-from nnsight_pure.vis import legend_examples
 from tests.helpers import tiny_gpt2, tiny_net
+from tests.vis_examples import legend_examples
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -22,7 +22,8 @@ import torch
 import nnsight_pure as nnsight
 from nnsight_pure.graph import Graph
 from nnsight_pure.ops import Op
-from nnsight_pure.vis import STYLES, legend_examples, render, to_dot
+from nnsight_pure.vis import STYLES, render, to_dot
+from tests.vis_examples import legend_examples
 
 ROOT = Path(__file__).parent.parent
 GOLDEN = Path(__file__).parent / "golden" / "vis"
@@ -122,13 +123,14 @@ def test_the_same_text_in_another_process_and_hash_seed() -> None:
     script = textwrap.dedent(
         """
         import sys
-        from nnsight_pure.vis import legend_examples, to_dot
+        from nnsight_pure.vis import to_dot
+        from tests.vis_examples import legend_examples
         sys.stdout.write("".join(to_dot(g, title=k, recursive=True, group=True) for k, g in legend_examples().items()))
         """
     )
     outputs = {
         subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, check=True,
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT,
             env={**os.environ, "PYTHONHASHSEED": seed},
         ).stdout
         for seed in ("1", "2")
@@ -139,7 +141,9 @@ def test_the_same_text_in_another_process_and_hash_seed() -> None:
     )
 
 
-def test_to_dot_neither_runs_the_model_nor_changes_the_graph(model: nnsight.NNsight, x: torch.Tensor, tmp_path: Path) -> None:
+def test_to_dot_neither_runs_the_model_nor_changes_the_graph(
+    model: nnsight.NNsight, x: torch.Tensor, tmp_path: Path
+) -> None:
     calls: list[int] = []
     handle = model._model.register_forward_hook(lambda m, i, o: calls.append(1))
     try:
@@ -176,7 +180,8 @@ def test_render_writes_pictures(format: str, tmp_path: Path) -> None:
     target = render(legend_examples()["Cond"], title="cond", path=tmp_path / "new" / "folder", format=format)
     assert target == tmp_path / "new" / "folder" / f"cond.{format}"
     data = target.read_bytes()
-    assert {"png": b"\x89PNG", "svg": b"<?xml", "pdf": b"%PDF"}[format] == data[: {"png": 4, "svg": 5, "pdf": 4}[format]]
+    magic = {"png": b"\x89PNG", "svg": b"<?xml", "pdf": b"%PDF"}[format]
+    assert data[: len(magic)] == magic
 
 
 def test_render_without_dot_says_how_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -201,3 +206,111 @@ def test_group_without_recursive_warns() -> None:
 def test_quoting() -> None:
     text = to_dot(legend_examples()["GetAttr"], title='a "quoted" \\ title')
     assert 'digraph "a \\"quoted\\" \\\\ title" {' in text
+
+
+# --- what the picture says: tooltips, saved values, slots ------------------------------------
+
+LABEL = re.compile(r'^\s*"([^"]+)" \[label="((?:[^"\\]|\\.)*)"')
+SLOT_EDGE = re.compile(r'^\s*"([^"]+)" -> "([^"]+)" \[label="(#\d+)"')
+
+
+def _attributes(text: str, node_id: str) -> str:
+    line = next(line for line in text.splitlines() if line.strip().startswith(f'"{node_id}" ['))
+    return line
+
+
+def test_every_traced_node_has_its_user_line_as_tooltip(model: nnsight.NNsight, x: torch.Tensor) -> None:
+    with model.trace(x) as tracer:
+        hidden = model.layer1.output
+        doubled = (hidden * 2).save()  # the line a tooltip shows
+    del doubled
+    text = to_dot(tracer.graph)
+    for node in tracer.graph.nodes:
+        assert node.source is not None
+        line = _attributes(text, f"n{node.ref.index}")
+        assert f'tooltip="test_vis.py:{node.source.lineno}  ' in line
+    assert "doubled = (hidden * 2).save()  # the line a tooltip shows" in _attributes(text, "n1")
+    assert all("tooltip=" not in line for line in text.splitlines() if '_f' in line.split("[")[0])
+
+
+def test_a_node_without_a_source_has_no_tooltip() -> None:
+    text = to_dot(legend_examples()["Save"])
+    assert "tooltip" not in text
+
+
+def test_tooltips_are_escaped(tmp_path: Path) -> None:
+    from nnsight_pure.graph import SourceLoc
+    from nnsight_pure.ops import ModuleGet
+
+    code = tmp_path / "odd.py"
+    code.write_text('x = "a\\b"  # quoted\n')  # one backslash
+    graph, _ = Graph().add(ModuleGet("layer1", "output"), source=SourceLoc(str(code), 1, "f"))
+    graph, _ = graph.add(ModuleGet("layer2", "output"), source=SourceLoc('we"ird\nname.py', 3, "f"))
+    text = to_dot(graph)
+    # Graphviz unescapes tooltips twice: the backslash is written four times.
+    assert r'tooltip="odd.py:1  x = \"a\\\\b\"  # quoted"' in _attributes(text, "n0")
+    assert 'tooltip="we\\"ird\\nname.py:3"' in _attributes(text, "n1")
+
+
+def test_saved_values_have_a_double_border() -> None:
+    text = to_dot(legend_examples()["Save"])
+    assert "peripheries=2" in _attributes(text, "n0")  # the value saved
+    assert "peripheries" not in _attributes(text, "n1")  # the save itself
+    as_output = legend_examples()["ModuleGet"]
+    assert "peripheries" not in to_dot(as_output)
+    from nnsight_pure.arguments import Ref
+
+    assert "peripheries=2" in _attributes(to_dot(as_output.with_outputs(Ref(0))), "n0")
+
+
+def _check_slots(text: str) -> None:
+    """No box names a node by its id; each ``#k`` in a box is the label of an edge into it."""
+    labels = {m.group(1): m.group(2) for line in text.splitlines() if (m := LABEL.match(line))}
+    into: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        if edge := SLOT_EDGE.match(line):
+            into.setdefault(edge.group(2), set()).add(edge.group(3))
+    for node_id, label in labels.items():
+        assert not re.search(r"%\d", label), (node_id, label)
+        assert set(re.findall(r"#\d+", label)) == into.get(node_id, set()), (node_id, label)
+
+
+@needs_dot
+@pytest.mark.parametrize("recursive", [False, True])
+def test_boxes_name_only_visible_nodes(seed: dict[str, Any], recursive: bool) -> None:
+    for graph in [*_seed_graphs(seed).values(), *legend_examples().values()]:
+        _check_slots(to_dot(graph, recursive=recursive))
+    tracer_2 = to_dot(seed["tracer_2"].graph)
+    assert '"n3_a1" [label="(:, #0)"' in tracer_2 and '"n2" -> "n3_a1" [label="#0"' in tracer_2
+
+
+def test_a_node_twice_in_one_box_is_one_slot() -> None:
+    import operator
+
+    from nnsight_pure.arguments import ListConst, Ref
+    from nnsight_pure.ops import Call, ModuleGet
+
+    graph, _ = Graph().add(ModuleGet("layer1", "output"))
+    graph, _ = graph.add(ModuleGet("layer2", "output"))
+    graph, _ = graph.add(Call(operator.add), (ListConst((Ref(1), Ref(0), Ref(1))), 1), {"other": (Ref(0),)})
+    text = to_dot(graph)
+    _check_slots(text)
+    assert '"n2_a0" [label="[#0, #1, #0]"' in text
+    assert '"n1" -> "n2_a0" [label="#0"' in text and '"n0" -> "n2_a0" [label="#1"' in text
+    assert '"n2_k_other" [label="other=(#0,)"' in text
+
+
+@needs_dot
+def test_an_escaped_tooltip_reads_back_as_written_in_svg(tmp_path: Path) -> None:
+    import html
+
+    from nnsight_pure.graph import SourceLoc
+    from nnsight_pure.ops import ModuleGet
+
+    code = tmp_path / "odd.py"
+    code.write_text('x = "a\\\\N<b>" & 1\n')
+    graph, _ = Graph().add(ModuleGet("layer1", "output"), source=SourceLoc(str(code), 1, "f"))
+    graph, _ = graph.add(ModuleGet("layer2", "output"), source=SourceLoc('we"ird\n\\name.py', 3, "f"))
+    svg = render(graph, title="odd", path=tmp_path, format="svg").read_text()
+    titles = [html.unescape(t).replace("\xa0", " ") for t in re.findall(r'xlink:title="([^"]*)"', svg)]
+    assert titles == ['odd.py:1  x = "a\\\\N<b>" & 1', 'we"ird\n\\name.py:3']

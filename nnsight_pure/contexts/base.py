@@ -456,6 +456,17 @@ class GraphContext:
 
         return flow.cond(self._within("cond"), condition)
 
+    # Jupyter shows a block as the picture of its graph so far (notebook.py).
+    def _repr_mimebundle_(self, include: object = None, exclude: object = None, **kwargs: object) -> dict[str, str]:
+        from ..notebook import mimebundle
+
+        return mimebundle(self.graph, include, exclude)
+
+    def _repr_svg_(self) -> str | None:
+        from ..notebook import svg
+
+        return svg(self.graph)
+
 
 class BodyContext(GraphContext):
     """A block whose graph becomes the body of one node of its parent: a
