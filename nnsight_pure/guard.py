@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import torch
 
+from .errors import SerializationError
 from .ops import Op
 
 _UNTRUSTED: dict[int, weakref.ref[Op]] = {}
@@ -76,8 +77,6 @@ def _effectful(value: object) -> str | None:
 
 
 def _refuse(what: str, why: str) -> Exception:
-    from .serialize import SerializationError
-
     return SerializationError(
         f"refused in a graph read from a document: {what} gave {why}; a loaded graph may only "
         "compute on tensors and plain values (no callables, modules or storage objects)"
@@ -104,8 +103,6 @@ def checked_target(target: Any, name: str) -> Any:
     if why is None and isinstance(target, type):
         why = "a class"
     if why is not None:
-        from .serialize import SerializationError
-
         raise SerializationError(
             f"refused in a graph read from a document: setting `.{name}` on {why}; a loaded "
             "graph may only set attributes of plain run values"

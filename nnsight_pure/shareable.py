@@ -11,18 +11,11 @@ defaults qualify.
 from __future__ import annotations
 
 import types
-from typing import Any
 
 _BUILTINS = (
     types.BuiltinFunctionType, types.MethodDescriptorType, types.WrapperDescriptorType,
     types.ClassMethodDescriptorType,
 )
-
-_KNOWN: set[Any] = set()  # callables that passed (they hold nothing large, by the same test)
-KNOWN_KEPT = 4096
-"""At most this many remembered (emptied when full: a fresh ``lambda`` per
-trace must not grow a table for the life of the process)."""
-
 
 def holds_nothing_large(fn: object) -> bool:
     """True for a builtin or descriptor not bound to an object, a class, or a
@@ -37,17 +30,7 @@ def holds_nothing_large(fn: object) -> bool:
     return False
 
 
-def shareable(fn: object) -> bool:
-    """`holds_nothing_large`, remembered for the callables that pass (a
-    callable that fails is not remembered: that would keep it alive)."""
-    try:
-        if fn in _KNOWN:
-            return True
-    except TypeError:  # an unhashable callable
-        return False
-    if not holds_nothing_large(fn):
-        return False
-    if len(_KNOWN) >= KNOWN_KEPT:
-        _KNOWN.clear()
-    _KNOWN.add(fn)
-    return True
+shareable = holds_nothing_large
+"""The name the node and plan tables use: nothing is remembered (the test is
+three ``isinstance`` checks; remembering the callables that passed kept
+every fresh ``lambda`` of a notebook alive)."""

@@ -74,7 +74,7 @@ def test_tensor_constants_compare_by_value() -> None:
 
 
 def test_source_locations_are_not_part_of_identity() -> None:
-    from nnsight_pure.graph import SourceLoc
+    from nnsight_pure.source import SourceLoc
 
     g1 = Graph().add(ModuleGet("a", "output"), source=SourceLoc("x.py", 1, "f"))[0]
     g2 = Graph().add(ModuleGet("a", "output"), source=SourceLoc("y.py", 9, "g"))[0]

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import nnsight_pure as nnsight
-from nnsight_pure import graph as graph_module
+from nnsight_pure import caches
 from nnsight_pure import shareable
 from tests.helpers import tiny_net
 
@@ -108,16 +108,14 @@ def test_functional_runs_and_errors(no_gc: None) -> None:
 
 def test_tables_kept_across_traces_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     # The bounds made small, so that a few hundred traces pass them.
-    monkeypatch.setattr(shareable, "KNOWN_KEPT", 50)
-    monkeypatch.setattr(graph_module, "_NODES_KEPT", 120)
+    monkeypatch.setattr(caches.NODES, "limit", 120)
     model = nnsight.NNsight(tiny_net())
     x = torch.rand(1, 5)
-    shareable._KNOWN.clear()
     for _ in range(300):
         with model.trace(x):
             nnsight.apply(eval("lambda t: t + 1"), model.layer1.output).save()  # a fresh function each time
-    assert len(shareable._KNOWN) <= shareable.KNOWN_KEPT
-    assert len(graph_module._NODES) <= graph_module._NODES_KEPT
+    assert not hasattr(shareable, "_KNOWN")  # the callables that passed are not remembered
+    assert len(caches.NODES) <= 120
     from nnsight_pure import plan
 
     assert len(plan._PLANS) <= plan._PLANS_KEPT
