@@ -206,3 +206,7 @@ def edit(model: NNsight | torch.nn.Module, graph: Graph, *, inplace: bool = Fals
     edits = as_edit(graph) if wrapper.edits is None else compose(wrapper.edits, as_edit(graph))
     object.__setattr__(target, "_edits", edits)
     return target
+
+
+graph_facts = _facts
+as_wrapper = _wrapper
