@@ -22,7 +22,7 @@ from .arguments import Ref as Ref
 from .arguments import refs_in
 from .caches import NODES
 from .effects import PLAIN_OPS
-from .guard import graph_untrusted, untrusted
+from .guard import untrusted
 from .keys import arg_key, args_key, atoms_key, kwargs_key
 from .ops import Call, Op, Save
 from .shareable import shareable
@@ -85,13 +85,9 @@ class Graph:
 
     def __reduce__(self) -> tuple[Callable[..., Graph], tuple[object, ...]]:
         # Pickled as its value (for workers of a sweep): the plan holds run-time
-        # closures and is remade where the graph runs.
-        # A graph holding ops read from a document travels as JSON, so that
-        # it is read back under the guard (guard.py) where it runs.
-        if graph_untrusted(self):
-            from .serialize import from_json, to_json
-
-            return (from_json, (to_json(self),))
+        # closures and is remade where the graph runs. (A graph holding ops read
+        # from a document travels as JSON instead: serialize.py, which made
+        # those ops, registers that with copyreg; see serialize.reduce_graph.)
         return (Graph, (self.nodes, self.outputs))
 
     def add(

@@ -26,6 +26,7 @@ Pure: text in, values out; ``digest`` hashes the canonical text.
 from __future__ import annotations
 
 import base64
+import copyreg
 import builtins
 import hashlib
 import io
@@ -40,7 +41,7 @@ from .arguments import DictConst, ListConst, Opaque, Ref, SliceConst, TensorCons
 from .effects import METHOD_NAMES, SAFE_DUNDERS, resolve_whitelisted, whitelisted_name
 from .errors import SerializationError as SerializationError
 from .graph import Graph, Node, check_graph
-from .guard import mark
+from .guard import graph_untrusted, mark
 from .ops import Call, CallMethod, GetAttr, Op, SetAttr
 from .printing import format_node
 from .source import SourceLoc, short
@@ -487,3 +488,17 @@ def from_json(text: str) -> Graph:
             f"malformed graph document: {type(error).__name__}: {short_repr(str(error))}"
         ) from None
     return graph
+
+
+def reduce_graph(graph: Graph) -> tuple[Any, tuple[object, ...]]:
+    """How pickle (and `copy`) send a graph: as its value, or, when it holds
+    ops read from a document, as JSON, so that it is read back under the
+    guard (guard.py) where it runs. Registered with `copyreg` below: only this
+    module makes such ops, so a graph holding one exists only once it is
+    imported, and graph.py need not know about documents."""
+    if graph_untrusted(graph):
+        return (from_json, (to_json(graph),))
+    return (Graph, (graph.nodes, graph.outputs))
+
+
+copyreg.pickle(Graph, reduce_graph)
