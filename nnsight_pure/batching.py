@@ -44,7 +44,7 @@ class BatchGroups:
         if found is None:
             found = _groups(key)
             GROUPS.put(key, found)
-        return found  # type: ignore[return-value]  # a BatchGroups, kept in caches.GROUPS
+        return found  # (a BatchGroups, kept in caches.GROUPS)
 
 
 def _groups(sizes: tuple[int | None, ...]) -> BatchGroups:

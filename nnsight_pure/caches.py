@@ -30,7 +30,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Generic, Hashable, Protocol, TypeVar
+from typing import Any, Generic, Hashable, Protocol, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -91,16 +91,18 @@ class BoundedCache(Generic[K, V]):
 class _Clearable(Protocol):
     def clear(self) -> None: ...
 
+    def __len__(self) -> int: ...
 
-_ALL: list[BoundedCache[object, object]] = []  # type: ignore[type-var]  # every table, for clear_caches
+
+_ALL: list[BoundedCache[Any, Any]] = []  # every table, for clear_caches
 _PER_GRAPH: weakref.WeakSet[_Clearable] = weakref.WeakSet()
 
-NODES: BoundedCache[tuple[object, ...], object] = BoundedCache("nodes", 50_000)
+NODES: BoundedCache[tuple[object, ...], Any] = BoundedCache("nodes", 50_000)  # of graph.Node
 INTERNAL_CODE: BoundedCache[object, bool] = BoundedCache("internal code", 50_000)
-LOCATIONS: BoundedCache[tuple[object, int], object] = BoundedCache("locations", 50_000)
-PLANS: BoundedCache[object, object] = BoundedCache("plans", 256, lru=True)
+LOCATIONS: BoundedCache[tuple[object, int], Any] = BoundedCache("locations", 50_000)  # of source.SourceLoc
+PLANS: BoundedCache[object, Any] = BoundedCache("plans", 256, lru=True)  # of plan.Plan
 FIELDS: BoundedCache[type, tuple[str, ...]] = BoundedCache("op fields", 64)
-GROUPS: BoundedCache[tuple[int | None, ...], object] = BoundedCache("batch groups", 1024, lru=True)
+GROUPS: BoundedCache[tuple[int | None, ...], Any] = BoundedCache("batch groups", 1024, lru=True)  # of BatchGroups
 WHITELIST: BoundedCache[int, tuple[str, object]] = BoundedCache("whitelist", 1 << 20)
 
 
@@ -112,7 +114,7 @@ def keep_per_graph(table: _Clearable) -> None:
 def caches() -> dict[str, int]:
     """How many entries each table holds now, by name (per-graph memos summed)."""
     sizes = {cache.name: len(cache) for cache in _ALL}
-    sizes["per-graph memos"] = sum(len(table) for table in list(_PER_GRAPH))  # type: ignore[arg-type]
+    sizes["per-graph memos"] = sum(len(table) for table in list(_PER_GRAPH))
     return sizes
 
 

@@ -144,7 +144,7 @@ def node_key(node: Node, constants: Constants = "exact") -> object:
         fields = tuple(getattr(op, field.name) for field in attrs.fields(type(op)) if field.name != "body")
         key: object = (type(op), body, fields)
     elif type(op) is Call:
-        fn = op.fn  # type: ignore[union-attr]  # a Call
+        fn = op.fn
         if not shareable(fn):
             return NOT_SHARED
         key = (Call, fn)

@@ -26,8 +26,8 @@ Pure: text in, values out; ``digest`` hashes the canonical text.
 from __future__ import annotations
 
 import base64
-import copyreg
 import builtins
+import copyreg
 import hashlib
 import io
 import json

@@ -63,7 +63,7 @@ def user_location() -> SourceLoc | None:
             if location is None:
                 location = SourceLoc(code.co_filename, frame.f_lineno, code.co_name)
                 LOCATIONS.put(key, location)
-            return location  # type: ignore[return-value]  # a SourceLoc, kept in caches.LOCATIONS
+            return location  # (a SourceLoc, kept in caches.LOCATIONS)
         frame = frame.f_back
     return None  # pragma: no cover - there is always a caller
 

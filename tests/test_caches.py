@@ -65,5 +65,5 @@ def test_bounded_caches() -> None:
         wholesale.put(3, 4)  # a key already there makes no room
         assert wholesale.table == {3: 4}
     finally:
-        caches._ALL.remove(wholesale)  # type: ignore[arg-type]
-        caches._ALL.remove(lru)  # type: ignore[arg-type]
+        caches._ALL.remove(wholesale)
+        caches._ALL.remove(lru)

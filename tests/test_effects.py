@@ -44,7 +44,7 @@ from nnsight_pure.ops import (
 )
 
 
-def square(x):
+def square(x: Any) -> Any:
     return x * x
 
 OPS: dict[str, tuple[Op, dict[str, Any]]] = {
@@ -246,8 +246,9 @@ def test_whitelisted_names(name: str) -> None:
     op, _ = OPS[name]
     assert isinstance(op, Call)
     assert effects.whitelisted_name(op.fn) == WHITELISTED[name]
-    if WHITELISTED[name] is not None:
-        assert effects.resolve_whitelisted(WHITELISTED[name]) is op.fn
+    qualified = WHITELISTED[name]
+    if qualified is not None:
+        assert effects.resolve_whitelisted(qualified) is op.fn
 
 
 def test_kinds_of_ops() -> None:

@@ -18,8 +18,7 @@ import pytest
 import torch
 
 import nnsight_pure as nnsight
-from nnsight_pure import caches
-from nnsight_pure import shareable
+from nnsight_pure import caches, shareable
 from tests.helpers import tiny_net
 
 

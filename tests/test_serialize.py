@@ -432,7 +432,9 @@ def test_unserializable_graphs_name_the_node_and_line() -> None:
         nnsight.to_json(outputs)
 
 
-def test_log_survives_a_library_replacing_print(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_log_survives_a_library_replacing_print(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Ray (its progress bars) puts its own function in ``builtins.print`` for
     good; a log recorded after that must still serialize, and print through
     whatever ``print`` is when it runs."""

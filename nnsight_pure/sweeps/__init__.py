@@ -26,9 +26,10 @@ from ..models.nnsight import NNsight
 from ..reducers import Concat
 from ..source import user_location
 from .fold import OrderedFold as OrderedFold
-from .fold import finish, reducer_tree
+from .fold import finish
 from .fold import lift as lift
 from .fold import merge as merge
+from .fold import reducer_tree as reducer_tree
 from .local import run_local
 from .work import Batch as Batch
 from .work import BatchRunner as BatchRunner
