@@ -5,8 +5,12 @@ node's id is its position, and every `Ref` in a node's arguments points to an
 earlier node, so a graph is topologically sorted by construction. Graphs are
 values: equality and hashing are structural, `add` returns a new graph that
 shares structure with the old one, and nothing here ever changes a graph that
-exists. Source locations ride along for error messages but are not part of a
-graph's identity.
+exists. Source locations (`source.SourceLoc`) ride along for error messages
+but are not part of a graph's identity, which `keys.node_key` encodes.
+
+Graph, Node and the ops (ops.py) form one recursive data type: ops.py names
+`Graph` in annotations only. ``repr(graph)`` calls `printing` lazily (a value
+and its text form); nothing else here reaches above the values it is made of.
 
 This module is pure: no torch hooks, no I/O.
 """
