@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import SerializationError
-from .ops import Op
+from .ops import Call, CallMethod, GetAttr, Op, SetAttr
 
 _UNTRUSTED: dict[int, weakref.ref[Op]] = {}
 """Marked ops by identity (an entry leaves with its op)."""
@@ -112,8 +112,6 @@ def checked_target(target: Any, name: str) -> Any:
 
 def describe_op(op: Op) -> str:
     """A short text of ``op`` for the guard's errors (``.from_file``, ``sum(...)``)."""
-    from .ops import Call, CallMethod, GetAttr, SetAttr
-
     if isinstance(op, GetAttr):
         return f"reading .{op.name}"
     if isinstance(op, CallMethod):
@@ -130,8 +128,6 @@ Run = Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]
 
 def guarded(op: Op, what: str, run: Run) -> Run:
     """``run`` (how ``op`` computes its value) with the checks above."""
-    from .ops import SetAttr
-
     if isinstance(op, SetAttr):
         name = op.name
 

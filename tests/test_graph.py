@@ -327,3 +327,32 @@ def test_shared_nodes_keep_their_own_source_lines() -> None:
     assert nodes[1].source is not None and nodes[2].source is not None
     assert nodes[2].source.lineno == nodes[1].source.lineno + 1
     del a, b
+
+
+def _module_level_double(h: Any) -> Any:
+    return h * 2
+
+
+def test_only_functions_a_module_names_are_shared() -> None:
+    import nnsight_pure as nnsight
+    from nnsight_pure.shareable import shareable
+    from tests.helpers import tiny_net
+
+    model = nnsight.NNsight(tiny_net())
+    named = [nnsight.trace(model, lambda m: nnsight.apply(_module_level_double, m.layer1.output)) for _ in range(2)]
+    assert named[0].nodes[1] is named[1].nodes[1]
+    fresh = [nnsight.trace(model, lambda m: nnsight.apply(lambda h: h * 2, m.layer1.output)) for _ in range(2)]
+    assert fresh[0].nodes[1] is not fresh[1].nodes[1]  # a new lambda each time: not kept in the table
+    assert shareable(_module_level_double) and shareable(torch.relu) and shareable(operator.add)
+    assert not shareable(lambda h: h) and not shareable(torch.ones(1).add)
+
+
+def test_call_range_text() -> None:
+    from nnsight_pure.ops import EachCall
+    from nnsight_pure.printing import call_range
+
+    body = Graph()
+    assert call_range(EachCall(body)) == "0:"
+    assert call_range(EachCall(body, 1, 5, 2)) == "1:5:2"
+    assert call_range(EachCall(body, 0, 3)) == "0:3"
+    assert call_range(EachCall(body, calls=(0, 2, 5))) == "0, 2, 5"
