@@ -9,13 +9,13 @@ the total batch size; everything else is passed whole.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Sequence
 
 import attrs
 import torch
 import torch.utils._pytree as pytree
 
+from .caches import GROUPS
 from .trees import NOT_FOUND, find_leaf, map_leaves
 
 
@@ -39,12 +39,17 @@ class BatchGroups:
     @classmethod
     def from_sizes(cls, sizes: Sequence[int | None]) -> BatchGroups:
         """Groups for invokes of these batch sizes (``None``: an empty invoke)."""
-        return _groups(tuple(sizes))
+        key = tuple(sizes)
+        found = GROUPS.get(key)
+        if found is None:
+            found = _groups(key)
+            GROUPS.put(key, found)
+        return found  # (a BatchGroups, kept in caches.GROUPS)
 
 
-@functools.lru_cache(maxsize=1024)
 def _groups(sizes: tuple[int | None, ...]) -> BatchGroups:
-    """`BatchGroups.from_sizes`, remembered (every run makes one; few differ)."""
+    """`BatchGroups.from_sizes`, worked out (every run makes one; few differ,
+    so they are remembered in `caches.GROUPS`)."""
     groups: list[tuple[int, int] | None] = []
     start = 0
     for size in sizes:

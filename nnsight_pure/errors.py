@@ -38,6 +38,10 @@ class MissedCallsWarning(UserWarning):
     0.4: ``layers.all()`` does not make ``lm_head`` per step; use ``model.all()``)."""
 
 
+class SerializationError(ValueError):
+    """A graph that cannot be written, or a document that must not be read."""
+
+
 class SweepError(RuntimeError):
     """A sweep could not finish for a reason outside the user's code: the
     workers running a batch kept dying. (An error raised by the model or the
@@ -46,3 +50,18 @@ class SweepError(RuntimeError):
     def __init__(self, message: str, batch: int | None = None) -> None:
         super().__init__(message)
         self.batch = batch
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    """Attach a note to an exception without changing its type (PEP 678).
+
+    Python 3.10 has no ``add_note``; there the note is still recorded in
+    ``__notes__`` for tools that read it.
+    """
+    adder = getattr(exc, "add_note", None)
+    if adder is not None:
+        adder(note)
+    else:  # pragma: no cover - Python 3.10
+        notes = list(getattr(exc, "__notes__", []))
+        notes.append(note)
+        setattr(exc, "__notes__", notes)

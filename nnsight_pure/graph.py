@@ -5,8 +5,12 @@ node's id is its position, and every `Ref` in a node's arguments points to an
 earlier node, so a graph is topologically sorted by construction. Graphs are
 values: equality and hashing are structural, `add` returns a new graph that
 shares structure with the old one, and nothing here ever changes a graph that
-exists. Source locations ride along for error messages but are not part of a
-graph's identity.
+exists. Source locations (`source.SourceLoc`) ride along for error messages
+but are not part of a graph's identity, which `keys.node_key` encodes.
+
+Graph, Node and the ops (ops.py) form one recursive data type: ops.py names
+`Graph` in annotations only. ``repr(graph)`` calls `printing` lazily (a value
+and its text form); nothing else here reaches above the values it is made of.
 
 This module is pure: no torch hooks, no I/O.
 """
@@ -18,51 +22,18 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Sequenc
 import attrs
 from pyrsistent import pmap, pvector
 
-from .arguments import ATOMS, refs_in, structural_key
 from .arguments import Ref as Ref
-from .guard import graph_untrusted, untrusted
-from .ops import (
-    ApplyModule,
-    Bridge,
-    Call,
-    CallMethod,
-    Export,
-    GetAttr,
-    Grad,
-    IterItem,
-    ModuleAttr,
-    ModuleGet,
-    ModuleSet,
-    Op,
-    Save,
-    SetAttr,
-    SetGrad,
-    Stop,
-)
+from .arguments import refs_in
+from .caches import NODES
+from .effects import PLAIN_OPS
+from .guard import untrusted
+from .keys import arg_key, args_key, atoms_key, kwargs_key
+from .ops import Call, Op, Save
 from .shareable import shareable
+from .source import SourceLoc as SourceLoc  # (re-exported: its home is source.py)
 
 if TYPE_CHECKING:
     from pyrsistent.typing import PMap, PVector
-
-
-@attrs.frozen(cache_hash=True)
-class SourceLoc:
-    """Where in the user's code a node was made (for error messages)."""
-
-    filename: str
-    lineno: int
-    function: str
-
-    def __str__(self) -> str:
-        return f'File "{self.filename}", line {self.lineno}, in {self.function}'
-
-
-def _args_key(args: PVector[object]) -> object:
-    return tuple(structural_key(arg) for arg in args)
-
-
-def _kwargs_key(kwargs: PMap[str, object]) -> object:
-    return frozenset((name, structural_key(value)) for name, value in kwargs.items())
 
 
 _NO_KWARGS: PMap[str, object] = pmap()
@@ -81,11 +52,11 @@ class Node:
 
     ref: Ref
     op: Op
-    args: PVector[object] = attrs.field(eq=_args_key)
-    kwargs: PMap[str, object] = attrs.field(eq=_kwargs_key)
+    args: PVector[object] = attrs.field(eq=args_key)
+    kwargs: PMap[str, object] = attrs.field(eq=kwargs_key)
     invoke: int | None = None
     source: SourceLoc | None = attrs.field(default=None, eq=False)
-    # Memo of the node's structure key (see plan.structure_key): not part of its value.
+    # Memo of the node's masked key (see keys.graph_key): not part of its value.
     _key: object = attrs.field(default=None, init=False, eq=False, repr=False)
 
     def __reduce__(self) -> tuple[type[Node], tuple[object, ...]]:
@@ -112,19 +83,15 @@ class Graph:
     """
 
     nodes: PVector[Node] = attrs.field(factory=pvector, converter=_nodes)
-    outputs: object = attrs.field(default=None, eq=structural_key)
+    outputs: object = attrs.field(default=None, eq=arg_key)
     # Memo of the graph's plan (see plan.plan_for): not part of its value.
     _plan: object = attrs.field(default=None, init=False, eq=False, repr=False)
 
     def __reduce__(self) -> tuple[Callable[..., Graph], tuple[object, ...]]:
         # Pickled as its value (for workers of a sweep): the plan holds run-time
-        # closures and is remade where the graph runs.
-        # A graph holding ops read from a document travels as JSON, so that
-        # it is read back under the guard (guard.py) where it runs.
-        if graph_untrusted(self):
-            from .serialize import from_json, to_json
-
-            return (from_json, (to_json(self),))
+        # closures and is remade where the graph runs. (A graph holding ops read
+        # from a document travels as JSON instead: serialize.py, which made
+        # those ops, registers that with copyreg; see serialize.reduce_graph.)
         return (Graph, (self.nodes, self.outputs))
 
     def add(
@@ -143,7 +110,7 @@ class Graph:
         index = len(self.nodes)
         ref = _REFS[index] if index < len(_REFS) else Ref(index)
         key = None if kwargs else _intern_key(index, op, args, invoke, source)
-        node = None if key is None else _NODES.get(key)
+        node = None if key is None else NODES.table.get(key)
         if node is None:
             node = Node(
                 ref,
@@ -154,21 +121,12 @@ class Graph:
                 source,
             )
             if key is not None:
-                if len(_NODES) >= _NODES_KEPT:
-                    _NODES.clear()
-                _NODES[key] = node
+                NODES.put(key, node)
         return Graph(self.nodes.append(node), self.outputs), ref
 
     def with_outputs(self, outputs: object) -> Graph:
         """A new graph returning ``outputs`` (a tree of `Ref`s to its nodes)."""
         return Graph(self.nodes, outputs)
-
-    def digest(self) -> str:
-        """A content hash, the same in any process: the SHA-256 of the graph's
-        canonical JSON (source lines excluded). For caching results by graph."""
-        from .serialize import digest
-
-        return digest(self)
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -201,16 +159,14 @@ class Graph:
 # Running the same code again records the same nodes: the same operation on
 # the same references and constants, at the same position and source line.
 # Nodes are immutable values, so the graphs of every such trace can share one
-# node object, made (and its structure key worked out, see plan.py) once.
+# node object, made (and its masked key worked out, see keys.py) once; the
+# table is `caches.NODES`.
 # Only nodes that hold nothing large are shared: plain operations on
 # references and atoms, and calls of functions that hold nothing.
 
-_NODES: dict[tuple[object, ...], Node] = {}
-_NODES_KEPT = 50_000
-_PLAIN_OPS = frozenset({ModuleGet, ModuleSet, ModuleAttr, ApplyModule, CallMethod, GetAttr, SetAttr, Save, Stop, Grad, SetGrad, Bridge, IterItem, Export})
-
-
-def _intern_key(index: int, op: Op, args: Sequence[object], invoke: int | None, source: SourceLoc | None) -> tuple[object, ...] | None:
+def _intern_key(
+    index: int, op: Op, args: Sequence[object], invoke: int | None, source: SourceLoc | None
+) -> tuple[object, ...] | None:
     """What makes a node the same value *and* the same source line, when it
     holds nothing large (else ``None``: the node is made afresh)."""
     kind = type(op)
@@ -219,23 +175,10 @@ def _intern_key(index: int, op: Op, args: Sequence[object], invoke: int | None, 
     if kind is Call:
         if not shareable(op.fn):  # type: ignore[union-attr]  # a Call
             return None
-    elif kind not in _PLAIN_OPS:
+    elif kind not in PLAIN_OPS:
         return None  # (an op with a body: keyed by a whole graph)
-    parts: list[object] = [index, op, invoke, source]
-    for arg in args:
-        arg_kind = type(arg)
-        if arg_kind is Ref:
-            parts.append(-1 - arg.index)  # type: ignore[attr-defined]  # a Ref
-        elif arg_kind is float:
-            parts.append(arg.hex())  # type: ignore[attr-defined]  # exact: -0.0 is not 0.0, 1.0 is not 1
-        elif arg_kind in _EXACT_ATOMS:
-            parts.append((arg_kind, arg))
-        else:
-            return None
-    return tuple(parts)
-
-
-_EXACT_ATOMS = ATOMS - {float, complex}  # (float keyed above; complex's -0.0 parts are rare)
+    key = atoms_key(args)
+    return None if key is None else (index, op, invoke, source, key)
 
 
 def add(

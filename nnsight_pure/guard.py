@@ -31,7 +31,8 @@ from typing import Any, Callable
 
 import torch
 
-from .ops import Op
+from .errors import SerializationError
+from .ops import Call, CallMethod, GetAttr, Op, SetAttr
 
 _UNTRUSTED: dict[int, weakref.ref[Op]] = {}
 """Marked ops by identity (an entry leaves with its op)."""
@@ -76,8 +77,6 @@ def _effectful(value: object) -> str | None:
 
 
 def _refuse(what: str, why: str) -> Exception:
-    from .serialize import SerializationError
-
     return SerializationError(
         f"refused in a graph read from a document: {what} gave {why}; a loaded graph may only "
         "compute on tensors and plain values (no callables, modules or storage objects)"
@@ -104,8 +103,6 @@ def checked_target(target: Any, name: str) -> Any:
     if why is None and isinstance(target, type):
         why = "a class"
     if why is not None:
-        from .serialize import SerializationError
-
         raise SerializationError(
             f"refused in a graph read from a document: setting `.{name}` on {why}; a loaded "
             "graph may only set attributes of plain run values"
@@ -115,8 +112,6 @@ def checked_target(target: Any, name: str) -> Any:
 
 def describe_op(op: Op) -> str:
     """A short text of ``op`` for the guard's errors (``.from_file``, ``sum(...)``)."""
-    from .ops import Call, CallMethod, GetAttr, SetAttr
-
     if isinstance(op, GetAttr):
         return f"reading .{op.name}"
     if isinstance(op, CallMethod):
@@ -133,8 +128,6 @@ Run = Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]
 
 def guarded(op: Op, what: str, run: Run) -> Run:
     """``run`` (how ``op`` computes its value) with the checks above."""
-    from .ops import SetAttr
-
     if isinstance(op, SetAttr):
         name = op.name
 

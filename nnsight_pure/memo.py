@@ -4,6 +4,7 @@ Keyed by identity, not equality: what is remembered may hold a graph's own
 objects (its tensor constants, by reference; its source lines, for errors),
 which an equal graph built elsewhere does not share. An entry goes when its
 graph does, so a table never keeps tensors alive. Safe across threads.
+Every table is listed in `caches` (`caches.clear_caches` empties it).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import threading
 import weakref
 from typing import Callable, Generic, TypeVar
 
+from .caches import keep_per_graph
 from .graph import Graph
 
 T = TypeVar("T")
@@ -24,6 +26,7 @@ class PerGraph(Generic[T]):
         self._make = make
         self._table: dict[int, T] = {}
         self._lock = threading.Lock()
+        keep_per_graph(self)
 
     def __call__(self, graph: Graph) -> T:
         key = id(graph)
@@ -41,3 +44,11 @@ class PerGraph(Generic[T]):
     def _forget(self, key: int) -> None:
         with self._lock:
             self._table.pop(key, None)
+
+    def clear(self) -> None:
+        """Forget every graph (each is worked out anew when next asked)."""
+        with self._lock:
+            self._table.clear()
+
+    def __len__(self) -> int:
+        return len(self._table)

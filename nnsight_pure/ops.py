@@ -4,7 +4,14 @@ Every kind is a frozen attrs class holding only the *static* description of
 what the node does (which module, which call, which function); the values it
 works on are the node's arguments. The interpreter, the printer and the
 visualizer each dispatch on `Op` with `match`, so a new kind that one of them
-forgets is a type error (mypy's ``exhaustive-match``).
+forgets is a type error (mypy's ``exhaustive-match``). What the library
+knows about each kind beyond its fields (effects, purity, aliasing, which
+kinds touch a model) lives in `effects`.
+
+Ops with a body hold a `graph.Graph`, and a graph holds nodes that hold ops:
+one recursive data type, so this module names `Graph` in annotations only
+(as jax keeps `Jaxpr`, `JaxprEqn` and `Primitive` together); that is the one
+tie between ops.py and graph.py, and it is type-only.
 
 This module is pure: no torch hooks, no I/O.
 """
@@ -267,7 +274,7 @@ Op = Union[
 """Every operation kind a node can hold (a closed union)."""
 
 ContextOp = Union[Cond, Iterate, EachCall, TraceRun]
-"""The kinds that hold a sub-graph."""
+"""The kinds that hold a sub-graph (`effects.CONTEXT_OPS` lists them for ``isinstance``)."""
 
 
 def first_bridge(op: Op) -> int:

@@ -2,44 +2,37 @@
 
 Each takes graph values and returns a new one; none runs anything. They keep
 the graph invariants (`check_graph`): nodes in program order, each referring
-only to earlier ones, bodies with their own numbering.
+only to earlier ones, bodies with their own numbering. What an op does (reads
+a model, holds a body, has an effect) is asked of `effects`.
 """
 
 from __future__ import annotations
 
-import operator
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator
 
 import attrs
-import torch
 
 from .arguments import DictConst, Ref, map_refs, refs_in
+from .effects import CONTEXT_OPS, TRACE_OPS
+from .effects import is_pure as is_pure
 from .graph import Graph, GraphError, Node, node_refs
 from .ops import (
     ApplyModule,
     Bridge,
-    Call,
-    CallMethod,
     Cond,
     EachCall,
     Export,
-    GetAttr,
-    Grad,
     Iterate,
-    IterItem,
     ModuleAttr,
     ModuleGet,
     ModuleSet,
     Op,
-    SetGrad,
     TraceRun,
 )
 from .printing import format_node
 from .source import short
 
 # --- what a graph is ------------------------------------------------------------------
-
-_TRACE_OPS = (ModuleGet, ModuleSet, ModuleAttr, ApplyModule, Grad, SetGrad, EachCall)
 
 
 def graph_kind(graph: Graph) -> str | None:
@@ -56,7 +49,7 @@ def _kinds(graph: Graph) -> set[str]:
         op = node.op
         if isinstance(op, TraceRun):
             found.add("session")
-        elif isinstance(op, _TRACE_OPS):
+        elif isinstance(op, TRACE_OPS):
             found.add("trace")
         if isinstance(op, (Cond, Iterate)):
             found |= _kinds(op.body)
@@ -89,7 +82,7 @@ def module_paths(graph: Graph) -> Iterator[tuple[str, Node]]:
         elif isinstance(op, EachCall):
             for path in op.scope:
                 yield path, node
-        if isinstance(op, _CONTEXTS):
+        if isinstance(op, CONTEXT_OPS):
             yield from module_paths(op.body)
 
 
@@ -170,89 +163,12 @@ def as_edit(graph: Graph) -> Graph:
 
 # --- pruning --------------------------------------------------------------------------
 
-_IN_PLACE_NAMES = ("iadd", "iand", "iconcat", "ifloordiv", "ilshift", "imatmul", "imod", "imul",
-                   "ior", "ipow", "irshift", "isub", "itruediv", "ixor", "setitem", "delitem")
-_IN_PLACE_OPERATORS = frozenset(
-    getattr(operator, spelling)
-    for name in _IN_PLACE_NAMES
-    for spelling in (name, f"__{name}__")
-    if hasattr(operator, spelling)
-)
-_PURE_OPERATORS = frozenset(
-    getattr(operator, name)
-    for name in dir(operator)
-    if not name.startswith("_") and name not in _IN_PLACE_NAMES
-    and name not in ("attrgetter", "methodcaller", "itemgetter", "call")
-)
-_PURE_BUILTINS = frozenset(
-    {abs, all, any, bool, dict, divmod, enumerate, float, int, isinstance, len, list, max, min,
-     pow, range, reversed, round, set, slice, sorted, str, sum, tuple, zip}
-)
-_RANDOM = ("rand", "normal", "bernoulli", "multinomial", "dropout", "poisson", "uniform",
-           "exponential", "cauchy", "geometric", "gumbel", "sample", "rrelu")
-_EFFECTFUL_METHODS = frozenset(
-    {"add", "sort", "append", "extend", "insert", "pop", "remove", "clear", "update", "setdefault",
-     "discard", "popitem", "reverse", "backward", "register_hook", "register_post_accumulate_grad_hook",
-     "retain_grad", "record_stream", "put", "index_put", "apply_"}
-)
-_TENSOR_METHODS = frozenset(dir(torch.Tensor))
-
-
-def _pure_name(name: str) -> bool:
-    """A torch function or tensor method name that neither writes in place nor draws random numbers."""
-    return not name.endswith("_") and not any(part in name for part in _RANDOM)
-
-
-def _pure_call(fn: object, kwargs: Mapping[str, object]) -> bool:
-    if "out" in kwargs:
-        return False
-    if fn in _PURE_OPERATORS or fn in _PURE_BUILTINS:
-        return True
-    if getattr(fn, "__module__", None) == "math":
-        return True
-    from .serialize import callable_name
-
-    name = callable_name(fn)
-    if name is None or not name.startswith("torch."):
-        return False
-    last = name.rpartition(".")[2]
-    if name.startswith("torch.Tensor."):
-        return _pure_method(last, kwargs)
-    return _pure_name(last)
-
-
-def _pure_method(name: str, kwargs: Mapping[str, object]) -> bool:
-    if "out" in kwargs or name not in _TENSOR_METHODS or name in _EFFECTFUL_METHODS:
-        return False
-    if name.startswith("__"):
-        function = getattr(operator, name, None)
-        return function is not None and function in _PURE_OPERATORS
-    return _pure_name(name)
-
-
-def is_pure(node: Node) -> bool:
-    """True when dropping ``node``, if nothing uses its value, cannot change a
-    run's values: a read, or a computation known to write nothing in place
-    and draw no random numbers. Anything unknown counts as an effect."""
-    match node.op:
-        case ModuleGet() | ModuleAttr() | Grad() | Export() | Bridge():
-            return True
-        case Call(fn):
-            return _pure_call(fn, node.kwargs)
-        case CallMethod(name):
-            return _pure_method(name, node.kwargs)
-        case GetAttr() | IterItem():
-            return True
-        case _:
-            return False
-
-
 def prune(graph: Graph) -> Graph:
     """``graph`` without the nodes that reach no output, save or effect.
 
     Kept: saves, outputs, writes (module values, attributes, items,
     gradients), stops, ad-hoc module calls, traces of a session, calls not
-    known to be pure (see `is_pure`), and everything those use. Bodies are
+    known to be pure (see `effects.is_pure`), and everything those use. Bodies are
     pruned too; a condition or loop left with nothing to do goes. Values of
     a run never change; a dropped read of a module that is never called no
     longer holds up the nodes after it, so a pruned graph can only complete
@@ -260,8 +176,6 @@ def prune(graph: Graph) -> Graph:
     """
     return _prune(graph, frozenset())[0]
 
-
-_CONTEXTS = (Cond, Iterate, EachCall, TraceRun)
 
 
 def _prune(graph: Graph, keep: frozenset[int]) -> tuple[Graph, dict[int, int]]:
@@ -274,7 +188,7 @@ def _prune(graph: Graph, keep: frozenset[int]) -> tuple[Graph, dict[int, int]]:
     for node in reversed(nodes):
         index = node.ref.index
         op = node.op
-        if isinstance(op, _CONTEXTS):
+        if isinstance(op, CONTEXT_OPS):
             body, inner = _prune(op.body, frozenset(exported.get(index, ())))
             bodies[index] = (body, inner)
             if len(body) or isinstance(op, TraceRun) or index in live:
@@ -300,7 +214,7 @@ def _prune(graph: Graph, keep: frozenset[int]) -> tuple[Graph, dict[int, int]]:
         if index not in live:
             continue
         new_op = node.op
-        if isinstance(new_op, _CONTEXTS):
+        if isinstance(new_op, CONTEXT_OPS):
             new_op = attrs.evolve(new_op, body=bodies[index][0])
         elif isinstance(new_op, Export):
             context = node.args[0]

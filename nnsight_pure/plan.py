@@ -24,7 +24,6 @@ Pure: building a plan reads the graph and nothing else.
 
 from __future__ import annotations
 
-import operator
 from typing import Sequence, TypedDict
 
 import attrs
@@ -32,6 +31,7 @@ from pyrsistent import pmap
 from pyrsistent.typing import PMap
 
 from .arguments import Ref, refs_in
+from .effects import aliases_argument, writes_in_place
 from .evaluate import computer, resolver
 from .events import Event, EventKey, GradKey, GradProgram, ProgramKey, Site, in_scope, site_of
 from .graph import Graph, Node, check_graph, node_refs, saved_refs, use_counts
@@ -133,54 +133,7 @@ def plan_for(graph: Graph) -> Plan:
 
 # --- what a write can touch ----------------------------------------------------------
 
-_INPLACE_FUNCTIONS = frozenset(
-    {
-        operator.setitem, operator.delitem, operator.iadd, operator.isub, operator.imul,
-        operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow, operator.imatmul,
-        operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
-    }
-)
-_NOT_WRITES = frozenset({"requires_grad_", "retain_grad", "share_memory_", "register_hook"})
-
-# Tensor methods whose result shares storage with their receiver: writing into
-# the result writes into the module's value.
-_VIEW_METHODS = frozenset(
-    {
-        "view", "view_as", "reshape", "reshape_as", "narrow", "select", "squeeze", "unsqueeze",
-        "transpose", "t", "permute", "expand", "expand_as", "flatten", "unflatten", "detach",
-        "as_strided", "diagonal", "movedim", "swapaxes", "swapdims", "unfold", "split", "chunk",
-        "unbind", "tensor_split", "contiguous", "__getitem__", "real", "imag", "view_as_real",
-        "T", "mT", "H", "mH", "data",
-    }
-)
-
-
-def is_inplace(node: Node) -> bool:
-    """True when running the node writes into its first argument."""
-    op = node.op
-    if isinstance(op, SetAttr):
-        return True
-    if isinstance(op, Call):
-        if op.fn in _INPLACE_FUNCTIONS:
-            return True
-        name = op.name
-        return name.endswith("_") and not name.startswith("_") and name not in _NOT_WRITES
-    if isinstance(op, CallMethod):
-        name = op.name
-        return name.endswith("_") and not name.startswith("_") and name not in _NOT_WRITES
-    return False
-
-
-def _aliases_argument(node: Node) -> bool:
-    """True when the node's value may share storage with its first argument."""
-    op = node.op
-    if isinstance(op, GetAttr):
-        return True
-    if isinstance(op, CallMethod):
-        return op.name in _VIEW_METHODS
-    if isinstance(op, Call):
-        return op.fn is operator.getitem or op.name in _VIEW_METHODS
-    return False
+# Which ops write in place or alias an argument: effects.py.
 
 
 def _aliased_access(graph: Graph, ref: Ref) -> Node | None:
@@ -189,7 +142,7 @@ def _aliased_access(graph: Graph, ref: Ref) -> Node | None:
     while True:
         if isinstance(target.op, (ModuleGet, Grad)):
             return target
-        if not _aliases_argument(target) or not target.args or type(target.args[0]) is not Ref:
+        if not aliases_argument(target) or not target.args or type(target.args[0]) is not Ref:
             return None
         target = graph.nodes[target.args[0].index]
 
@@ -259,7 +212,7 @@ def _sort_key(key: Event) -> tuple[object, ...]:
 
 def _guard(graph: Graph, node: Node) -> Guard | None:
     """The event an in-place node must run in: the one whose value it writes into."""
-    if not is_inplace(node):
+    if not writes_in_place(node):
         return None
     access = _written_access(graph, node)
     return None if access is None else Guard(_event_of(access), access.ref.index)

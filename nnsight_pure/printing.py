@@ -7,8 +7,10 @@ only on the graph value, never on memory addresses or hash order. Pure.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from .effects import CONTEXT_OPS
 from .events import GradProgram, LoopPart, ProgramKey
-from .graph import Graph, Node
 from .ops import (
     ApplyModule,
     Bridge,
@@ -31,6 +33,9 @@ from .ops import (
     Stop,
     TraceRun,
 )
+
+if TYPE_CHECKING:
+    from .graph import Graph, Node
 
 
 def module_expr(path: str) -> str:
@@ -89,8 +94,8 @@ def format_op(op: Op, node: Node) -> str:
             return f"cond {node.args[0]!r}{_bridges(node)}"
         case Iterate():
             return f"iter {node.args[0]!r}{_bridges(node)}"
-        case EachCall(_, start, stop, step, scope, listed):
-            calls = ", ".join(map(str, listed)) if listed else f"{start}:{'' if stop is None else stop}" + (f":{step}" if step != 1 else "")
+        case EachCall(scope=scope):
+            calls = call_range(op)
             modules = ", ".join(module_expr(path) for path in scope)
             captured = f" bridging ({', '.join(repr(arg) for arg in node.args)})" if node.args else ""
             return f"each call [{calls}] of {modules}{captured}"
@@ -98,6 +103,15 @@ def format_op(op: Op, node: Node) -> str:
             how = f"trace {method}" if method else "trace"
             keywords = "".join(f", {name}={node.kwargs[name]!r}" for name in sorted(node.kwargs))
             return f"{how}({_invoke_inputs(node.args[0])}{keywords}){_bridges(node)}"
+
+
+def call_range(op: EachCall) -> str:
+    """The calls a loop over calls visits, as written: ``0, 2, 5`` when
+    listed, else ``start:stop`` (``:step`` when not 1; no stop: open)."""
+    if op.calls:
+        return ", ".join(map(str, op.calls))
+    stop = "" if op.stop is None else op.stop
+    return f"{op.start}:{stop}" + (f":{op.step}" if op.step != 1 else "")
 
 
 def _invoke_inputs(invokes: object) -> str:
@@ -122,7 +136,7 @@ def _bridges(node: Node) -> str:
 def body_of(node: Node) -> Graph | None:
     """The sub-graph a context node holds, if any."""
     op = node.op
-    return op.body if isinstance(op, (Cond, Iterate, EachCall, TraceRun)) else None
+    return op.body if isinstance(op, CONTEXT_OPS) else None
 
 
 def format_node(node: Node) -> str:

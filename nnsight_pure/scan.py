@@ -42,13 +42,12 @@ from torch._subclasses.fake_tensor import (
 from torch.overrides import TorchFunctionMode
 from torch.utils._mode_utils import no_dispatch
 
+from .effects import safe_on_fakes
+from .errors import add_note
 from .evaluate import op_function
 from .events import EventKey, site_of
 from .ops import (
     ApplyModule,
-    Call,
-    CallMethod,
-    GetAttr,
     Grad,
     ModuleAttr,
     ModuleGet,
@@ -58,7 +57,6 @@ from .ops import (
     SetGrad,
 )
 from .printing import module_expr
-from .source import add_note
 
 
 class _Unknown:
@@ -71,7 +69,6 @@ class _Unknown:
 UNKNOWN: Any = _Unknown()
 
 _UNKNOWABLE = (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException)
-_NOT_EVALUATED = frozenset({"backward", "retain_grad", "register_hook", "item", "tolist", "numpy"})
 
 
 # Tensors computed from the inputs alone (not from weights) keep their values
@@ -329,22 +326,6 @@ def access_value(scanned: Mapping[EventKey, Any], op: ModuleGet) -> Any:
     return args[0] if args else UNKNOWN
 
 
-def _evaluable(op: Op) -> bool:
-    """Whether computing ``op`` on fake values is safe: torch and operator
-    functions and tensor methods, never arbitrary Python (it could have effects)."""
-    if isinstance(op, Call):
-        module = getattr(op.fn, "__module__", None) or ""
-        return (
-            module.startswith("torch")
-            or module in ("_operator", "operator")
-            or getattr(op.fn, "__objclass__", None) is torch._C.TensorBase
-            or op.fn in (getattr, len)
-        )
-    if isinstance(op, CallMethod):
-        return op.name not in _NOT_EVALUATED
-    return isinstance(op, (GetAttr, ModuleAttr, ApplyModule))
-
-
 class _FakeState:
     """What `op_function` needs from a run, for fake evaluation (modules only)."""
 
@@ -378,10 +359,13 @@ def fake_value(
         return fakes(args[0]) if args else UNKNOWN
     if isinstance(op, (ModuleSet, SetGrad)):
         if validate:
-            old = access_value(scanned, ModuleGet(op.path, op.kind, op.call)) if isinstance(op, ModuleSet) else fakes(args[0])
+            if isinstance(op, ModuleSet):
+                old = access_value(scanned, ModuleGet(op.path, op.kind, op.call))
+            else:
+                old = fakes(args[0])
             _check_same_shape(op, old, fakes(args[-1]))
         return UNKNOWN
-    if not _evaluable(op):
+    if not safe_on_fakes(op):
         return UNKNOWN
     fake_args = tuple(fakes(arg) for arg in args)
     fake_kwargs = {name: fakes(value) for name, value in kwargs.items()}

@@ -27,128 +27,40 @@ from __future__ import annotations
 
 import base64
 import builtins
+import copyreg
 import hashlib
 import io
 import json
 import math
-import operator
 from typing import Any, Callable, Mapping, get_args
 
 import attrs
 import torch
 
 from .arguments import DictConst, ListConst, Opaque, Ref, SliceConst, TensorConst, TupleOf, refs_in
-from .graph import Graph, Node, SourceLoc
-from .guard import mark
-from .ops import Call, CallMethod, GetAttr, Op, SetAttr, print_at_run_time
+from .effects import METHOD_NAMES, SAFE_DUNDERS, resolve_whitelisted, whitelisted_name
+from .errors import SerializationError as SerializationError
+from .graph import Graph, Node, check_graph
+from .guard import graph_untrusted, mark
+from .ops import Call, CallMethod, GetAttr, Op, SetAttr
 from .printing import format_node
-from .source import short
+from .source import SourceLoc, short
 
 FORMAT = "nnsight_pure.graph"
 VERSION = 1
 """The format version this library writes, and the newest it reads."""
 
 
-class SerializationError(ValueError):
-    """A graph that cannot be written, or a document that must not be read."""
+# --- the whitelist of callables (its tables live in effects.py) ----------------------
 
-
-# --- the whitelist of callables -------------------------------------------------------
-
-_BUILTINS = frozenset(
-    {
-        "abs", "all", "any", "bool", "dict", "divmod", "enumerate", "float", "int",
-        "isinstance", "len", "list", "max", "min", "pow", "print", "range", "reversed", "round",
-        "set", "slice", "sorted", "str", "sum", "tuple", "zip",
-    }
-)
-_TORCH_NAMESPACES: dict[str, tuple[Any, frozenset[int]]] = {
-    name: (namespace, frozenset(id(value) for value in vars(operators).values() if callable(value)))
-    for name, namespace, operators in (
-        ("torch.linalg", torch.linalg, getattr(torch._C, "_linalg")),
-        ("torch.special", torch.special, getattr(torch._C, "_special")),
-        ("torch.fft", torch.fft, getattr(torch._C, "_fft")),
-    )
-}
-"""Each namespace, with (the identities of) torch's generated operators (ATen
-functions: C code made from ``native_functions.yaml``) its names may stand for."""
-
-_NOT_ON_THE_LIST = frozenset({"from_file"})  # reads and writes files
-_TORCH_FUNCTIONS = frozenset(
-    name for name in dir(torch._C._VariableFunctions) if not name.startswith("_") and name not in _NOT_ON_THE_LIST
-)
-"""``torch.<name>``: torch's generated tensor operators (``torch.sum``,
-``torch.matmul``, ...), every one a C function of tensors and numbers."""
-
-_FUNCTIONAL = frozenset(
-    """
-    adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool1d
-    adaptive_max_pool1d_with_indices adaptive_max_pool2d adaptive_max_pool2d_with_indices
-    adaptive_max_pool3d adaptive_max_pool3d_with_indices affine_grid alpha_dropout avg_pool1d
-    avg_pool2d avg_pool3d batch_norm bilinear binary_cross_entropy binary_cross_entropy_with_logits
-    celu celu_ channel_shuffle conv1d conv2d conv3d conv_tbc conv_transpose1d conv_transpose2d
-    conv_transpose3d cosine_embedding_loss cosine_similarity cross_entropy ctc_loss dropout
-    dropout1d dropout2d dropout3d elu elu_ embedding embedding_bag feature_alpha_dropout fold
-    fractional_max_pool2d fractional_max_pool2d_with_indices fractional_max_pool3d
-    fractional_max_pool3d_with_indices gaussian_nll_loss gelu glu grid_sample group_norm
-    gumbel_softmax hardshrink hardsigmoid hardswish hardtanh hardtanh_ hinge_embedding_loss
-    huber_loss instance_norm interpolate kl_div l1_loss layer_norm leaky_relu leaky_relu_ linear
-    local_response_norm log_softmax logsigmoid lp_pool1d lp_pool2d lp_pool3d margin_ranking_loss
-    max_pool1d max_pool1d_with_indices max_pool2d max_pool2d_with_indices max_pool3d
-    max_pool3d_with_indices max_unpool1d max_unpool2d max_unpool3d mish mse_loss
-    multi_head_attention_forward multi_margin_loss multilabel_margin_loss
-    multilabel_soft_margin_loss native_channel_shuffle nll_loss normalize one_hot pad
-    pairwise_distance pdist pixel_shuffle pixel_unshuffle poisson_nll_loss prelu relu relu6 relu_
-    rms_norm rrelu rrelu_ scaled_dot_product_attention selu selu_ sigmoid silu smooth_l1_loss
-    soft_margin_loss softmax softmin softplus softshrink softsign tanh tanhshrink threshold
-    threshold_ triplet_margin_loss unfold upsample upsample_bilinear upsample_nearest
-    """.split()
-)
-"""``torch.nn.functional.<name>``: its tensor functions, written out (not
-"whatever the namespace holds": it also holds ``handle_torch_function``,
-which calls what it is given, and ``Tensor``, a class)."""
-
-
-_SAFE_DUNDERS = frozenset(
-    name
-    for name in dir(operator)
-    if name.startswith("__") and name.endswith("__") and name[2:-2] in dir(operator) and name != "__call__"
-) | {"__len__", "__float__", "__int__", "__bool__", "__complex__", "__reversed__"}
-"""Dunder names that are plain operators (``__add__``, ``__getitem__``), not
-the object machinery (``__class__``, ``__reduce_ex__``, ``__init_subclass__``).
-Calling an arbitrary value (``operator.call``) is not on the list either: with
-it, a method fetched as an attribute would escape the method list below."""
-
-_CALLBACK_TAKERS = frozenset(
-    {"apply_", "map_", "map2_", "register_hook", "register_post_accumulate_grad_hook"}
-)
-"""Tensor methods that call a function they are given: left out, so that no
-value of a run (a bound method read as an attribute) can be called."""
-_WITH_EFFECTS = frozenset(
-    {"storage", "untyped_storage", "from_file", "share_memory_", "pin_memory", "tofile", "dump", "record_stream"}
-)
-"""Methods whose value or effect reaches past tensor math: storage objects
-(``storage.from_file`` maps a file), shared memory, files."""
 _KEY_TAKERS = frozenset({"sorted", "max", "min"})  # builtins whose ``key`` is called
-
-_METHOD_NAMES = (
-    frozenset(
-        name
-        for kind in (torch.Tensor, list, dict, set, str, tuple, int, float, bytes)
-        for name in dir(kind)
-        if not name.startswith("_")
-    )
-    | {"to_tuple"}  # transformers' ModelOutput
-) - {"format", "format_map"} - _CALLBACK_TAKERS - _WITH_EFFECTS  # str.format reads attributes: "{0.__class__}".format(x)
-"""Method names a graph may call (`CallMethod`): those of tensors and of
-Python's plain containers, numbers and strings; nothing that reads files."""
 
 
 def _name_refusal(op: Op) -> str | None:
     """Why an attribute or method name of ``op`` may not be written or read, if so."""
     if isinstance(op, (GetAttr, SetAttr)) and op.name.startswith("_"):
         return f"the private attribute {op.name!r} (only public names)"
-    if isinstance(op, CallMethod) and op.name not in _METHOD_NAMES and op.name not in _SAFE_DUNDERS:
+    if isinstance(op, CallMethod) and op.name not in METHOD_NAMES and op.name not in SAFE_DUNDERS:
         return (
             f"the method {op.name!r} (only methods of tensors and of plain Python lists, dicts, "
             "sets, strings and numbers)"
@@ -160,81 +72,36 @@ def _callback_refusal(node: Node) -> str | None:
     """Why ``node`` may not be written or read: a value of the run passed as a
     function to call (``sorted(xs, key=%3)``), if so."""
     op = node.op
-    if isinstance(op, Call) and getattr(op.fn, "__name__", None) in _KEY_TAKERS and op.fn is getattr(builtins, op.fn.__name__):
+    if not isinstance(op, Call):
+        return None
+    name = getattr(op.fn, "__name__", None)
+    if name in _KEY_TAKERS and op.fn is getattr(builtins, name):
         if any(True for _ in refs_in(node.kwargs.get("key"))):
-            return f"a value of the run used as the key function of {op.fn.__name__}() (only whitelisted functions can be called)"
+            return (
+                f"a value of the run used as the key function of {name}() "
+                "(only whitelisted functions can be called)"
+            )
     return None
 
 
 def _resolve(name: str) -> Callable[..., Any]:
     """The callable a whitelisted name stands for (refusing everything else)."""
-    module, _, attribute = name.rpartition(".")
-    found: Any = None
-    if attribute.startswith("_") and attribute not in _SAFE_DUNDERS:
-        found = None
-    elif module == "operator" and attribute not in ("call", "attrgetter", "methodcaller"):
-        found = getattr(operator, attribute, None)
-    elif name == "nnsight_pure.print":
-        found = print_at_run_time  # what log nodes call: the builtin as it is at run time
-    elif module == "builtins" and attribute in _BUILTINS:
-        found = getattr(builtins, attribute)
-    elif module == "math":
-        found = getattr(math, attribute, None)
-    elif module == "torch" and attribute in _TORCH_FUNCTIONS:
-        found = getattr(torch, attribute, None)
-    elif module == "torch.Tensor" and (attribute in _METHOD_NAMES or attribute in _SAFE_DUNDERS):
-        found = getattr(torch.Tensor, attribute, None)
-        if isinstance(found, type):
-            found = None
-    elif module == "torch.nn.functional" and attribute in _FUNCTIONAL:
-        found = getattr(torch.nn.functional, attribute, None)
-    elif module in _TORCH_NAMESPACES:
-        namespace, operators = _TORCH_NAMESPACES[module]
-        found = getattr(namespace, attribute, None)
-        if id(found) not in operators:
-            found = None  # not one of torch's generated operators (a helper, a class)
-    if not callable(found):
+    found = resolve_whitelisted(name)
+    if found is None:
         raise SerializationError(
             f"refused: {name!r} is not on the whitelist of callables (torch tensor functions, "
             "torch.nn.functional/linalg/special/fft, tensor methods, operator, math, and safe builtins)"
         )
-    return found  # type: ignore[no-any-return]  # checked callable above
-
-
-_INDEX: dict[int, tuple[str, Any]] = {}
-
-
-def _whitelist_index() -> dict[int, tuple[str, Any]]:
-    """Every whitelisted callable by identity, with its name (built once)."""
-    if not _INDEX:
-        names = [f"torch.{name}" for name in sorted(_TORCH_FUNCTIONS)]
-        names += [f"torch.Tensor.{name}" for name in sorted(dir(torch.Tensor))]
-        for prefix, (namespace, _) in _TORCH_NAMESPACES.items():
-            names += [f"{prefix}.{name}" for name in sorted(dir(namespace)) if not name.startswith("_")]
-        names += [f"torch.nn.functional.{name}" for name in sorted(_FUNCTIONAL)]
-        names += [f"operator.{name}" for name in sorted(dir(operator)) if not name.startswith("_")]
-        names += [f"math.{name}" for name in sorted(dir(math)) if not name.startswith("_")]
-        names += [f"builtins.{name}" for name in sorted(_BUILTINS)]
-        for name in names:
-            try:
-                found = _resolve(name)
-            except SerializationError:
-                continue
-            _INDEX.setdefault(id(found), (name, found))
-        _INDEX[id(print_at_run_time)] = ("nnsight_pure.print", print_at_run_time)
-    return _INDEX
-
-
-def callable_name(fn: Any) -> str | None:
-    """The whitelisted qualified name of ``fn``, or ``None`` if it has none."""
-    entry = _whitelist_index().get(id(fn))
-    return entry[0] if entry is not None and entry[1] is fn else None
+    return found
 
 
 # --- writing --------------------------------------------------------------------------
 
 
-class _Writer:
+class _DocumentWriter:
+    """Writes a graph as the JSON-ready dicts of the format, one node at a
+    time (the node being written names itself in errors)."""
+
     def __init__(self, sources: bool) -> None:
         self.sources = sources
         self.node: Node | None = None  # the node being written, for errors
@@ -251,7 +118,7 @@ class _Writer:
     def graph(self, graph: Graph) -> dict[str, Any]:
         outer = self.node
         nodes = [self.one(node) for node in graph.nodes]
-        self.node = None if outer is None else outer
+        self.node = outer
         return {"nodes": nodes, "outputs": None if graph.outputs is None else self.arg(graph.outputs)}
 
     def one(self, node: Node) -> dict[str, Any]:
@@ -266,7 +133,6 @@ class _Writer:
             written["invoke"] = node.invoke
         if self.sources and node.source is not None:
             written["source"] = [node.source.filename, node.source.lineno, node.source.function]
-        self.node = node
         return written
 
     def op(self, op: Op) -> dict[str, Any]:
@@ -287,7 +153,7 @@ class _Writer:
         return written
 
     def callable(self, fn: Any) -> str:
-        name = callable_name(fn)
+        name = whitelisted_name(fn)
         if name is None:
             described = getattr(fn, "__qualname__", type(fn).__name__)
             raise self.fail(f"the callable {described!r} is not on the whitelist")
@@ -338,7 +204,7 @@ class _Writer:
 def to_json(graph: Graph, *, sources: bool = True, indent: int | None = None) -> str:
     """The graph as a versioned JSON document (``sources=False`` drops the
     user's line of each node). Raises `SerializationError` naming the node."""
-    document = {"format": FORMAT, "version": VERSION, "graph": _Writer(sources).graph(graph)}
+    document = {"format": FORMAT, "version": VERSION, "graph": _DocumentWriter(sources).graph(graph)}
     return json.dumps(document, indent=indent, sort_keys=True, ensure_ascii=True)
 
 
@@ -612,13 +478,27 @@ def from_json(text: str) -> Graph:
     refusal = _depth_refusal(document)
     if refusal is not None:
         raise SerializationError(refusal)
-    from .graph import check_graph
-
     try:
         graph = _graph(document.get("graph"))
         check_graph(graph)
     except SerializationError:
         raise
     except Exception as error:  # whatever else a malformed document trips, it comes out as one kind
-        raise SerializationError(f"malformed graph document: {type(error).__name__}: {short_repr(str(error))}") from None
+        raise SerializationError(
+            f"malformed graph document: {type(error).__name__}: {short_repr(str(error))}"
+        ) from None
     return graph
+
+
+def reduce_graph(graph: Graph) -> tuple[Any, tuple[object, ...]]:
+    """How pickle (and `copy`) send a graph: as its value, or, when it holds
+    ops read from a document, as JSON, so that it is read back under the
+    guard (guard.py) where it runs. Registered with `copyreg` below: only this
+    module makes such ops, so a graph holding one exists only once it is
+    imported, and graph.py need not know about documents."""
+    if graph_untrusted(graph):
+        return (from_json, (to_json(graph),))
+    return (Graph, (graph.nodes, graph.outputs))
+
+
+copyreg.pickle(Graph, reduce_graph)

@@ -1,27 +1,26 @@
 """Which callables a process-wide table may hold.
 
-Plans (plan.py) and recorded nodes (graph.py) are shared between traces
-through tables that outlive any one trace. A value in such a table must not
-keep large objects alive: a closure, a bound method or a function with
-defaults can hold a model or a tensor, so only builtins and descriptors not
-bound to an object, classes, and plain functions without closure or
-defaults qualify.
+Plans (the plan cache) and recorded nodes (graph.py) are shared between
+traces through tables that outlive any one trace (see caches.py). A value in
+such a table must not keep large objects alive: a closure, a bound method or
+a function with defaults can hold a model or a tensor. And it should be a
+function the next trace will name again: a ``lambda`` written in a loop is a
+new object each time, so keying a table on it only fills the table. So only
+builtins and descriptors not bound to an object, classes, and plain
+functions without closure or defaults that a module holds by their name
+qualify. Nothing is remembered: the test is a few ``isinstance`` checks and
+attribute reads.
 """
 
 from __future__ import annotations
 
+import sys
 import types
-from typing import Any
 
 _BUILTINS = (
     types.BuiltinFunctionType, types.MethodDescriptorType, types.WrapperDescriptorType,
     types.ClassMethodDescriptorType,
 )
-
-_KNOWN: set[Any] = set()  # callables that passed (they hold nothing large, by the same test)
-KNOWN_KEPT = 4096
-"""At most this many remembered (emptied when full: a fresh ``lambda`` per
-trace must not grow a table for the life of the process)."""
 
 
 def holds_nothing_large(fn: object) -> bool:
@@ -37,17 +36,20 @@ def holds_nothing_large(fn: object) -> bool:
     return False
 
 
+def _named_by_its_module(fn: types.FunctionType) -> bool:
+    """Whether ``fn``'s module holds it under its qualified name (not a
+    ``lambda``, nor a function defined inside another)."""
+    found: object = sys.modules.get(fn.__module__)
+    for part in fn.__qualname__.split("."):
+        found = getattr(found, part, None)
+        if found is None:
+            return False
+    return found is fn
+
+
 def shareable(fn: object) -> bool:
-    """`holds_nothing_large`, remembered for the callables that pass (a
-    callable that fails is not remembered: that would keep it alive)."""
-    try:
-        if fn in _KNOWN:
-            return True
-    except TypeError:  # an unhashable callable
-        return False
+    """Whether a table kept across traces may hold ``fn``: it holds nothing
+    large, and, for a Python function, its module holds it by name."""
     if not holds_nothing_large(fn):
         return False
-    if len(_KNOWN) >= KNOWN_KEPT:
-        _KNOWN.clear()
-    _KNOWN.add(fn)
-    return True
+    return not isinstance(fn, types.FunctionType) or _named_by_its_module(fn)

@@ -1,8 +1,10 @@
-"""Finding the user's own line of code, and attaching it to errors.
+"""Finding the user's own line of code: `SourceLoc`, and the stack walk that makes one.
 
 Nodes remember where the user made them (`SourceLoc`), so an error at run
 time can name that line instead of a frame deep inside torch or this library.
-Only reads frames and source files; changes nothing.
+Only reads frames and source files; changes nothing (what it remembers lives
+in `caches`). A leaf of the package: it imports nothing of the library but
+`caches` and `errors`.
 """
 
 from __future__ import annotations
@@ -10,11 +12,26 @@ from __future__ import annotations
 import linecache
 import os
 import sys
-from types import CodeType, FrameType
+from types import FrameType
 
+import attrs
 import torch
 
-from .graph import SourceLoc
+from .caches import INTERNAL_CODE, LOCATIONS
+from .errors import add_note as add_note  # (re-exported for older imports: its home is errors.py)
+
+
+@attrs.frozen(cache_hash=True)
+class SourceLoc:
+    """Where in the user's code a node was made (for error messages)."""
+
+    filename: str
+    lineno: int
+    function: str
+
+    def __str__(self) -> str:
+        return f'File "{self.filename}", line {self.lineno}, in {self.function}'
+
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
@@ -36,27 +53,24 @@ def user_location() -> SourceLoc | None:
     frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         code = frame.f_code
-        internal = _INTERNAL_CODE.get(code)
+        internal = INTERNAL_CODE.table.get(code)
         if internal is None:
-            if len(_INTERNAL_CODE) > 50_000:
-                _INTERNAL_CODE.clear()
-            internal = _INTERNAL_CODE[code] = _is_internal(code.co_filename)
+            internal = _is_internal(code.co_filename)
+            INTERNAL_CODE.put(code, internal)
         if not internal:
             key = (code, frame.f_lineno)
-            location = _LOCATIONS.get(key)
+            location = LOCATIONS.table.get(key)
             if location is None:
-                if len(_LOCATIONS) > 50_000:
-                    _LOCATIONS.clear()
-                location = _LOCATIONS[key] = SourceLoc(code.co_filename, frame.f_lineno, code.co_name)
-            return location
+                location = SourceLoc(code.co_filename, frame.f_lineno, code.co_name)
+                LOCATIONS.put(key, location)
+            return location  # (a SourceLoc, kept in caches.LOCATIONS)
         frame = frame.f_back
     return None  # pragma: no cover - there is always a caller
 
 
-# Every trace walks the stack for each node it records: remember which code
-# is ours and the locations already made (a SourceLoc is an immutable value).
-_INTERNAL_CODE: dict[CodeType, bool] = {}
-_LOCATIONS: dict[tuple[CodeType, int], SourceLoc] = {}
+# Every trace walks the stack for each node it records: `caches.INTERNAL_CODE`
+# remembers which code is ours, `caches.LOCATIONS` the locations already made
+# (a SourceLoc is an immutable value).
 
 
 def describe(loc: SourceLoc | None) -> str:
@@ -72,18 +86,3 @@ def short(loc: SourceLoc | None) -> str:
     if loc is None:
         return "<unknown>"
     return f"{os.path.basename(loc.filename)}:{loc.lineno}"
-
-
-def add_note(exc: BaseException, note: str) -> None:
-    """Attach a note to an exception without changing its type (PEP 678).
-
-    Python 3.10 has no ``add_note``; there the note is still recorded in
-    ``__notes__`` for tools that read it.
-    """
-    adder = getattr(exc, "add_note", None)
-    if adder is not None:
-        adder(note)
-    else:  # pragma: no cover - Python 3.10
-        notes = list(getattr(exc, "__notes__", []))
-        notes.append(note)
-        setattr(exc, "__notes__", notes)

@@ -74,7 +74,7 @@ def test_tensor_constants_compare_by_value() -> None:
 
 
 def test_source_locations_are_not_part_of_identity() -> None:
-    from nnsight_pure.graph import SourceLoc
+    from nnsight_pure.source import SourceLoc
 
     g1 = Graph().add(ModuleGet("a", "output"), source=SourceLoc("x.py", 1, "f"))[0]
     g2 = Graph().add(ModuleGet("a", "output"), source=SourceLoc("y.py", 9, "g"))[0]
@@ -194,3 +194,32 @@ def test_format_graph_is_the_same_in_another_process_and_hash_seed() -> None:
     }
     assert len(outputs) == 1
     assert "%0.view(a=2, b=1, c=3, dim=4)" in outputs.pop()
+
+
+def _module_level_double(h: Any) -> Any:
+    return h * 2
+
+
+def test_only_functions_a_module_names_are_shared() -> None:
+    import nnsight_pure as nnsight
+    from nnsight_pure.shareable import shareable
+    from tests.helpers import tiny_net
+
+    model = nnsight.NNsight(tiny_net())
+    named = [nnsight.trace(model, lambda m: nnsight.apply(_module_level_double, m.layer1.output)) for _ in range(2)]
+    assert named[0].nodes[1] is named[1].nodes[1]
+    fresh = [nnsight.trace(model, lambda m: nnsight.apply(lambda h: h * 2, m.layer1.output)) for _ in range(2)]
+    assert fresh[0].nodes[1] is not fresh[1].nodes[1]  # a new lambda each time: not kept in the table
+    assert shareable(_module_level_double) and shareable(torch.relu) and shareable(operator.add)
+    assert not shareable(lambda h: h) and not shareable(torch.ones(1).add)
+
+
+def test_call_range_text() -> None:
+    from nnsight_pure.ops import EachCall
+    from nnsight_pure.printing import call_range
+
+    body = Graph()
+    assert call_range(EachCall(body)) == "0:"
+    assert call_range(EachCall(body, 1, 5, 2)) == "1:5:2"
+    assert call_range(EachCall(body, 0, 3)) == "0:3"
+    assert call_range(EachCall(body, calls=(0, 2, 5))) == "0, 2, 5"

@@ -139,7 +139,9 @@ _SAFE_TO_TRY = [  # leave out what only wastes time (a backward pass, a huge all
 _ARGS = st.lists(st.sampled_from(["x.bin", True, 16, 0, 1, {"ref": 0}]), max_size=3)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(
     chain=st.lists(st.tuples(st.booleans(), st.sampled_from(_SAFE_TO_TRY), _ARGS), min_size=1, max_size=4),
     finish=st.sampled_from(["none", "handle", "call_method"]),
@@ -157,7 +159,8 @@ def test_attribute_and_method_chains_from_run_values_write_no_file(
             nodes.append(_node({"type": "GetAttr", "name": name}, last))
     last = {"ref": len(nodes) - 1}
     if finish == "handle":
-        nodes.append(_node({"type": "Call", "fn": "torch.nn.functional.handle_torch_function"}, last, {"tuple": [{"ref": 0}]}, "x.bin", True, 16))
+        handler = {"type": "Call", "fn": "torch.nn.functional.handle_torch_function"}
+        nodes.append(_node(handler, last, {"tuple": [{"ref": 0}]}, "x.bin", True, 16))
     elif finish == "call_method":
         nodes.append(_node({"type": "CallMethod", "name": "from_file"}, last, "x.bin", True, 16))
     nodes.append(_node({"type": "Save"}, {"ref": len(nodes) - 1}))
@@ -268,7 +271,8 @@ def _real_documents() -> list[str]:
 _REAL = _real_documents()
 _REPLACEMENTS = st.one_of(
     st.none(), st.booleans(), st.integers(-(10**6), 10**6), st.sampled_from([1e308, -0.0, 10**4000]),
-    st.text(max_size=8), st.sampled_from([[], {}, [[]], {"ref": -1}, {"tuple": 5}, {"device": "?"}, {"callable": "os.system"}]),
+    st.text(max_size=8),
+    st.sampled_from([[], {}, [[]], {"ref": -1}, {"tuple": 5}, {"device": "?"}, {"callable": "os.system"}]),
 )
 
 

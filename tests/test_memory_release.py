@@ -18,8 +18,7 @@ import pytest
 import torch
 
 import nnsight_pure as nnsight
-from nnsight_pure import graph as graph_module
-from nnsight_pure import shareable
+from nnsight_pure import caches, shareable
 from tests.helpers import tiny_net
 
 
@@ -108,19 +107,16 @@ def test_functional_runs_and_errors(no_gc: None) -> None:
 
 def test_tables_kept_across_traces_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     # The bounds made small, so that a few hundred traces pass them.
-    monkeypatch.setattr(shareable, "KNOWN_KEPT", 50)
-    monkeypatch.setattr(graph_module, "_NODES_KEPT", 120)
+    monkeypatch.setattr(caches.NODES, "limit", 120)
     model = nnsight.NNsight(tiny_net())
     x = torch.rand(1, 5)
-    shareable._KNOWN.clear()
     for _ in range(300):
         with model.trace(x):
             nnsight.apply(eval("lambda t: t + 1"), model.layer1.output).save()  # a fresh function each time
-    assert len(shareable._KNOWN) <= shareable.KNOWN_KEPT
-    assert len(graph_module._NODES) <= graph_module._NODES_KEPT
-    from nnsight_pure import plan_cache
+    assert not hasattr(shareable, "_KNOWN")  # the callables that passed are not remembered
+    assert len(caches.NODES) <= 120
 
-    assert len(plan_cache._PLANS) <= plan_cache._PLANS_KEPT
+    assert len(caches.PLANS) <= caches.PLANS.limit
 
 
 def test_a_session_with_inputs_made_outside_it(no_gc: None) -> None:

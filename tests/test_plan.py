@@ -17,14 +17,15 @@ import torch
 from pyrsistent.typing import PMap
 
 import nnsight_pure as nnsight
-from nnsight_pure import plan_cache
+from nnsight_pure import caches
 from nnsight_pure.arguments import Ref, TensorConst
 from nnsight_pure.batching import BatchGroups
+from nnsight_pure.effects import is_inplace
 from nnsight_pure.events import GradKey, GradProgram
 from nnsight_pure.graph import Graph, Node
 from nnsight_pure.interpreter import Run
 from nnsight_pure.ops import Call, CallMethod, ModuleGet, ModuleSet, Op, Save
-from nnsight_pure.plan import Plan, compile_plan, is_inplace, plan_for
+from nnsight_pure.plan import Plan, compile_plan, plan_for
 from nnsight_pure.plan_cache import structure_key
 from nnsight_pure.steps import (
     ComputeStep,
@@ -337,7 +338,7 @@ def test_a_fresh_function_per_trace_neither_grows_nor_churns_the_table() -> None
     model = nnsight.NNsight(tiny_net())
     x = torch.rand(1, 5)
     kept = plan_for(_scaled(2))
-    before = set(plan_cache._PLANS)
+    before = set(caches.PLANS.table)
     for number in range(300):
         def plus(t: torch.Tensor) -> torch.Tensor:
             return t + 1
@@ -345,6 +346,6 @@ def test_a_fresh_function_per_trace_neither_grows_nor_churns_the_table() -> None
         fresh = eval("lambda t: t + 1") if number % 2 else plus
         with model.trace(x):
             nnsight.apply(fresh, model.layer1.output).save()
-    assert set(plan_cache._PLANS) == before
+    assert set(caches.PLANS.table) == before
     assert plan_for(_scaled(2)) is kept
     assert structure_key(nnsight.trace(model, lambda m: nnsight.apply(eval("lambda t: t"), m.layer1.output))) is None

@@ -92,7 +92,9 @@ programs = st.lists(
 )
 
 
-def _trace_program(model: nnsight.NNsight, x: torch.Tensor, program: list[tuple[str, int]]) -> tuple[Graph, dict[int, Any]]:
+def _trace_program(
+    model: nnsight.NNsight, x: torch.Tensor, program: list[tuple[str, int]]
+) -> tuple[Graph, dict[int, Any]]:
     """Record a random but valid program: ops on layer1's output, then layer2's."""
     saved = []
     with model.trace(x) as tracer:
@@ -146,12 +148,16 @@ def test_running_one_graph_twice_gives_the_same_results(program: list[tuple[str,
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     steps=st.lists(
-        st.tuples(st.sampled_from(["mul", "add", "sub_tensor", "getitem", "sum"]), st.sampled_from(["layer1", "layer2"])),
+        st.tuples(
+            st.sampled_from(["mul", "add", "sub_tensor", "getitem", "sum"]), st.sampled_from(["layer1", "layer2"])
+        ),
         min_size=1, max_size=6,
     ),
     seeds=st.tuples(st.integers(0, 99), st.integers(0, 99)),
 )
-def test_graphs_sharing_a_plan_run_with_their_own_constants(steps: list[tuple[str, str]], seeds: tuple[int, int]) -> None:
+def test_graphs_sharing_a_plan_run_with_their_own_constants(
+    steps: list[tuple[str, str]], seeds: tuple[int, int]
+) -> None:
     """Two traces of one program with different tensor constants share a plan,
     and each gives exactly what a plan compiled for it alone gives."""
     import nnsight_pure.plan as plans
@@ -184,7 +190,8 @@ def test_graphs_sharing_a_plan_run_with_their_own_constants(steps: list[tuple[st
 
     first, second = program(seeds[0]), program(seeds[1])
     shared = [nnsight.run(model, graph, x).outputs for graph in (first, second)]
-    if seeds[0] == seeds[1] or "add" not in [kind for kind, _ in steps] and "getitem" not in [kind for kind, _ in steps]:
+    kinds = [kind for kind, _ in steps]
+    if seeds[0] == seeds[1] or "add" not in kinds and "getitem" not in kinds:
         assert plans.plan_for(first) is plans.plan_for(second)
     for graph, got in zip((first, second), shared):
         alone = plans.compile_plan(graph)  # a private plan, shared with nothing

@@ -29,7 +29,10 @@ def test_scan_shapes_equal_real_shapes(gpt2: nnsight.NNsight, gpt2_module: GPT2L
         if name and "drop" not in name and not isinstance(module, torch.nn.ModuleList)  # never called
     ]
     real: dict[str, Any] = {}
-    handles = [gpt2_module.get_submodule(p).register_forward_hook(lambda m, i, o, p=p: real.__setitem__(p, o)) for p in paths]
+    handles = [
+        gpt2_module.get_submodule(p).register_forward_hook(lambda m, i, o, p=p: real.__setitem__(p, o))
+        for p in paths
+    ]
     gpt2_module(ids)
     for handle in handles:
         handle.remove()
@@ -86,7 +89,8 @@ def test_validate_raises_at_the_users_line(model: nnsight.NNsight, net: TinyNet,
 
 
 def test_validate_catches_a_set_of_the_wrong_shape(model: nnsight.NNsight, x: torch.Tensor) -> None:
-    with pytest.raises(ValueError, match=r"model.layer1.output has shape \(1, 10\), but the new value has shape \(1, 3\)"):
+    shapes = r"model.layer1.output has shape \(1, 10\), but the new value has shape \(1, 3\)"
+    with pytest.raises(ValueError, match=shapes):
         with model.trace(x, scan=True, validate=True):
             model.layer1.output = torch.zeros(1, 3)
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import nnsight_pure as nnsight
 from nnsight_pure import reducers as R
+from nnsight_pure.serialize import digest
 from nnsight_pure.sweeps import OrderedFold, reducer_tree
 from tests.sweep_models import examples, mlp, probe_graph, reducers, reducers_of_sums
 
@@ -167,7 +168,8 @@ def test_the_local_engine_works_without_ray(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_importing_nnsight_pure_never_imports_ray() -> None:
     code = "import sys, nnsight_pure; nnsight_pure.sweeps; print('ray' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
 
 
 # --- reducers as values, and the order of merging ------------------------------------------
@@ -194,7 +196,8 @@ def test_fold_is_independent_of_arrival_order_and_chunking(sizes: list[int], see
     generator = torch.Generator().manual_seed(seed)
     outputs = [torch.randint(-50, 50, (size,), generator=generator) for size in sizes]
     graph = nnsight.trace(mlp(), lambda m: {"c": m.output, "t": m.output, "s": m.output, "h": m.output})
-    spec = reducer_tree({"c": R.concat(), "t": R.top_k(3), "s": R.sum(), "h": R.histogram(5, -50.0, 50.0)}, graph.outputs)
+    every = {"c": R.concat(), "t": R.top_k(3), "s": R.sum(), "h": R.histogram(5, -50.0, 50.0)}
+    spec = reducer_tree(every, graph.outputs)
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     from nnsight_pure.sweeps import lift
 
@@ -231,7 +234,7 @@ def test_graphs_pickle_as_values() -> None:
     x = torch.randn(3, 4)
     before = nnsight.run(model, graph, x)  # leaves a plan (closures) on the graph
     copy = pickle.loads(pickle.dumps(graph))
-    assert copy == graph and copy.digest() == graph.digest()
+    assert copy == graph and digest(copy) == digest(graph)
     after = nnsight.run(model, copy, x)
     assert all(_same(before[name], after[name]) for name in ("hidden", "score", "logits", "loss"))
 

@@ -47,7 +47,9 @@ def test_every_reducer_gives_the_local_result_with_one_or_two_workers() -> None:
     graph, data = wide_graph(), examples(37)
     local = nnsight.sweep(mlp, graph, data, batch_size=8, reduce=every_reducer(), progress=False)
     for workers in (1, 2):
-        remote = nnsight.sweep(mlp, graph, data, batch_size=8, reduce=every_reducer(), engine="ray", workers=workers, progress=False)
+        remote = nnsight.sweep(
+            mlp, graph, data, batch_size=8, reduce=every_reducer(), engine="ray", workers=workers, progress=False
+        )
         for name in local.outputs:
             assert same(remote[name], local[name]), (name, workers)
         assert (remote.batches, remote.examples, remote.retried) == (5, 37, ())

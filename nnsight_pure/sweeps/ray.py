@@ -28,10 +28,11 @@ from typing import Any, Iterator
 
 import torch
 
-from .errors import SweepError
-from .graph import SourceLoc
-from .sweeps import Batch, BatchRunner, OrderedFold, Spec, note_batch
-from .trees import map_leaves
+from ..errors import SweepError
+from ..source import SourceLoc
+from ..trees import map_leaves
+from .fold import OrderedFold, Spec
+from .work import Batch, BatchRunner, note_batch
 
 IN_FLIGHT_PER_ACTOR = 2
 RESTART_POLL_S = 0.05  # how often to ask an actor that Ray is restarting whether it is back
