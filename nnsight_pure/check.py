@@ -34,6 +34,7 @@ from .findings import Finding, FindingKind, Findings
 from .graph import Graph, Node, node_refs
 from .models.nnsight import NNsight
 from .ops import (
+    ApplyModule,
     CallMethod,
     Cond,
     EachCall,
@@ -96,6 +97,7 @@ class _Program:
     mover: str = ""  # what made the model reach ``position`` (for messages)
     foreign: bool = False  # the position comes from waiting on another invoke's value
     stuck: bool = False  # an access that never happens: the program waits forever
+    unknown: bool = False  # a hooked ad-hoc module call: the scan's call counts no longer hold
 
 
 class _Checker:
@@ -168,6 +170,10 @@ class _Checker:
             self.last_backward = node
         if derived:
             return  # runs when a gradient hook fires, not in the forward's order
+        if isinstance(op, ApplyModule) and op.hook:
+            program.unknown = True  # (it makes calls the scan did not see)
+        if program.unknown:
+            return
         if isinstance(op, (ModuleGet, ModuleSet)):
             call = op.call + (shift if in_scope(op.path, scope) else 0)
             self.access(node, op.path, op.kind, call, isinstance(op, ModuleSet), program, within,
@@ -363,7 +369,12 @@ def check(
         raise TypeError("check takes a trace's graph; check each trace of a session with its own inputs")
     needed = max(invoke_count(graph), 1)
     if invokes is None:
-        invokes = [(tuple(inputs), {})] + [None] * (needed - 1) if inputs else [None] * needed
+        if needed > 1:
+            raise TypeError(
+                f"this graph has {needed} invokes: give each its inputs with "
+                "invokes=[(args, kwargs), ...] instead of positional inputs"
+            )
+        invokes = [(tuple(inputs), {})] if inputs else [None]
     elif inputs:
         raise TypeError("give the inputs either positionally (one invoke) or as invokes=[...], not both")
     name = type(wrapper).__methods__.get(method, method) if method is not None else None
