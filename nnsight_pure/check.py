@@ -22,6 +22,7 @@ the user's model never runs.
 from __future__ import annotations
 
 import difflib
+import warnings
 from typing import Any, Iterator, Mapping, Sequence
 
 import attrs
@@ -97,7 +98,6 @@ class _Program:
     mover: str = ""  # what made the model reach ``position`` (for messages)
     foreign: bool = False  # the position comes from waiting on another invoke's value
     stuck: bool = False  # an access that never happens: the program waits forever
-    unknown: bool = False  # a hooked ad-hoc module call: the scan's call counts no longer hold
 
 
 class _Checker:
@@ -111,6 +111,8 @@ class _Checker:
         self.programs: dict[int | None, _Program] = {}
         self.pending_grads: list[tuple[Node, tuple[int, ...]]] = []
         self.last_backward: Node | None = None
+        self.adhoc: tuple[str, ...] = ()  # modules called ad hoc with hooks (their calls are not scanned)
+        self.conditions = 0  # how many conditions the walk is inside
 
     def add(self, kind: FindingKind, message: str, node: Node, within: tuple[int, ...]) -> None:
         self.found.append(Finding(kind, message, node.ref.index, node.source, within))
@@ -121,6 +123,7 @@ class _Checker:
     # --- the top-level graph ---------------------------------------------------------
 
     def run(self, graph: Graph) -> None:
+        self.adhoc = tuple(sorted({op.path for op in _ops(graph) if isinstance(op, ApplyModule) and op.hook}))
         grad_derived: list[bool] = []
         time: list[int] = []
         env: list[Any] = []
@@ -149,12 +152,13 @@ class _Checker:
         args = tuple(thaw(arg, env) for arg in node.args)
         kwargs = {name: thaw(value, env) for name, value in node.kwargs.items()}
         try:
-            with recorded_calls.suspended():
+            with recorded_calls.suspended(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (the real run gives its warnings)
                 return fake_value(node.op, args, kwargs, lambda value: value, self.record_of(node.invoke).values,
                                   self.fake_root, self.mode, True)
         except Exception as error:  # the error a run would raise, found on fake tensors
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            self.add("shape", f"{_shown(node)} fails on the scanned shapes: {type(error).__name__}: {first}",
+            self.add("shape", f"{_shown(node)} fails on the scanned values: {type(error).__name__}: {first}",
                      node, ())
             return UNKNOWN
 
@@ -170,17 +174,19 @@ class _Checker:
             self.last_backward = node
         if derived:
             return  # runs when a gradient hook fires, not in the forward's order
-        if isinstance(op, ApplyModule) and op.hook:
-            program.unknown = True  # (it makes calls the scan did not see)
-        if program.unknown:
-            return
+        if isinstance(op, (ModuleGet, ModuleSet)) and in_scope(op.path, self.adhoc):
+            return  # hooked ad-hoc calls make calls of it the scan did not see
         if isinstance(op, (ModuleGet, ModuleSet)):
             call = op.call + (shift if in_scope(op.path, scope) else 0)
             self.access(node, op.path, op.kind, call, isinstance(op, ModuleSet), program, within,
                         in_loop=shift > 0 or scope != ("",))
         elif is_inplace(node):
             self.inplace(graph, node, program, within, shift, scope)
-        elif isinstance(op, (Cond, Iterate)):
+        elif isinstance(op, Cond):
+            self.conditions += 1
+            self.body(op.body, program, within + (node.ref.index,), shift, scope)
+            self.conditions -= 1
+        elif isinstance(op, Iterate):
             self.body(op.body, program, within + (node.ref.index,), shift, scope)
         elif isinstance(op, EachCall):
             self.loop(node, op, program, within)
@@ -202,13 +208,14 @@ class _Checker:
         if writes and place < program.position:
             if program.foreign:
                 self.add("cross_invoke", (
-                    f"{_shown(node)} writes {_what(key, kind)} in invoke {node.invoke}, but it waits first for "
-                    f"{program.mover}, which exists only after the model has moved past {_what(key, kind)}: "
-                    "the write would come too late (an OutOfOrderError at run time, after the model ran)"
+                    f"{_shown(node)} writes {_what(key, kind)} in invoke {node.invoke}{self.when()}, but it "
+                    f"waits first for {program.mover}, which exists only after the model has moved past "
+                    f"{_what(key, kind)}: the write would come too late "
+                    "(an OutOfOrderError at run time, after the model ran)"
                 ), node, within)
             else:
                 self.add("out_of_order", (
-                    f"{_shown(node)} writes too late: the model has already moved past {_what(key, kind)} "
+                    f"{_shown(node)} writes too late{self.when()}: the model has already moved past {_what(key, kind)} "
                     f"(it is at {program.mover}), so the write would have no effect "
                     "(an OutOfOrderError at run time, after the model ran)"
                 ), node, within)
@@ -217,6 +224,9 @@ class _Checker:
             program.position = place
             program.mover = f"{_what(key, kind)}, read by {_shown(node)}"
             program.foreign = False
+
+    def when(self) -> str:
+        return " (when its condition holds)" if self.conditions else ""
 
     def missing(self, node: Node, key: EventKey, kind: str, record: _Record, within: tuple[int, ...]) -> None:
         path, site, call = key
@@ -248,9 +258,9 @@ class _Checker:
                 place = self.record_of(node.invoke).position.get(key)
                 if place is not None and not program.stuck and place < program.position:
                     self.add("out_of_order", (
-                        f"{_shown(node)} writes in place into {_what(key, op.kind)} too late: the model has "
-                        f"already moved past it (it is at {program.mover}), so the write would have no effect "
-                        "(an OutOfOrderError at run time, after the model ran)"
+                        f"{_shown(node)} writes in place into {_what(key, op.kind)} too late{self.when()}: the "
+                        f"model has already moved past it (it is at {program.mover}), so the write would have no "
+                        "effect (an OutOfOrderError at run time, after the model ran)"
                     ), node, within)
                 return
             name = getattr(op, "name", None)
@@ -327,6 +337,14 @@ def _calls_text(steps: list[int]) -> str:
     return f"{steps[0]} to {steps[-1]}" if len(steps) > 2 else " and ".join(map(str, steps))
 
 
+def _ops(graph: Graph) -> Iterator[Any]:
+    """Every op of a graph and of the bodies nested in it."""
+    for node in graph.nodes:
+        yield node.op
+        if isinstance(node.op, (Cond, Iterate, EachCall, TraceRun)):
+            yield from _ops(node.op.body)
+
+
 def _accesses(body: Graph) -> Iterator[tuple[ModuleGet | ModuleSet, Node]]:
     """The module accesses of a body and of the bodies nested in it, each with its node."""
     for node in body.nodes:
@@ -389,10 +407,34 @@ def check_invokes(
     method_kwargs: Mapping[str, Any],
     shown: str | None = None,
 ) -> Findings:
-    """`check` with the invokes and the wrapper method as a trace holds them
-    (``method``: the wrapper's method name, ``None`` for the forward): what a
-    tracer calls at its exit for ``validate=True``."""
+    """`check` with the invokes as given and the wrapper's method name
+    (``None``: the forward): each invoke's inputs are prepared as a run
+    prepares them, then `check_prepared`."""
     if not any(invoke is not None for invoke in invokes):
+        raise ValueError("check needs inputs for the model: none were given")
+    prepared: list[tuple[tuple[Any, ...], dict[str, Any]] | None] = []
+    for invoke in invokes:
+        if invoke is None:
+            prepared.append(None)
+            continue
+        (args, prepared_kwargs), _ = wrapper._prepare_input(*invoke[0], **invoke[1])
+        prepared.append((tuple(args), dict(prepared_kwargs)))
+    return check_prepared(wrapper, graph, method, prepared, method_kwargs, shown)
+
+
+def check_prepared(
+    wrapper: NNsight,
+    graph: Graph,
+    method: str | None,
+    prepared: Sequence[tuple[tuple[Any, ...], dict[str, Any]] | None],
+    method_kwargs: Mapping[str, Any],
+    shown: str | None = None,
+) -> Findings:
+    """`check` on inputs already prepared (``None``: an invoke without
+    inputs), as a tracer holds them at its exit: what ``validate=True``
+    runs there before the real run."""
+    given = {index: inputs for index, inputs in enumerate(prepared) if inputs is not None}
+    if not given:
         raise ValueError("check needs inputs for the model: none were given")
     mode = new_mode()
     with recorded_calls.suspended():
@@ -403,25 +445,20 @@ def check_invokes(
         settings = ", ".join(f"{key}={value!r}" for key, value in sorted(method_kwargs.items())
                              if isinstance(value, (int, float, str, bool)))
         label = f"{label}({settings})" if settings else label
-        prepared: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-        for index, invoke in enumerate(invokes):
-            if invoke is not None:
-                (args, prepared_kwargs), _ = wrapper._prepare_input(*invoke[0], **invoke[1])
-                prepared[index] = (tuple(args), dict(prepared_kwargs))
 
         def scanned(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> _Record:
             return _Record.of(scan(faked._model, function, args, {**kwargs, **method_kwargs}, mode), label)
 
         records: dict[int | None, _Record] = {}
-        if len(prepared) == 1 and len(invokes) == 1:
-            records[None] = records[0] = scanned(*prepared[0])
+        if len(given) == 1 and len(prepared) == 1:
+            records[None] = records[0] = scanned(*given[0])
         else:
             batched: tuple[tuple[Any, ...], dict[str, Any]] | None = None
-            for args, kwargs in prepared.values():
+            for args, kwargs in given.values():
                 batched = wrapper._batch(batched, *args, **kwargs)
             assert batched is not None
             records[None] = scanned(*batched)
-            for index, (args, kwargs) in prepared.items():
+            for index, (args, kwargs) in given.items():
                 records[index] = scanned(args, kwargs)
         checker = _Checker(records, lambda: faked._model, mode)
         checker.run(graph)

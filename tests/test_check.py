@@ -339,3 +339,42 @@ def test_raise_first_raises_as_the_run_would(model: nnsight.NNsight, x: torch.Te
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         raise_first(check(model, _graph(model, lambda m: m.layer1.output.save()), x))  # nothing to raise
+
+
+def test_what_a_trace_would_run_at_its_exit(lm: nnsight.LanguageModel) -> None:
+    """The test-only wiring of ``validate=True``: a trace's graph, method name
+    and inputs as the tracer holds them, checked before the real run."""
+    from nnsight_pure.check import check_invokes, check_prepared
+
+    graph = _graph(lm, lambda m: m.transformer.h[1].next().next().output[0].save(), method="generate")
+    as_given = check_invokes(lm, graph, "_generate", [((PROMPT,), {})], {"max_new_tokens": 2})
+    prepared, _ = lm._prepare_input(PROMPT)
+    assert check_prepared(lm, graph, "_generate", [prepared], {"max_new_tokens": 2}) == as_given
+    assert as_given.kinds() == ("call_range",) and "generate(max_new_tokens=2)" in str(as_given)
+    with pytest.raises(ValueError, match="never gets a value"):
+        raise_first(as_given)
+    assert not lm.dispatched
+
+
+def test_modules_called_ad_hoc_with_hooks_are_not_judged(gpt2: nnsight.NNsight, ids: torch.Tensor) -> None:
+    """A hooked ad-hoc call (an edit's attachment) makes calls the scan never
+    sees: reads of that module are left alone, not called \"never called\"."""
+    from nnsight_pure.util import WrapperModule
+
+    block = gpt2.transformer.h[0]
+    block.probe = WrapperModule()
+    with gpt2.edit(ids) as edited:
+        block.output = block.probe(block.output, hook=True)
+    graph = _graph(edited, lambda m: m.transformer.h[0].probe.output.save())
+    assert not check(edited, graph, ids)
+    assert nnsight.run(edited, graph, ids).outputs is not None
+
+
+def test_a_late_write_under_a_condition_says_so(model: nnsight.NNsight, x: torch.Tensor) -> None:
+    def conditional(model: Any) -> None:
+        flag = model.layer2.output.sum() > 0
+        with nnsight.cond(flag):
+            model.layer1.output[:] = 0
+
+    finding = _only(check(model, _graph(model, conditional), x), "out_of_order")
+    assert "(when its condition holds)" in finding.message
