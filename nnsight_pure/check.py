@@ -46,7 +46,7 @@ from .ops import (
     SetGrad,
     TraceRun,
 )
-from .passes import graph_kind, invoke_count
+from .passes import check_standalone, graph_kind, invoke_count
 from .plan import EventKey, in_scope, is_inplace, site_of
 from .printing import format_node, module_expr
 from .scan import UNKNOWN, fake_copy, fake_value, new_mode, scan
@@ -125,7 +125,7 @@ class _Checker:
     def run(self, graph: Graph) -> None:
         self.adhoc = tuple(sorted({op.path for op in _ops(graph) if isinstance(op, ApplyModule) and op.hook}))
         grad_derived: list[bool] = []
-        time: list[int] = []
+        time: list[int | None] = []  # when each value exists in its program (None: not known)
         env: list[Any] = []
         for node in graph.nodes:
             derived = isinstance(node.op, (Grad, SetGrad)) or any(grad_derived[r.index] for r in node_refs(node))
@@ -134,16 +134,23 @@ class _Checker:
             if not derived and not program.stuck:
                 self.wait_for_foreign(graph, node, program, time)
             self.visit(graph, node, program, (), 0, ("",), derived)
-            time.append(program.position if not program.stuck else 1 << 30)
+            time.append(None if program.stuck else program.position)
             env.append(self.fake_of(node, env))
         self.end()
 
-    def wait_for_foreign(self, graph: Graph, node: Node, program: _Program, time: list[int]) -> None:
-        """A node using another invoke's value waits until that invoke computes it."""
+    def wait_for_foreign(self, graph: Graph, node: Node, program: _Program, time: list[int | None]) -> None:
+        """A node using another invoke's value waits until that invoke computes it
+        (for a value whose time is not known, the order after it is not judged)."""
         for ref in node_refs(node):
             source = graph.nodes[ref.index]
-            if source.invoke != node.invoke and time[ref.index] > program.position:
-                program.position = time[ref.index]
+            if source.invoke == node.invoke:
+                continue
+            when = time[ref.index]
+            if when is None:
+                program.stuck = True
+                return
+            if when > program.position:
+                program.position = when
                 program.mover = f"{_shown(source)} of invoke {source.invoke}"
                 program.foreign = True
 
@@ -301,7 +308,9 @@ class _Checker:
                 ), node, within)
                 break
         self.body(op.body, program, within + (node.ref.index,), steps[0] if steps else op.start, op.scope)
-        if steps and not program.stuck:
+        if steps is None:
+            program.stuck = True  # it follows the calls to the end of the run: no order to judge after it
+        elif steps and not program.stuck:
             # Where the model is once the loop's last iteration that happens has run.
             reached = [
                 record.position.get((access.path, site_of(access.kind), access.call + step), -1)
@@ -385,6 +394,7 @@ def check(
     wrapper = _wrapper(model)
     if graph_kind(graph) == "session":
         raise TypeError("check takes a trace's graph; check each trace of a session with its own inputs")
+    check_standalone(graph, "check")
     needed = max(invoke_count(graph), 1)
     if invokes is None:
         if needed > 1:

@@ -378,3 +378,17 @@ def test_a_late_write_under_a_condition_says_so(model: nnsight.NNsight, x: torch
 
     finding = _only(check(model, _graph(model, conditional), x), "out_of_order")
     assert "(when its condition holds)" in finding.message
+
+
+def test_loops_within_the_generation_are_clean(lm: nnsight.LanguageModel) -> None:
+    def every_step(model: Any) -> Any:
+        block = model.transformer.h[1]
+        with block.all():
+            block.output[0][:] = 0
+        with model.transformer.h[0].iter[0:2]:
+            out = model.transformer.h[0].output[0].save()
+        return out
+
+    graph = _graph(lm, every_step, method="generate")
+    assert not check(lm, graph, PROMPT, method="generate", max_new_tokens=2), "no findings"
+    assert not lm.dispatched
