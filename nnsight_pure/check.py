@@ -1,8 +1,10 @@
 """Whole-program checks of a trace's graph against the model's call order,
 before anything runs: ``nnsight_pure.check(model, graph, *inputs)``.
 
-One fake-tensor scan per invoke (`scan.scan` on a `scan.fake_copy` of the
-module tree: no real weights, none loaded for a lazy model) records every
+One fake-tensor scan per invoke with inputs, plus one of the batch when
+there are several (for nodes outside invokes and invokes without inputs),
+each `scan.scan` on a `scan.fake_copy` of the module tree (no real weights,
+none loaded for a lazy model), records every
 module call the method makes, in the order it makes them (the scan's record
 is filled in call order). Each invoke's program is then walked in text
 order, as the interpreter runs it, tracking how far the model has got:
@@ -16,7 +18,11 @@ order, as the interpreter runs it, tracking how far the model has got:
 - shape errors, from the nodes' fake values (`scan.fake_value`).
 
 What is found comes back as `Findings` (findings.py); nothing is raised and
-the user's model never runs.
+the user's model never runs (errors of preparing, batching or scanning the
+inputs propagate, as they would from the run). Not judged: reads of modules
+called ad hoc with hooks (calls the scan never sees), and the order after a
+loop that follows the calls to the end of the run (``.all()``) or after a
+value whose time is unknown.
 """
 
 from __future__ import annotations
