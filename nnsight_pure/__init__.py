@@ -18,6 +18,7 @@ it, ``compose`` and ``prune`` transform it.
 from . import reducers as reducers
 from . import util as util
 from .arguments import Ref as Ref
+from .caches import clear_caches as clear_caches
 from .config import CONFIG as CONFIG
 from .config import logger as logger
 from .config import remote_logger as remote_logger
@@ -34,12 +35,14 @@ from .errors import OutOfOrderError as OutOfOrderError
 from .errors import SweepError as SweepError
 from .errors import TraceError as TraceError
 from .errors import UnexecutedInterventionWarning as UnexecutedInterventionWarning
+from .findings import Finding as Finding
+from .findings import Findings as Findings
+from .functional import check as check
 from .functional import edit as edit
 from .functional import run as run
 from .functional import trace as trace
 from .graph import Graph as Graph
 from .graph import Node as Node
-from .graph import SourceLoc as SourceLoc
 from .models.language import LanguageModel as LanguageModel
 from .models.nnsight import NNsight as NNsight
 from .passes import compose as compose
@@ -48,8 +51,10 @@ from .printing import format_graph as format_graph
 from .proxy import Proxy as Proxy
 from .results import Results as Results
 from .serialize import SerializationError as SerializationError
+from .serialize import digest as digest
 from .serialize import from_json as from_json
 from .serialize import to_json as to_json
+from .source import SourceLoc as SourceLoc
 from .sweeps import SweepResults as SweepResults
 from .sweeps import sweep as sweep
 from .toplevel import apply as apply
@@ -78,6 +83,8 @@ __all__ = [
     "Conditional",
     "EditingTracer",
     "Envoy",
+    "Finding",
+    "Findings",
     "Graph",
     "GraphvizNotFoundError",
     "Invoker",
@@ -103,10 +110,13 @@ __all__ = [
     "bool",
     "bytearray",
     "bytes",
+    "check",
+    "clear_caches",
     "complex",
     "compose",
     "cond",
     "dict",
+    "digest",
     "edit",
     "float",
     "format_graph",

@@ -18,8 +18,7 @@ from typing import Iterator, Literal, overload
 import attrs
 
 from .errors import MissedCallsWarning, OutOfOrderError
-from .graph import SourceLoc
-from .source import short
+from .source import SourceLoc, short
 
 FindingKind = Literal[
     "out_of_order",  # a write to a module call the model has already passed

@@ -19,6 +19,7 @@ import torch
 from . import open_blocks as active
 from .contexts.tracer import Tracer
 from .errors import TraceError
+from .findings import Findings, raise_first
 from .graph import Graph, Node
 from .hooks import submodule
 from .interpreter import run_session
@@ -27,6 +28,7 @@ from .models.nnsight import NNsight
 from .ops import Call
 from .passes import as_edit, check_standalone, compose, graph_kind, invoke_count, module_paths
 from .printing import format_node
+from .program_check import check_invokes
 from .results import Results
 from .runner import run_invokes, session_runner
 from .source import add_note, describe, short, user_location
@@ -115,6 +117,7 @@ def run(
     invokes: Invokes | None = None,
     method: str | None = None,
     keep_result: bool = False,
+    validate: bool = False,
     **kwargs: Any,
 ) -> Results:
     """Run ``graph`` on new inputs: one model run, no tracing.
@@ -124,7 +127,10 @@ def run(
     per invoke; ``None`` for an invoke without inputs). ``kwargs`` go to
     the model's method (``method="generate"`` to generate). A session's
     graph takes no inputs (its traces hold theirs). ``keep_result`` keeps
-    what the method returned in ``results.returned``.
+    what the method returned in ``results.returned``. ``validate=True``
+    first checks the whole program against the model's calls on fake
+    tensors (`check`) and raises the first finding before the model runs
+    (for a graph read from a document, say).
 
     The graph runs exactly as given: a model's edits are not added (a graph
     traced on an edited model already starts with them). Returns `Results`:
@@ -153,6 +159,8 @@ def run(
         raise TypeError(f"this graph has {needed} invokes but invokes= gives inputs for {len(invokes)}")
     if not any(invoke is not None for invoke in invokes):
         raise ValueError("run needs inputs for the model: none were given")
+    if validate:
+        raise_first(check_invokes(wrapper._adapter(), graph, _method(wrapper, method), list(invokes), kwargs))
     try:
         results, _ = run_invokes(
             wrapper._adapter(), graph, list(invokes), method=_method(wrapper, method), kwargs=kwargs,
@@ -167,6 +175,43 @@ def run(
         )
         raise
     return results
+
+
+def check(
+    model: NNsight | torch.nn.Module,
+    graph: Graph,
+    *inputs: Any,
+    invokes: Invokes | None = None,
+    method: str | None = None,
+    **kwargs: Any,
+) -> Findings:
+    """Check the whole program ``graph`` against the calls ``model`` makes on
+    these inputs, without running the model (program_check.py): writes to
+    calls already passed, modules and calls the method never makes, loops
+    past the calls or touching none, ``.grad`` with no ``backward()`` after
+    it, values another invoke computes too late, shape errors.
+
+    The arguments are `run`'s: positional ``inputs`` for a graph of one
+    invoke, or ``invokes=[(args, kwargs), ...]``; ``method="generate"`` and
+    its keywords (``max_new_tokens=3``) as the real run gets them. Returns
+    the `Findings`, in program order (empty when nothing is wrong).
+    """
+    wrapper = as_wrapper(model)
+    if graph_kind(graph) == "session":
+        raise TypeError("check takes a trace's graph; check each trace of a session with its own inputs")
+    check_standalone(graph, "check")
+    needed = max(invoke_count(graph), 1)
+    if invokes is None:
+        if needed > 1:
+            raise TypeError(
+                f"this graph has {needed} invokes: give each its inputs with "
+                "invokes=[(args, kwargs), ...] instead of positional inputs"
+            )
+        invokes = [(tuple(inputs), {})] if inputs else [None]
+    elif inputs:
+        raise TypeError("give the inputs either positionally (one invoke) or as invokes=[...], not both")
+    adapter = wrapper._adapter()
+    return check_invokes(adapter, graph, _method(wrapper, method), invokes, kwargs, shown=method or "forward")
 
 
 @attrs.frozen

@@ -19,7 +19,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
 import nnsight_pure as nnsight
-from nnsight_pure.check import check
+from nnsight_pure import check
 from nnsight_pure.errors import MissedCallsWarning, OutOfOrderError
 from nnsight_pure.findings import Finding, Findings, raise_first
 from nnsight_pure.graph import Graph
@@ -342,18 +342,43 @@ def test_raise_first_raises_as_the_run_would(model: nnsight.NNsight, x: torch.Te
 
 
 def test_what_a_trace_would_run_at_its_exit(lm: nnsight.LanguageModel) -> None:
-    """The test-only wiring of ``validate=True``: a trace's graph, method name
-    and inputs as the tracer holds them, checked before the real run."""
-    from nnsight_pure.check import check_invokes, check_prepared
+    """A trace's graph, method name and inputs as the tracer holds them at its
+    exit give the findings `check` gives from the inputs as written."""
+    from nnsight_pure.program_check import check_invokes, check_prepared
 
     graph = _graph(lm, lambda m: m.transformer.h[1].next().next().output[0].save(), method="generate")
-    as_given = check_invokes(lm, graph, "_generate", [((PROMPT,), {})], {"max_new_tokens": 2})
+    adapter = lm._adapter()
+    as_given = check_invokes(adapter, graph, "_generate", [((PROMPT,), {})], {"max_new_tokens": 2})
     prepared, _ = lm._prepare_input(PROMPT)
-    assert check_prepared(lm, graph, "_generate", [prepared], {"max_new_tokens": 2}) == as_given
+    assert check_prepared(adapter, graph, "_generate", [prepared], {"max_new_tokens": 2}) == as_given
     assert as_given.kinds() == ("call_range",) and "generate(max_new_tokens=2)" in str(as_given)
     with pytest.raises(ValueError, match="never gets a value"):
         raise_first(as_given)
     assert not lm.dispatched
+
+
+def test_validate_raises_the_first_finding_before_the_model_runs(lm: nnsight.LanguageModel) -> None:
+    # Without validate the run would load the weights, generate, and only
+    # then find that the third step's value never came.
+    with pytest.raises(ValueError, match="never gets a value"):
+        with lm.generate(PROMPT, max_new_tokens=2, validate=True):
+            lm.transformer.h[1].next().next().output[0].save()
+    assert not lm.dispatched
+
+
+def test_run_with_validate_checks_a_graph_read_from_json(model: nnsight.NNsight, x: torch.Tensor) -> None:
+    graph = nnsight.from_json(nnsight.to_json(_graph(model, _late_write)))
+    calls: list[str] = []
+    handle = model._model.layer1.register_forward_hook(lambda *_: calls.append("layer1"))
+    try:
+        with pytest.raises(OutOfOrderError):
+            nnsight.run(model, graph, x, validate=True)
+        assert calls == []  # found before the model ran
+        with pytest.raises(OutOfOrderError):
+            nnsight.run(model, graph, x)
+        assert calls == ["layer1"]  # without validate: found by the run, after the weights ran
+    finally:
+        handle.remove()
 
 
 def test_modules_called_ad_hoc_with_hooks_are_not_judged(gpt2: nnsight.NNsight, ids: torch.Tensor) -> None:

@@ -73,6 +73,23 @@ def test_run_matches_hand_written_hooks() -> None:
     assert hook_counts(net) == {name: (0, 0) for name, _ in net.named_modules()}
 
 
+def test_a_traced_function_may_return_a_value_made_in_a_block() -> None:
+    # The value saved inside the loop's block is exported when it is returned
+    # (the export must be part of the graph whose outputs name it).
+    net = tiny_net()
+    model = nnsight.NNsight(net)
+
+    def inner(m: Any) -> Any:
+        with m.layer1.iter[0:1]:
+            out = (m.layer1.output * 2).save()
+        return out
+
+    graph = nnsight.trace(model, inner)
+    x = torch.rand(3, 5)
+    _, seen = hooked_run(net, x, read=("layer1",))
+    assert torch.equal(nnsight.run(model, graph, x).outputs, seen["layer1"] * 2)
+
+
 def test_replaying_equals_retracing_on_many_inputs() -> None:
     net = tiny_net()
     model = nnsight.NNsight(net)

@@ -194,6 +194,8 @@ class Tracer(GraphContext):
             )
             return
         try:
+            if self._validate:
+                self._check_whole_program(invokes)
             results, _ = run_invokes(
                 self._adapter, self.graph, invokes, method=self._method,
                 kwargs=self._method_kwargs, where=self._where, keep_result=self._keep_result,
@@ -203,12 +205,25 @@ class Tracer(GraphContext):
             raise
         self._assign(results)
 
+    def _check_whole_program(self, invokes: Sequence[Prepared | None]) -> None:
+        """``validate=True``: check the whole program against the model's calls
+        on fake tensors (program_check.py) and raise the first finding before
+        the model runs (warnings, such as a loop touching no call, are warned)."""
+        from ..findings import raise_first
+        from ..program_check import check_prepared
+
+        prepared = [None if invoke is None else (invoke.args, invoke.kwargs) for invoke in invokes]
+        with recorded_calls.suspended():
+            found = check_prepared(self._adapter, self.graph, self._method, prepared, self._method_kwargs)
+        raise_first(found)
+
     def _outputs(self, returned: Any) -> Graph:
         """The graph recorded so far, with ``returned`` (proxies and constants)
         as its outputs; the sticky loops close first, so that values made in
         them are exported (`nnsight_pure.trace`)."""
         self._close_sticky(True)
-        return self.graph.with_outputs(self._as_argument(returned))
+        outputs = self._as_argument(returned)  # first: it may record exports of values made in loops
+        return self.graph.with_outputs(outputs)
 
     # --- invokes ----------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """Whole-program checks of a trace's graph against the model's call order,
-before anything runs: ``nnsight_pure.check(model, graph, *inputs)``.
+before anything runs: what ``nnsight_pure.check(model, graph, *inputs)``
+(functional.py) and ``validate=True`` (a trace's exit, ``run``) compute.
 
 One fake-tensor scan per invoke with inputs, plus one of the batch when
 there are several (for nodes outside invokes and invokes without inputs),
@@ -29,17 +30,17 @@ from __future__ import annotations
 
 import difflib
 import warnings
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import attrs
-import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .arguments import Ref, thaw
 from .contexts import recorded_calls
+from .effects import is_inplace
+from .events import EventKey, in_scope, site_of
 from .findings import Finding, FindingKind, Findings
 from .graph import Graph, Node, node_refs
-from .models.nnsight import NNsight
 from .ops import (
     ApplyModule,
     CallMethod,
@@ -52,11 +53,12 @@ from .ops import (
     SetGrad,
     TraceRun,
 )
-from .passes import check_standalone, graph_kind, invoke_count
-from .plan import EventKey, in_scope, is_inplace, site_of
 from .printing import format_node, module_expr
 from .scan import UNKNOWN, fake_copy, fake_value, new_mode, scan
 from .source import short
+
+if TYPE_CHECKING:
+    from .runner import ModelAdapter
 
 Invokes = Sequence["tuple[tuple[Any, ...], dict[str, Any]] | None"]
 
@@ -373,59 +375,18 @@ def _accesses(body: Graph) -> Iterator[tuple[ModuleGet | ModuleSet, Node]]:
 # --- entry points -------------------------------------------------------------------------
 
 
-def _wrapper(model: NNsight | torch.nn.Module) -> NNsight:
-    if isinstance(model, NNsight):
-        return model
-    if isinstance(model, torch.nn.Module):
-        return NNsight(model)
-    raise TypeError(f"check takes an NNsight model or a torch.nn.Module, got {type(model).__name__}")
-
-
-def check(
-    model: NNsight | torch.nn.Module,
-    graph: Graph,
-    *inputs: Any,
-    invokes: Invokes | None = None,
-    method: str | None = None,
-    **kwargs: Any,
-) -> Findings:
-    """Check the whole program ``graph`` against the calls ``model`` makes on
-    these inputs, without running the model (see the module docstring).
-
-    The arguments are `run`'s: positional ``inputs`` for a graph of one
-    invoke, or ``invokes=[(args, kwargs), ...]``; ``method="generate"`` and
-    its keywords (``max_new_tokens=3``) as the real run gets them. Returns
-    the `Findings`, in program order (empty when nothing is wrong).
-    """
-    wrapper = _wrapper(model)
-    if graph_kind(graph) == "session":
-        raise TypeError("check takes a trace's graph; check each trace of a session with its own inputs")
-    check_standalone(graph, "check")
-    needed = max(invoke_count(graph), 1)
-    if invokes is None:
-        if needed > 1:
-            raise TypeError(
-                f"this graph has {needed} invokes: give each its inputs with "
-                "invokes=[(args, kwargs), ...] instead of positional inputs"
-            )
-        invokes = [(tuple(inputs), {})] if inputs else [None]
-    elif inputs:
-        raise TypeError("give the inputs either positionally (one invoke) or as invokes=[...], not both")
-    name = type(wrapper).__methods__.get(method, method) if method is not None else None
-    return check_invokes(wrapper, graph, name, invokes, kwargs, shown=method or "forward")
-
-
 def check_invokes(
-    wrapper: NNsight,
+    adapter: ModelAdapter,
     graph: Graph,
     method: str | None,
     invokes: Invokes,
     method_kwargs: Mapping[str, Any],
     shown: str | None = None,
 ) -> Findings:
-    """`check` with the invokes as given and the wrapper's method name
-    (``None``: the forward): each invoke's inputs are prepared as a run
-    prepares them, then `check_prepared`."""
+    """`nnsight_pure.check` with the invokes as given and the wrapper's
+    method name (``None``: the forward): each invoke's inputs are prepared
+    as a run prepares them (by the model's `runner.ModelAdapter`), then
+    `check_prepared`."""
     if not any(invoke is not None for invoke in invokes):
         raise ValueError("check needs inputs for the model: none were given")
     prepared: list[tuple[tuple[Any, ...], dict[str, Any]] | None] = []
@@ -433,13 +394,13 @@ def check_invokes(
         if invoke is None:
             prepared.append(None)
             continue
-        (args, prepared_kwargs), _ = wrapper._prepare_input(*invoke[0], **invoke[1])
+        (args, prepared_kwargs), _ = adapter.prepare_input(*invoke[0], **invoke[1])
         prepared.append((tuple(args), dict(prepared_kwargs)))
-    return check_prepared(wrapper, graph, method, prepared, method_kwargs, shown)
+    return check_prepared(adapter, graph, method, prepared, method_kwargs, shown)
 
 
 def check_prepared(
-    wrapper: NNsight,
+    adapter: ModelAdapter,
     graph: Graph,
     method: str | None,
     prepared: Sequence[tuple[tuple[Any, ...], dict[str, Any]] | None],
@@ -454,16 +415,15 @@ def check_prepared(
         raise ValueError("check needs inputs for the model: none were given")
     mode = new_mode()
     with recorded_calls.suspended():
-        faked = wrapper._shallow_copy()
-        object.__setattr__(faked, "_handle", wrapper._handle.with_module(fake_copy(wrapper._model, mode)))
-        function = faked._method_fn(method)
+        faked = adapter.on_module(fake_copy(adapter.handle.module, mode))
+        function = faked.method_fn(method)
         label = shown or (method.lstrip("_") if method else "forward")
         settings = ", ".join(f"{key}={value!r}" for key, value in sorted(method_kwargs.items())
                              if isinstance(value, (int, float, str, bool)))
         label = f"{label}({settings})" if settings else label
 
         def scanned(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> _Record:
-            return _Record.of(scan(faked._model, function, args, {**kwargs, **method_kwargs}, mode), label)
+            return _Record.of(scan(faked.handle.module, function, args, {**kwargs, **method_kwargs}, mode), label)
 
         records: dict[int | None, _Record] = {}
         if len(given) == 1 and len(prepared) == 1:
@@ -471,11 +431,11 @@ def check_prepared(
         else:
             batched: tuple[tuple[Any, ...], dict[str, Any]] | None = None
             for args, kwargs in given.values():
-                batched = wrapper._batch(batched, *args, **kwargs)
+                batched = adapter.batch(batched, *args, **kwargs)
             assert batched is not None
             records[None] = scanned(*batched)
             for index, (args, kwargs) in given.items():
                 records[index] = scanned(args, kwargs)
-        checker = _Checker(records, lambda: faked._model, mode)
+        checker = _Checker(records, lambda: faked.handle.module, mode)
         checker.run(graph)
     return Findings(tuple(checker.found))
