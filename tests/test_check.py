@@ -369,7 +369,7 @@ def test_validate_raises_the_first_finding_before_the_model_runs(lm: nnsight.Lan
 def test_run_with_validate_checks_a_graph_read_from_json(model: nnsight.NNsight, x: torch.Tensor) -> None:
     graph = nnsight.from_json(nnsight.to_json(_graph(model, _late_write)))
     calls: list[str] = []
-    handle = model._model.layer1.register_forward_hook(lambda *_: calls.append("layer1"))
+    handle = model._model.get_submodule("layer1").register_forward_hook(lambda *_: calls.append("layer1"))
     try:
         with pytest.raises(OutOfOrderError):
             nnsight.run(model, graph, x, validate=True)
