@@ -28,7 +28,7 @@ from .graph import Graph
 from .keys import NOT_SHARED, graph_key
 
 if TYPE_CHECKING:
-    from .plan import Plan
+    from .steps import Plan
 
 
 def cached_plan(graph: Graph, compile_plan: Callable[[Graph], Plan]) -> Plan:
