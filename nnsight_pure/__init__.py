@@ -15,6 +15,7 @@ interpreter runs the graph once when the block exits. Graphs are also data:
 it, ``compose`` and ``prune`` transform it.
 """
 
+from . import notebook as notebook  # (registers how a graph shows itself in Jupyter: graph.display_with)
 from . import reducers as reducers
 from . import util as util
 from .arguments import Ref as Ref
