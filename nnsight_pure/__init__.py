@@ -23,9 +23,9 @@ from .caches import clear_caches as clear_caches
 from .config import CONFIG as CONFIG
 from .config import logger as logger
 from .config import remote_logger as remote_logger
-from .contexts.conditional import Conditional as Conditional
 from .contexts.editing import EditingTracer as EditingTracer
-from .contexts.iterator import IteratorContext as IteratorContext
+from .contexts.flow import Conditional as Conditional
+from .contexts.flow import IteratorContext as IteratorContext
 from .contexts.session import Session as Session
 from .contexts.tracer import Invoker as Invoker
 from .contexts.tracer import Tracer as Tracer
