@@ -15,6 +15,7 @@ interpreter runs the graph once when the block exits. Graphs are also data:
 it, ``compose`` and ``prune`` transform it.
 """
 
+from . import notebook as notebook  # (registers how a graph shows itself in Jupyter: graph.display_with)
 from . import reducers as reducers
 from . import util as util
 from .arguments import Ref as Ref
@@ -22,9 +23,9 @@ from .caches import clear_caches as clear_caches
 from .config import CONFIG as CONFIG
 from .config import logger as logger
 from .config import remote_logger as remote_logger
-from .contexts.conditional import Conditional as Conditional
 from .contexts.editing import EditingTracer as EditingTracer
-from .contexts.iterator import IteratorContext as IteratorContext
+from .contexts.flow import Conditional as Conditional
+from .contexts.flow import IteratorContext as IteratorContext
 from .contexts.session import Session as Session
 from .contexts.tracer import Invoker as Invoker
 from .contexts.tracer import Tracer as Tracer

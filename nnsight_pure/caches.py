@@ -13,7 +13,7 @@ table              at most    what it remembers
 ``LOCATIONS``      50,000     the `SourceLoc` of a line of user code (source.py)
 ``PLANS``          256        compiled plans by graph structure, least recently
                               used dropped first (the plan cache)
-``FIELDS``         64         each op kind's field names (keys.py, the plan)
+``FIELDS``         64         each op kind's field names (plan_cache.py, the plan)
 ``GROUPS``         1,024      batch groups by invoke sizes (batching.py)
 ``WHITELIST``      (fixed)    every whitelisted callable by identity (effects.py)
 per-graph memos    (weak)     work done once per graph object, gone with the

@@ -10,7 +10,8 @@ module instead of keeping its own table:
   (`passes.prune`);
 * `safe_on_fakes`: which ops may be computed on fake tensors (`scan`);
 * `TRACE_OPS`, `PLAIN_OPS`, `CONTEXT_OPS`: which kinds touch a model, which
-  hold nothing but their fields, which hold a body;
+  hold nothing but their fields, which hold a body: these live with the
+  kinds, in ops.py;
 * the whitelist of callables a document may name (`whitelisted_name`,
   `resolve_whitelisted`, `METHOD_NAMES`, `SAFE_DUNDERS`), which the JSON
   reader and writer enforce and `is_pure` trusts.
@@ -33,22 +34,14 @@ from .ops import (
     Bridge,
     Call,
     CallMethod,
-    Cond,
-    EachCall,
     Export,
     GetAttr,
     Grad,
-    Iterate,
     IterItem,
     ModuleAttr,
     ModuleGet,
-    ModuleSet,
     Op,
-    Save,
     SetAttr,
-    SetGrad,
-    Stop,
-    TraceRun,
     print_at_run_time,
 )
 
@@ -57,18 +50,9 @@ if TYPE_CHECKING:
 
 # --- kinds of ops ---------------------------------------------------------------------
 
-CONTEXT_OPS = (Cond, Iterate, EachCall, TraceRun)
-"""The kinds that hold a sub-graph (``body``): the members of `ops.ContextOp`, for
-``isinstance`` (``isinstance(op, CONTEXT_OPS)`` narrows ``op`` to them)."""
-
-TRACE_OPS = (ModuleGet, ModuleSet, ModuleAttr, ApplyModule, Grad, SetGrad, EachCall)
-"""The kinds that read or write a model (a graph holding one is a trace's)."""
-
-PLAIN_OPS: frozenset[type] = frozenset(
-    {ModuleGet, ModuleSet, ModuleAttr, ApplyModule, CallMethod, GetAttr, SetAttr, Save, Stop, Grad, SetGrad,
-     Bridge, IterItem, Export}
-)
-"""The kinds whose fields are small plain values: no function (`Call`), no body."""
+# `CONTEXT_OPS`, `TRACE_OPS` and `PLAIN_OPS` are facts of the kinds alone: they
+# live in ops.py, with the kinds (graph.py reads them, and must not import this
+# module, which names graph nodes).
 
 # --- writes and aliases ---------------------------------------------------------------
 

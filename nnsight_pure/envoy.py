@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from . import open_blocks as active
-from .contexts.calls import EachCallContext, calls_from
+from .contexts.flow import EachCallContext, calls_from
 from .contexts.tracer import Tracer
 from .errors import TraceError
 from .handle import ModelHandle

@@ -18,7 +18,8 @@ from typing import Any, Callable, Sequence
 
 from .arguments import Ref, is_plain_constant, thaw
 from .graph import Node
-from .guard import describe_op, guarded, untrusted
+from .guard import describe_op, guarded
+from .marks import untrusted
 from .ops import (
     ApplyModule,
     Bridge,

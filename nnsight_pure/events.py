@@ -5,14 +5,20 @@ A run is driven by *events*: a module call's ``pre`` (inputs) or ``post``
 node waits for, the interpreter feeds them to the *programs* (one per invoke,
 one per gradient hook, ...), and the shell names them in scans and
 messages. These are plain values, below the plan, so that the shell can use
-them without importing the planner.
+them without importing the planner. This module imports nothing of the
+library (ops.py takes `AccessKind` from here).
 """
 
 from __future__ import annotations
 
 from typing import Literal, NamedTuple, Union
 
-from .ops import AccessKind
+AccessKind = Literal["output", "input", "inputs"]
+"""Which value of a module call an access refers to.
+
+``output`` is what the module returned, ``inputs`` is ``(args, kwargs)`` as a
+forward-pre-hook sees them, and ``input`` is the first positional argument.
+"""
 
 Site = Literal["pre", "post"]
 """Which module hook an event comes from: a call's ``pre`` (inputs) or ``post`` (output) hook."""

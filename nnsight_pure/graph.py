@@ -6,7 +6,7 @@ earlier node, so a graph is topologically sorted by construction. Graphs are
 values: equality and hashing are structural, `add` returns a new graph that
 shares structure with the old one, and nothing here ever changes a graph that
 exists. Source locations (`source.SourceLoc`) ride along for error messages
-but are not part of a graph's identity, which `keys.node_key` encodes.
+but are not part of a graph's identity, which `plan_cache.node_key` encodes.
 
 Graph, Node and the ops (ops.py) form one recursive data type: ops.py names
 `Graph` in annotations only. ``repr(graph)`` calls `printing` lazily (a value
@@ -25,10 +25,9 @@ from pyrsistent import pmap, pvector
 from .arguments import Ref as Ref
 from .arguments import refs_in
 from .caches import NODES
-from .effects import PLAIN_OPS
-from .guard import untrusted
 from .keys import arg_key, args_key, atoms_key, kwargs_key
-from .ops import Call, Op, Save
+from .marks import untrusted
+from .ops import PLAIN_OPS, Call, Op, Save
 from .shareable import shareable
 from .source import SourceLoc as SourceLoc  # (re-exported: its home is source.py)
 
@@ -56,7 +55,7 @@ class Node:
     kwargs: PMap[str, object] = attrs.field(eq=kwargs_key)
     invoke: int | None = None
     source: SourceLoc | None = attrs.field(default=None, eq=False)
-    # Memo of the node's masked key (see keys.graph_key): not part of its value.
+    # Memo of the node's masked key (see plan_cache.graph_key): not part of its value.
     _key: object = attrs.field(default=None, init=False, eq=False, repr=False)
 
     def __reduce__(self) -> tuple[type[Node], tuple[object, ...]]:
@@ -142,16 +141,38 @@ class Graph:
 
         return format_graph(self)
 
-    # Jupyter shows a graph as its picture, or its text without Graphviz (notebook.py).
+    # Jupyter shows a graph as its picture, or its text without Graphviz: IPython
+    # looks these up on the class; they hand over to the display that
+    # notebook.py registers (`display_with`), and show the text without one.
     def _repr_mimebundle_(self, include: object = None, exclude: object = None, **kwargs: object) -> dict[str, str]:
-        from .notebook import mimebundle
-
-        return mimebundle(self, include, exclude)
+        if not _DISPLAY:
+            return {"text/plain": repr(self)}
+        return _DISPLAY[0][0](self, include, exclude)
 
     def _repr_svg_(self) -> str | None:
-        from .notebook import svg
+        return _DISPLAY[0][1](self) if _DISPLAY else None
 
-        return svg(self)
+
+# --- how a graph shows itself in a notebook -------------------------------------------------
+#
+# The picture is drawn above the values (vis.py, notebook.py), so a graph does
+# not import it: notebook.py registers its two functions here when it is
+# imported (nnsight_pure/__init__.py imports it), much as serialize.py
+# registers with copyreg how a document's graph pickles.
+
+Mimebundle = Callable[[Graph, object, object], dict[str, str]]
+"""``mimebundle(graph, include, exclude)``: IPython's display bundle of a graph."""
+
+Svg = Callable[[Graph], "str | None"]
+"""``svg(graph)``: a graph's SVG picture, or ``None`` when none can be drawn."""
+
+_DISPLAY: list[tuple[Mimebundle, Svg]] = []
+"""The registered display, ``[(mimebundle, svg)]``, or empty (text only)."""
+
+
+def display_with(mimebundle: Mimebundle, svg: Svg) -> None:
+    """Show graphs in Jupyter through ``mimebundle`` and ``svg`` (notebook.py calls this at import)."""
+    _DISPLAY[:] = [(mimebundle, svg)]
 
 
 # --- shared nodes -------------------------------------------------------------------------
@@ -159,7 +180,7 @@ class Graph:
 # Running the same code again records the same nodes: the same operation on
 # the same references and constants, at the same position and source line.
 # Nodes are immutable values, so the graphs of every such trace can share one
-# node object, made (and its masked key worked out, see keys.py) once; the
+# node object, made (and its masked key worked out, see plan_cache.py) once; the
 # table is `caches.NODES`.
 # Only nodes that hold nothing large are shared: plain operations on
 # references and atoms, and calls of functions that hold nothing.

@@ -4,7 +4,8 @@ A loaded graph is data from someone else. What its document names is
 checked when it is read (callables on an explicit list, method names on a
 list, no attribute set on a constant); what depends on the values of the run
 is checked here, while it runs. The ops `from_json` builds are marked
-untrusted (by identity: an equal op recorded in a trace is not), and every
+untrusted (by identity: an equal op recorded in a trace is not; the marks
+are kept in marks.py, which imports no op, so the values can ask), and every
 ``Call``, ``CallMethod``, ``GetAttr`` and ``SetAttr`` node holding a marked
 op runs through a check:
 
@@ -26,41 +27,12 @@ process-wide tables of nodes and plans.
 from __future__ import annotations
 
 import types
-import weakref
 from typing import Any, Callable
 
 import torch
 
 from .errors import SerializationError
 from .ops import Call, CallMethod, GetAttr, Op, SetAttr
-
-_UNTRUSTED: dict[int, weakref.ref[Op]] = {}
-"""Marked ops by identity (an entry leaves with its op)."""
-
-
-def mark(op: Op) -> Op:
-    """Mark ``op`` as read from a document; returns it."""
-    key = id(op)
-    _UNTRUSTED[key] = weakref.ref(op, lambda _, key=key: _UNTRUSTED.pop(key, None))  # type: ignore[misc]
-    return op
-
-
-def untrusted(op: object) -> bool:
-    """Whether ``op`` (this very object) was read from a document."""
-    entry = _UNTRUSTED.get(id(op))
-    return entry is not None and entry() is op
-
-
-def graph_untrusted(graph: Any) -> bool:
-    """Whether any op of ``graph`` (or of a body in it) is marked."""
-    for node in graph.nodes:
-        if untrusted(node.op):
-            return True
-        body = getattr(node.op, "body", None)
-        if body is not None and graph_untrusted(body):
-            return True
-    return False
-
 
 _STORAGES = (torch.UntypedStorage, torch.TypedStorage)
 

@@ -1,4 +1,4 @@
-"""A node as a hashable key: one encoding for equality, interning and plan sharing.
+"""Arguments as hashable keys: one encoding for equality, interning and plan sharing.
 
 A key is a plain tuple of plain values (hashed and compared in C, unlike
 attrs classes). Arguments encode as:
@@ -13,41 +13,29 @@ attrs classes). Arguments encode as:
 Two flavours, chosen by ``constants``:
 
 * ``"exact"``: tensor and opaque constants by value (a `TensorConst` or
-  `Opaque` is its own key). Two nodes are equal exactly when their exact
-  keys are (`graph.Node` compares by these parts), and recorded nodes are
-  shared by them (`graph.Graph.add`).
+  `Opaque` is its own key). Two nodes are equal exactly when their
+  arguments' exact keys are (`graph.Node` compares by them), and recorded
+  nodes are shared by them (`graph.Graph.add`, `atoms_key`).
 * ``"masked"``: what a plan depends on. Tensor constants become a marker,
-  other non-atom constants another (a run reads them from its own graph),
-  bodies are keyed by their own nodes, and source lines are left out. A
-  node holding a function that could keep large objects alive (a closure,
-  a bound method), or an op read from a document, has no masked key:
-  `NOT_SHARED`.
+  other non-atom constants another (a run reads them from its own graph).
+  The masked key of a whole node or graph (bodies keyed by their own nodes,
+  source lines left out, `NOT_SHARED` for what must not be shared) is the
+  plan table's structure key: `plan_cache.node_key`, which builds on these.
 
-Pure.
+This module knows arguments alone (arguments.py): no op, no graph, so the
+values (graph.py) can key their arguments with it. Pure.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, Sequence
-
-import attrs
+from typing import TYPE_CHECKING, Literal, Sequence
 
 from .arguments import ATOMS, DictConst, ListConst, Ref, SliceConst, TensorConst, TupleOf, structural_key
-from .caches import FIELDS
-from .effects import CONTEXT_OPS
-from .guard import untrusted
-from .ops import Call, Op
-from .shareable import shareable
 
 if TYPE_CHECKING:
     from pyrsistent.typing import PMap, PVector
 
-    from .graph import Graph, Node
-
 Constants = Literal["exact", "masked"]
-
-NOT_SHARED: Any = object()
-"""The masked key of a node whose plan must stay with its own graph."""
 
 
 def arg_key(arg: object, constants: Constants = "exact") -> object:
@@ -108,69 +96,3 @@ def atoms_key(args: Sequence[object]) -> tuple[object, ...] | None:
         else:
             return None
     return tuple(parts)
-
-
-def op_key(op: Op) -> object:
-    """An op as a plain tuple: its kind, then its fields (a body op's body
-    as the body's masked key; see `node_key`)."""
-    kind = type(op)
-    names = FIELDS.get(kind)
-    if names is None:
-        names = tuple(field.name for field in attrs.fields(kind))
-        FIELDS.put(kind, names)
-    if not names:
-        return kind
-    if kind is Call:
-        return (kind, op.fn)  # type: ignore[union-attr]  # a Call
-    return (kind,) + tuple(getattr(op, name) for name in names)
-
-
-def node_key(node: Node, constants: Constants = "exact") -> object:
-    """The node as a key.
-
-    ``"exact"``: ``(index, op, args, kwargs, invoke)``, equal exactly when
-    the nodes are. ``"masked"``: what its plan depends on (no position, no
-    tensor values), or `NOT_SHARED`.
-    """
-    if constants == "exact":
-        return (node.ref.index, node.op, args_key(node.args), kwargs_key(node.kwargs), node.invoke)
-    op = node.op
-    if untrusted(op):
-        return NOT_SHARED  # a loaded graph's plan runs under its guard: never shared
-    if isinstance(op, CONTEXT_OPS):
-        body = graph_key(op.body)
-        if body is NOT_SHARED:
-            return NOT_SHARED
-        fields = tuple(getattr(op, field.name) for field in attrs.fields(type(op)) if field.name != "body")
-        key: object = (type(op), body, fields)
-    elif type(op) is Call:
-        fn = op.fn
-        if not shareable(fn):
-            return NOT_SHARED
-        key = (Call, fn)
-    else:
-        key = op_key(op)
-    args = node.args
-    if len(args) == 1:
-        positional: object = arg_key(args[0], "masked")
-    else:
-        positional = tuple([arg_key(arg, "masked") for arg in args])
-    kwargs = node.kwargs
-    if not kwargs:
-        return (key, positional, (), node.invoke)
-    return (key, positional, tuple([(name, arg_key(kwargs[name], "masked")) for name in kwargs]), node.invoke)
-
-
-def graph_key(graph: Graph) -> object:
-    """The masked key of a whole graph: its nodes' masked keys (remembered on
-    each node, whose value never changes) and its outputs, or `NOT_SHARED`."""
-    keys = []
-    for node in graph.nodes:
-        key = node._key
-        if key is None:
-            key = node_key(node, "masked")
-            object.__setattr__(node, "_key", key)
-        if key is NOT_SHARED:
-            return NOT_SHARED
-        keys.append(key)
-    return (tuple(keys), arg_key(graph.outputs, "masked"))

@@ -4,7 +4,10 @@ IPython shows the last value of a cell through its ``_repr_mimebundle_`` or
 ``_repr_svg_`` method, as graphviz's own ``Source`` does. `Graph` and every
 context (a trace, a session, a loop) define both by calling the functions
 here, so a bare ``tracer.graph`` (or ``tracer``) at the end of a cell shows
-the picture of `vis.to_dot`. Without Graphviz's ``dot`` program the bundle
+the picture of `vis.to_dot`. A graph is a value below the picture, so it
+does not import this module: this module registers its functions with
+`graph.display_with` when it is imported (nnsight_pure/__init__.py imports
+it); a context calls them itself. Without Graphviz's ``dot`` program the bundle
 is the graph's printed form alone (``text/plain``) and nothing is raised: a
 missing picture must not break a notebook.
 """
@@ -16,7 +19,7 @@ from collections.abc import Iterable
 
 import graphviz
 
-from .graph import Graph
+from .graph import Graph, display_with
 from .vis import to_dot
 
 SVG = "image/svg+xml"
@@ -60,3 +63,6 @@ def _kinds(value: object) -> frozenset[str] | None:
     if value is None:
         return None
     return frozenset(str(kind) for kind in value) if isinstance(value, Iterable) else frozenset()
+
+
+display_with(mimebundle, svg)

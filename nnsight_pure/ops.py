@@ -5,8 +5,9 @@ what the node does (which module, which call, which function); the values it
 works on are the node's arguments. The interpreter, the printer and the
 visualizer each dispatch on `Op` with `match`, so a new kind that one of them
 forgets is a type error (mypy's ``exhaustive-match``). What the library
-knows about each kind beyond its fields (effects, purity, aliasing, which
-kinds touch a model) lives in `effects`.
+knows about each kind beyond its fields (effects, purity, aliasing) lives in
+`effects`; which kinds touch a model, hold a body or only plain fields
+(`TRACE_OPS`, `CONTEXT_OPS`, `PLAIN_OPS`) is said at the end, with the kinds.
 
 Ops with a body hold a `graph.Graph`, and a graph holds nodes that hold ops:
 one recursive data type, so this module names `Graph` in annotations only
@@ -19,19 +20,14 @@ This module is pure: no torch hooks, no I/O.
 from __future__ import annotations
 
 import builtins
-from typing import TYPE_CHECKING, Any, Callable, Literal, Union
+from typing import TYPE_CHECKING, Any, Callable, Union
 
 import attrs
 
+from .events import AccessKind as AccessKind  # (re-exported: its home is events.py)
+
 if TYPE_CHECKING:
     from .graph import Graph
-
-AccessKind = Literal["output", "input", "inputs"]
-"""Which value of a module call an access refers to.
-
-``output`` is what the module returned, ``inputs`` is ``(args, kwargs)`` as a
-forward-pre-hook sees them, and ``input`` is the first positional argument.
-"""
 
 
 def _callable_key(fn: object) -> object:
@@ -274,7 +270,26 @@ Op = Union[
 """Every operation kind a node can hold (a closed union)."""
 
 ContextOp = Union[Cond, Iterate, EachCall, TraceRun]
-"""The kinds that hold a sub-graph (`effects.CONTEXT_OPS` lists them for ``isinstance``)."""
+"""The kinds that hold a sub-graph (`CONTEXT_OPS` lists them for ``isinstance``)."""
+
+# --- kinds of ops ---------------------------------------------------------------------
+#
+# Which kinds touch a model, which hold nothing but their fields, which hold a
+# body: facts of the kinds alone, so they live with them (graph.py, which
+# shares plain nodes, and the passes read them; effects.py names them too).
+
+CONTEXT_OPS = (Cond, Iterate, EachCall, TraceRun)
+"""The kinds that hold a sub-graph (``body``): the members of `ContextOp`, for
+``isinstance`` (``isinstance(op, CONTEXT_OPS)`` narrows ``op`` to them)."""
+
+TRACE_OPS = (ModuleGet, ModuleSet, ModuleAttr, ApplyModule, Grad, SetGrad, EachCall)
+"""The kinds that read or write a model (a graph holding one is a trace's)."""
+
+PLAIN_OPS: frozenset[type] = frozenset(
+    {ModuleGet, ModuleSet, ModuleAttr, ApplyModule, CallMethod, GetAttr, SetAttr, Save, Stop, Grad, SetGrad,
+     Bridge, IterItem, Export}
+)
+"""The kinds whose fields are small plain values: no function (`Call`), no body."""
 
 
 def first_bridge(op: Op) -> int:

@@ -13,10 +13,11 @@ from typing import Callable, Iterable, Iterator
 import attrs
 
 from .arguments import DictConst, Ref, map_refs, refs_in
-from .effects import CONTEXT_OPS, TRACE_OPS
 from .effects import is_pure as is_pure
 from .graph import Graph, GraphError, Node, node_refs
 from .ops import (
+    CONTEXT_OPS,
+    TRACE_OPS,
     ApplyModule,
     Bridge,
     Cond,

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .effects import CONTEXT_OPS
 from .events import GradProgram, LoopPart, ProgramKey
 from .ops import (
+    CONTEXT_OPS,
     ApplyModule,
     Bridge,
     Call,

@@ -36,11 +36,11 @@ import attrs
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .arguments import Ref, thaw
-from .contexts import recorded_calls
 from .effects import is_inplace
 from .events import EventKey, in_scope, site_of
 from .findings import Finding, FindingKind, Findings
 from .graph import Graph, Node, node_refs
+from .open_blocks import suspended
 from .ops import (
     ApplyModule,
     CallMethod,
@@ -167,7 +167,7 @@ class _Checker:
         args = tuple(thaw(arg, env) for arg in node.args)
         kwargs = {name: thaw(value, env) for name, value in node.kwargs.items()}
         try:
-            with recorded_calls.suspended(), warnings.catch_warnings():
+            with suspended(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # (the real run gives its warnings)
                 return fake_value(node.op, args, kwargs, lambda value: value, self.record_of(node.invoke).values,
                                   self.fake_root, self.mode, True)
@@ -414,7 +414,7 @@ def check_prepared(
     if not given:
         raise ValueError("check needs inputs for the model: none were given")
     mode = new_mode()
-    with recorded_calls.suspended():
+    with suspended():
         faked = adapter.on_module(fake_copy(adapter.handle.module, mode))
         function = faked.method_fn(method)
         label = shown or (method.lstrip("_") if method else "forward")

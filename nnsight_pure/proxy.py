@@ -421,12 +421,12 @@ class Proxy:
         return self.value
 
     def __bool__(self) -> bool:
-        if CONFIG.APP.CONTROL_FLOW_HANDLING and active.innermost() is not None and not self._context._ran:
-            # ``if proxy:`` / ``elif proxy:``: record it as a condition (contexts.native_flow).
-            from .contexts import native_flow
-
-            frame = sys._getframe(1)
-            return native_flow.branch(self, frame)
+        if CONFIG.APP.CONTROL_FLOW_HANDLING:
+            block = active.innermost()
+            if block is not None and not self._context._ran:
+                # ``if proxy:`` / ``elif proxy:``: the innermost block records it as a
+                # condition (contexts/native_flow.py, through open_blocks.OpenBlock).
+                return block._native_branch(self, sys._getframe(1))
         return bool(self._needs_value("the truth value", _NO_NATIVE_FLOW))
 
     def __len__(self) -> int:
@@ -438,10 +438,10 @@ class Proxy:
     def _iterate(self, frame: FrameType) -> Any:
         """``iter(self)`` called from ``frame``: inside a block, a native
         ``for item in proxy:`` records a loop (contexts.native_flow)."""
-        if CONFIG.APP.CONTROL_FLOW_HANDLING and active.innermost() is not None and not self._context._ran:
-            from .contexts import native_flow
-
-            return native_flow.loop(self, frame)
+        if CONFIG.APP.CONTROL_FLOW_HANDLING:
+            block = active.innermost()
+            if block is not None and not self._context._ran:
+                return block._native_loop(self, frame)  # (as in __bool__)
         return iter(
             self._needs_value("iterating", "Index it instead (out[0], out[1]), or loop with session.iter(...).")
         )

@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, Union
 import attrs
 
 from .batching import BatchGroups
-from .contexts import recorded_calls
 from .interpreter import Interleaver, TraceRunner, run_trace
-from .open_blocks import _OPEN
+from .open_blocks import _OPEN, resume, suspend, suspended
 from .ops import TraceRun
 
 if TYPE_CHECKING:
@@ -80,7 +79,7 @@ Invoke = Union[Prepared, Inputs, None]
 
 def prepare(adapter: ModelAdapter, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> Prepared:
     """One invoke's inputs prepared by ``adapter`` (recording nothing, even in an open block)."""
-    with recorded_calls.suspended():
+    with suspended():
         (args, prepared_kwargs), size = adapter.prepare_input(*inputs, **kwargs)
     return Prepared(tuple(args), dict(prepared_kwargs), size)
 
@@ -105,7 +104,7 @@ def run_invokes(
     A run records nothing, even inside an open block (`recorded_calls`).
     """
     method_kwargs = kwargs or {}
-    token = recorded_calls.suspend() if _OPEN.get() else None
+    token = suspend() if _OPEN.get() else None
     try:
         ready = [invoke if invoke is None or isinstance(invoke, Prepared) else prepare(adapter, *invoke)
                  for invoke in invokes]
@@ -136,7 +135,7 @@ def run_invokes(
         )
     finally:
         if token is not None:
-            recorded_calls.resume(token)
+            resume(token)
 
 
 def session_runner(adapter: ModelAdapter) -> TraceRunner:

@@ -41,7 +41,7 @@ from .arguments import DictConst, ListConst, Opaque, Ref, SliceConst, TensorCons
 from .effects import METHOD_NAMES, SAFE_DUNDERS, resolve_whitelisted, whitelisted_name
 from .errors import SerializationError as SerializationError
 from .graph import Graph, Node, check_graph
-from .guard import graph_untrusted, mark
+from .marks import graph_untrusted, mark
 from .ops import Call, CallMethod, GetAttr, Op, SetAttr
 from .printing import format_node
 from .source import SourceLoc, short

@@ -18,6 +18,9 @@ time, so the fold yields them as they are.
 
 A step holds no graph object: the run reads what varies between graphs of
 one structure (tensor constants, source lines, bodies) from its own graph.
+
+`Plan`, the value that holds a graph's steps, lives here too (plan.py
+compiles it): a loop step holds its body's plan, so the two are one value.
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence, Union
 
 import attrs
+from pyrsistent import pmap
+from pyrsistent.typing import PMap
 
-from .events import Event, EventKey, GradKey
+from .events import Event, EventKey, GradKey, ProgramKey, Site
 from .ops import AccessKind
 
 if TYPE_CHECKING:
     from .graph import Node
-    from .plan import Plan
 
 
 # --- waits ------------------------------------------------------------------------------
@@ -238,3 +242,48 @@ Step = Union[
 
 BodyStep = Union[CondStep, IterateStep, EachCallStep]
 """The steps that run a body of their own (a trace's is a run of its own)."""
+
+
+# --- the plan ----------------------------------------------------------------------------
+
+StopsAt = tuple[tuple[int, tuple[EventKey, ...]], ...]
+"""The stops that take effect at one module call: ``(stop node, every call it derives from)`` each."""
+
+
+@attrs.frozen(eq=False)
+class Plan:
+    """Everything the interpreter needs to run one graph (see module docstring).
+
+    ``steps`` has one step per node; ``programs`` the steps each program
+    folds, in the order the programs began (a gradient node has two steps
+    there: the hook, in its invoke's program, and the node, in the
+    gradient's). ``readers`` counts, per event, the steps (here and in
+    nested condition and loop bodies) that read or write it, so that the run
+    forgets a kept value after its last reader; the events in
+    ``kept_to_end`` are read inside a loop body (every iteration reads them
+    again) and kept until the run ends. ``event_keys`` are all of them.
+    ``dynamic_sites`` are the module hooks whose call index is only known at
+    run time (accesses inside a loop over calls, `EachCall`); ``touches``
+    lists the events the graph reads or writes, each with whether it writes.
+    ``stops`` maps a module call to the stops that take effect there:
+    ``.stop()`` of a value computed from module accesses fires once all of
+    them have happened, whatever its program is waiting for.
+    """
+
+    steps: tuple[Step, ...]
+    programs: tuple[tuple[ProgramKey, tuple[Step, ...]], ...]
+    program_of: tuple[ProgramKey, ...]
+    uses: tuple[int, ...]
+    saved: frozenset[int]
+    event_keys: frozenset[Event]
+    readers: tuple[tuple[Event, int], ...]
+    kept_to_end: frozenset[Event]
+    hook_sites: tuple[tuple[str, Site], ...]
+    dynamic_sites: frozenset[tuple[str, Site]]
+    writes: frozenset[int]
+    touches: frozenset[tuple[Event, bool]]
+    stops: PMap[EventKey, StopsAt] = attrs.field(factory=lambda: NO_STOPS)
+
+
+NO_STOPS: PMap[EventKey, StopsAt] = pmap()
+"""The ``stops`` of a plan without any (the run skips the lookup per event)."""

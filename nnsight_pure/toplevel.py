@@ -11,18 +11,16 @@ from __future__ import annotations
 import builtins
 from typing import Any, Callable
 
-from . import open_blocks as active
 from .contexts import flow
-from .contexts.base import GraphContext
-from .contexts.conditional import Conditional
-from .contexts.iterator import IteratorContext
+from .contexts.base import GraphContext, innermost
+from .contexts.flow import Conditional, IteratorContext
 from .errors import TraceError
 from .ops import Call, print_at_run_time
 from .proxy import Proxy
 
 
 def _innermost(what: builtins.str) -> GraphContext:
-    context = active.innermost()
+    context = innermost()
     if context is None:
         raise TraceError(f"nnsight_pure.{what}(...) needs an open trace or session")
     return context

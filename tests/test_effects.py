@@ -15,7 +15,7 @@ from typing import Any, get_args
 import pytest
 import torch
 
-from nnsight_pure import effects, passes
+from nnsight_pure import effects, ops, passes
 from nnsight_pure.arguments import Ref
 from nnsight_pure.graph import Graph, Node
 from nnsight_pure.ops import (
@@ -238,14 +238,14 @@ def test_whitelisted_names(name: str) -> None:
 
 
 def test_kinds_of_ops() -> None:
-    assert frozenset(effects.CONTEXT_OPS) == frozenset(get_args(ContextOp))
-    assert effects.TRACE_OPS == (ModuleGet, ModuleSet, ModuleAttr, ApplyModule, Grad, SetGrad, EachCall)
-    assert effects.PLAIN_OPS == frozenset(
+    assert frozenset(ops.CONTEXT_OPS) == frozenset(get_args(ContextOp))
+    assert ops.TRACE_OPS == (ModuleGet, ModuleSet, ModuleAttr, ApplyModule, Grad, SetGrad, EachCall)
+    assert ops.PLAIN_OPS == frozenset(
         {ModuleGet, ModuleSet, ModuleAttr, ApplyModule, CallMethod, GetAttr, SetAttr, Save, Stop, Grad,
          SetGrad, Bridge, IterItem, Export}
     )
     every = frozenset(get_args(Op))
-    assert effects.PLAIN_OPS | frozenset(effects.CONTEXT_OPS) | {Call} == every
+    assert ops.PLAIN_OPS | frozenset(ops.CONTEXT_OPS) | {Call} == every
     assert effects.PURE_BUILTINS == frozenset(
         {abs, all, any, bool, dict, divmod, enumerate, float, int, isinstance, len, list, max, min,
          pow, range, reversed, round, set, slice, sorted, str, sum, tuple, zip}

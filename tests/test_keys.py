@@ -1,8 +1,9 @@
-"""keys.py: one encoding of a node as a key, for equality, interning and plan sharing.
+"""keys.py and plan_cache.py: one encoding of a node as a key, for equality, interning and plan sharing.
 
-The exact key decides equality (two nodes are equal exactly when their
-exact keys are); the masked key is, node for node, the plan's structure key
-(plan.py keeps its own copy until the merge points it here).
+keys.py encodes arguments; plan_cache.py builds a node's and a graph's keys
+on them. The exact key decides equality (two nodes are equal exactly when
+their exact keys are); the masked key is, node for node, the plan's
+structure key.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nnsight_pure import keys
+from nnsight_pure import keys, plan_cache
 from nnsight_pure.arguments import DictConst, ListConst, Opaque, Ref, SliceConst, TensorConst, TupleOf
 from nnsight_pure.graph import Graph, Node
 from nnsight_pure.ops import Call, CallMethod, Cond, EachCall, GetAttr, Iterate, ModuleGet, Save, TraceRun
@@ -65,15 +66,15 @@ def test_masked_keys_are_the_plans_structure_keys() -> None:
 
     for graph in _graphs():
         _clear_memos(graph)
-        ours = keys.graph_key(graph)
+        ours = plan_cache.graph_key(graph)
         _clear_memos(graph)
         theirs = structure_key(graph)
-        if ours is keys.NOT_SHARED:
+        if ours is plan_cache.NOT_SHARED:
             assert theirs is None
             continue
         assert theirs is not None and theirs == structure_key(graph) and hash(theirs) == hash(ours)
         for node in graph.nodes:
-            assert keys.node_key(node, "masked") == node._key  # the memo the plan cache filled
+            assert plan_cache.node_key(node, "masked") == node._key  # the memo the plan cache filled
 
 
 def test_masked_keys_ignore_tensor_values_and_source_lines() -> None:
@@ -82,7 +83,7 @@ def test_masked_keys_ignore_tensor_values_and_source_lines() -> None:
     b, ref = Graph().add(ModuleGet("layer1", "output"), source=SourceLoc("b.py", 9, "g"))
     b, _ = b.add(Call(operator.add), (ref, TensorConst(torch.zeros(3))))
     assert a != b
-    assert keys.graph_key(a) == keys.graph_key(b)
+    assert plan_cache.graph_key(a) == plan_cache.graph_key(b)
 
 
 def _node(op: Any, args: tuple[object, ...], kwargs: dict[str, object], invoke: int | None) -> Node:
@@ -105,9 +106,9 @@ def test_exact_keys_decide_equality(
     a_args, b_args = (CONSTANTS[i],), (CONSTANTS[j],)
     a = _node(op_a, () if keyword else a_args, {"k": CONSTANTS[i]} if keyword else {}, invoke_a)
     b = _node(op_b, () if keyword else b_args, {"k": CONSTANTS[j]} if keyword else {}, invoke_b)
-    assert (a == b) is (keys.node_key(a) == keys.node_key(b))
+    assert (a == b) is (plan_cache.node_key(a) == plan_cache.node_key(b))
     if a == b:
-        assert hash(a) == hash(b) and hash(keys.node_key(a)) == hash(keys.node_key(b))
+        assert hash(a) == hash(b) and hash(plan_cache.node_key(a)) == hash(plan_cache.node_key(b))
 
 
 def test_exact_keys_keep_scalar_types_and_bits_apart() -> None:

@@ -25,7 +25,7 @@ from nnsight_pure.events import GradKey, GradProgram
 from nnsight_pure.graph import Graph, Node
 from nnsight_pure.interpreter import Run
 from nnsight_pure.ops import Call, CallMethod, ModuleGet, ModuleSet, Op, Save
-from nnsight_pure.plan import Plan, compile_plan, plan_for
+from nnsight_pure.plan import compile_plan, plan_for
 from nnsight_pure.plan_cache import structure_key
 from nnsight_pure.steps import (
     ComputeStep,
@@ -36,6 +36,7 @@ from nnsight_pure.steps import (
     IterateStep,
     ModuleGetStep,
     ModuleSetStep,
+    Plan,
     SetGradStep,
     Step,
     StopStep,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol, Sequence, cast
 
 import attrs
 from pyrsistent import PMap, PVector, pmap, pvector
@@ -43,9 +43,9 @@ from . import recorded_calls
 from .recorded_calls import FactoryRecord
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     from ..handle import ModelHandle
-    from .conditional import Conditional
-    from .flow import IterSelector
 
 
 @attrs.frozen
@@ -222,7 +222,7 @@ class GraphContext:
 
     def _within(self, what: str) -> GraphContext:
         """The innermost open context, which must be this one or inside it."""
-        context = active.innermost()
+        context = innermost()
         if context is None or not (context is self or self._is_ancestor_of(context)):
             raise TraceError(f"{what}: the block opened at {short(self._where)} is not open here")
         return context
@@ -440,21 +440,18 @@ class GraphContext:
         loop; otherwise the trace's model run, or the session."""
         self._within("stop").record(Stop())
 
-    @property
-    def iter(self) -> IterSelector:
-        """``ctx.iter(collection)``: a block run once per item of ``collection``
-        (``with ... as item:``); inside a trace, ``ctx.iter[i]``, ``[a:b]`` or
-        ``[[i, j]]``: a block run once per selected call of every module.
-        (The blocks are built in `flow`, above the block classes.)"""
-        from . import flow
+    # --- native control flow on a traced value ------------------------------------------
 
-        return flow.IterSelector(self)
+    # ``if proxy:`` and ``for item in proxy:`` inside a block: the proxy asks the
+    # innermost block (open_blocks.OpenBlock) to open a condition or a loop.
+    # The block kinds are above this class: `flow.FlowContext`, which every
+    # concrete block is, opens them (contexts/native_flow.py).
 
-    def cond(self, condition: Any) -> Conditional:
-        """A block run only when ``condition`` is true at run time."""
-        from . import flow
+    def _native_branch(self, proxy: Proxy, frame: FrameType) -> bool:
+        raise NotImplementedError(f"{type(self).__name__} opens no condition (see flow.FlowContext)")
 
-        return flow.cond(self._within("cond"), condition)
+    def _native_loop(self, proxy: Proxy, frame: FrameType) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} opens no loop (see flow.FlowContext)")
 
     # Jupyter shows a block as the picture of its graph so far (notebook.py).
     def _repr_mimebundle_(self, include: object = None, exclude: object = None, **kwargs: object) -> dict[str, str]:
@@ -484,3 +481,14 @@ class BodyContext(GraphContext):
         if exc_type is None:
             assert self._parent is not None
             self._parent._close_child(self, type(self)._node_kind(self.graph), (self._first,))
+
+
+def innermost() -> GraphContext | None:
+    """The innermost open block of this thread (`open_blocks.innermost`, typed:
+    every open block is a `GraphContext`)."""
+    return cast("GraphContext | None", active.innermost())
+
+
+def open_contexts() -> tuple[GraphContext, ...]:
+    """Every open block of this thread, outermost first (`open_blocks.open_contexts`, typed)."""
+    return cast("tuple[GraphContext, ...]", active.open_contexts())

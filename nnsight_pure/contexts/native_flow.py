@@ -40,20 +40,59 @@ import linecache
 import sys
 import threading
 from types import CodeType, FrameType
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, TypeVar, Union
 
 import attrs
 
-from .. import open_blocks as active
 from ..errors import TraceError
 from ..graph import SourceLoc
 
 if TYPE_CHECKING:
     from ..proxy import Proxy
-    from .conditional import Conditional
-    from .iterator import IteratorContext
 
 TraceFunction = Callable[[FrameType, str, Any], Any]
+
+
+# --- what this asks of the blocks it opens --------------------------------------------
+#
+# The blocks (contexts/flow.py) are above this module: they open native flow
+# through it (`flow.FlowContext._native_branch`), handing over how to open a
+# condition and a loop, and it knows them through these protocols.
+
+
+class Block(Protocol):
+    """A condition or loop block, opened and left as a ``with`` block."""
+
+    @property
+    def _open(self) -> bool: ...
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None: ...
+
+
+class Condition(Block, Protocol):
+    """A condition (`flow.Conditional`): the next branch of its chain is an
+    ``elif`` (`_chained`) or the ``else`` (`_else`)."""
+
+    def _chained(self, condition: Any, where: SourceLoc | None) -> Condition: ...
+
+    def _else(self, where: SourceLoc | None) -> Condition: ...
+
+
+class Loop(Block, Protocol):
+    """A loop over items (`flow.IteratorContext`)."""
+
+
+C = TypeVar("C")
+In = TypeVar("In", contravariant=True)
+B = TypeVar("B", covariant=True)
+
+
+class Opener(Protocol[In, B]):
+    """Opens a block in ``context`` on ``proxy`` (a block class of flow.py)."""
+
+    def __call__(self, context: In, proxy: Any, where: SourceLoc | None, /) -> B: ...
 
 _COMPREHENSIONS = frozenset({"<listcomp>", "<genexpr>", "<setcomp>", "<dictcomp>"})
 
@@ -360,11 +399,11 @@ class _Block:
 
 
 class _IfBlock(_Block):
-    def __init__(self, statement: IfStatement, branch: Conditional) -> None:
+    def __init__(self, statement: IfStatement, branch: Condition) -> None:
         self.statement = statement
         self.index = 0  # the branch being recorded (or, when `waiting`, whose test runs)
-        self.branch: Conditional | None = branch
-        self.last: Conditional = branch  # the chain's latest condition
+        self.branch: Condition | None = branch
+        self.last: Condition = branch  # the chain's latest condition
         self.waiting = False  # jumped to an elif's test; its __bool__ comes next
 
     def on_line(self, frame: FrameType, line: int, error: Any) -> bool:
@@ -397,9 +436,8 @@ class _IfBlock(_Block):
         return True
 
     def _open(self, index: int, condition: Any, frame: FrameType) -> None:
-        from .conditional import _ELSE
-
-        branch = self.last._chained(_ELSE if condition is None else condition, _where(frame))
+        where = _where(frame)
+        branch = self.last._else(where) if condition is None else self.last._chained(condition, where)
         branch.__enter__()
         self.branch = self.last = branch
         self.index = index
@@ -433,9 +471,9 @@ class _IfBlock(_Block):
 
 
 class _ForBlock(_Block):
-    def __init__(self, statement: ForStatement, loop: IteratorContext) -> None:
+    def __init__(self, statement: ForStatement, loop: Loop) -> None:
         self.statement = statement
-        self.loop: IteratorContext | None = loop
+        self.loop: Loop | None = loop
 
     def on_line(self, frame: FrameType, line: int, error: Any) -> bool:
         if self.statement.first <= line <= self.statement.last:
@@ -522,10 +560,10 @@ def _tracer_of(frame: FrameType) -> _FrameTracer:
 # --- what __bool__ and __iter__ call ---------------------------------------------------------
 
 
-def branch(proxy: Proxy, frame: FrameType) -> bool:
-    """``if proxy:`` (or ``elif proxy:``) in ``frame``: open its condition; Python runs the body."""
-    from .conditional import Conditional
-
+def branch(context: C, proxy: Proxy, frame: FrameType, open_condition: Opener[C, Condition]) -> bool:
+    """``if proxy:`` (or ``elif proxy:``) in ``frame``, inside the innermost
+    block ``context``: open its condition (``open_condition(context, proxy,
+    where)``, a `flow.Conditional`); Python runs the body."""
     found = find(frame, "if")
     assert isinstance(found, IfStatement)
     tracer = _THREAD.frames.get(frame)
@@ -533,9 +571,7 @@ def branch(proxy: Proxy, frame: FrameType) -> bool:
         for block in reversed(tracer.blocks):
             if isinstance(block, _IfBlock) and block.elif_test(found.node, proxy, frame):
                 return True
-    context = active.innermost()
-    assert context is not None
-    condition = Conditional(context, proxy, _where(frame))
+    condition = open_condition(context, proxy, _where(frame))
     tracer = _tracer_of(frame)
     try:
         condition.__enter__()
@@ -547,15 +583,13 @@ def branch(proxy: Proxy, frame: FrameType) -> bool:
     return True
 
 
-def loop(proxy: Proxy, frame: FrameType) -> Any:
-    """``for item in proxy:`` in ``frame``: open its loop; Python runs the body once, with its item."""
-    from .iterator import IteratorContext
-
+def loop(context: C, proxy: Proxy, frame: FrameType, open_loop: Opener[C, Loop]) -> Any:
+    """``for item in proxy:`` in ``frame``, inside the innermost block
+    ``context``: open its loop (``open_loop(context, proxy, where)``, a
+    `flow.IteratorContext`); Python runs the body once, with its item."""
     found = find(frame, "for")
     assert isinstance(found, ForStatement)
-    context = active.innermost()
-    assert context is not None
-    iterator = IteratorContext(context, proxy, _where(frame))
+    iterator = open_loop(context, proxy, _where(frame))
     tracer = _tracer_of(frame)
     try:
         item = iterator.__enter__()

@@ -38,8 +38,7 @@ fake-tensor scans, loading weights, running a graph) runs `suspended`.
 from __future__ import annotations
 
 import threading
-from contextvars import ContextVar, Token
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, cast
 
 import attrs
 import torch
@@ -48,7 +47,8 @@ from torch.overrides import TorchFunctionMode
 
 from ..config import CONFIG
 from ..errors import TraceError
-from ..open_blocks import _OPEN
+from ..open_blocks import _OPEN, _SUSPENDED
+from ..open_blocks import suspended as suspended  # (re-exported: its home is open_blocks.py)
 from ..ops import Call
 from ..source import short, user_location
 from ..trees import NOT_FOUND, find_leaf
@@ -72,40 +72,25 @@ FACTORIES = frozenset(
 )
 """The torch functions nnsight 0.4 recorded inside a block without a proxy argument."""
 
-_SUSPENDED: ContextVar[bool] = ContextVar("nnsight_pure_recording_suspended", default=False)
-
-
 def recording() -> bool:
     """Whether a call made now in this thread belongs in the innermost open block."""
     return bool(_OPEN.get()) and not _SUSPENDED.get() and CONFIG.APP.GLOBAL_TRACING
-
-
-def suspend() -> Token[bool]:
-    """Stop recording in this thread until `resume` (the cheapest form of `suspended`)."""
-    return _SUSPENDED.set(True)
-
-
-def resume(token: Token[bool]) -> None:
-    _SUSPENDED.reset(token)
-
-
-class suspended:
-    """``with suspended():`` runs the library's own work inside an open block
-    without recording it. (A class, not a generator: it is on every run's path.)"""
-
-    __slots__ = ("_token",)
-
-    def __enter__(self) -> None:
-        self._token = _SUSPENDED.set(True)
-
-    def __exit__(self, *exc: object) -> None:
-        _SUSPENDED.reset(self._token)
 
 
 def _record(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     from ..proxy import record  # (proxy imports the contexts)
 
     return record(Call(fn), args, kwargs)
+
+
+class FactoryBlock(Protocol):
+    """What recording a factory call asks of the innermost block
+    (`base.GraphContext`, which imports this module): a snapshot of its
+    recording, and a note of the call, to take it back later."""
+
+    def _snapshot(self) -> Any: ...
+
+    def _note_factory(self, record: FactoryRecord) -> None: ...
 
 
 class _FactoryMode(TorchFunctionMode):
@@ -115,7 +100,7 @@ class _FactoryMode(TorchFunctionMode):
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         if func in FACTORIES and recording():
-            context = _OPEN.get()[-1]
+            context = cast(FactoryBlock, _OPEN.get()[-1])  # (every open block is a GraphContext)
             before = context._snapshot()
             proxy = _record(func, tuple(args), dict(kwargs or {}))
             # Remember how to take it back: it may turn out to be a trace's input.

@@ -16,10 +16,10 @@ from ..interpreter import run_session
 from ..runner import ModelAdapter, session_runner
 from ..source import short
 from . import recorded_calls
-from .base import GraphContext
+from .flow import FlowContext
 
 
-class Session(GraphContext):
+class Session(FlowContext):
     """The context returned by `NNsight.session`: several traces run as one."""
 
     def __init__(self, adapter: ModelAdapter, where: SourceLoc | None, validate: bool = False) -> None:

@@ -36,8 +36,8 @@ from ..scan import UNKNOWN, fake_copy, fake_value, new_mode, scan
 from ..source import short, user_location
 from ..trees import NOT_FOUND, find_leaf, map_leaves
 from . import recorded_calls
-from .base import GraphContext
-from .calls import EachCallContext
+from .base import GraphContext, innermost
+from .flow import EachCallContext, FlowContext
 
 
 class Every(enum.Enum):
@@ -96,7 +96,7 @@ def _unknown_inputs(inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> TraceErr
     )
 
 
-class Tracer(GraphContext):
+class Tracer(FlowContext):
     """The context returned by `NNsight.trace`: record interventions, run on exit.
 
     ``adapter`` is how the model prepares and runs inputs (`runner.ModelAdapter`);
@@ -411,7 +411,7 @@ class Tracer(GraphContext):
 
     def _current(self) -> GraphContext:
         """The innermost open block, which must be this trace or inside it."""
-        context = active.innermost()
+        context = innermost()
         if context is None or context._trace is not self:
             raise TraceError(
                 f"the trace opened at {short(self._where)} is not the innermost open trace "

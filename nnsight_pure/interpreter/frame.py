@@ -18,8 +18,7 @@ if TYPE_CHECKING:
     from pyrsistent.typing import PVector
 
     from ..events import ProgramKey
-    from ..plan import Plan
-    from ..steps import BodyStep, Step
+    from ..steps import BodyStep, Plan, Step
 
 
 class _Sentinel:

@@ -8,21 +8,29 @@ only in the part that touches its scope's calls (see `each_call`).
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING, Any, Generator, Iterator, Sequence
+from typing import Any, Generator, Iterator, Protocol, Sequence
 
 from ..events import LoopPart
 from ..ops import EachCall
 from ..source import add_note, short
 from ..steps import EachCallStep, IterateStep, Step
 from .frame import NOT_RUN, UNSET, Frame
-from .scheduler import Program, ProgramState, Wait, WaitDone
+from .scheduler import Program, ProgramState, Scheduler, Wait, WaitDone
 from .signals import CallsEnded, EarlyStop
 
-if TYPE_CHECKING:
-    from .fold import Fold
+
+class BodyFold(Protocol):
+    """What a loop needs of the fold that runs it (fold.py's `Fold`, which
+    calls the loops): running a body's steps in a frame, and the scheduler
+    that a loop over calls starts its later iterations on. A protocol, so
+    that this module does not import the fold that imports it."""
+
+    scheduler: Scheduler
+
+    def fold(self, frame: Frame, steps: Sequence[Step]) -> Program: ...
 
 
-def iterate(fold: Fold, frame: Frame, step: IterateStep) -> Program:
+def iterate(fold: BodyFold, frame: Frame, step: IterateStep) -> Program:
     """Run a loop's body once per item; a stop inside it ends the loop."""
     args, _ = step.resolve(frame.env, frame.nodes)
     collection, captures = args[0], args[1:]
@@ -44,7 +52,7 @@ def iterate(fold: Fold, frame: Frame, step: IterateStep) -> Program:
         frame.finish_body(step, child)
 
 
-def each_call(fold: Fold, frame: Frame, step: EachCallStep) -> Program:
+def each_call(fold: BodyFold, frame: Frame, step: EachCallStep) -> Program:
     """Run a loop over calls: its body once per call index, accesses shifted.
 
     The first iteration runs the whole body; later ones run only the part
@@ -115,7 +123,7 @@ def each_call(fold: Fold, frame: Frame, step: EachCallStep) -> Program:
 
 
 def _fold_rest(
-    fold: Fold, frame: Frame, first: Frame, tail: Sequence[Step], unbounded: bool
+    fold: BodyFold, frame: Frame, first: Frame, tail: Sequence[Step], unbounded: bool
 ) -> Generator[Wait, Any, bool]:
     """The rest of a loop's first iteration (see `each_call`); True if a
     stop in it ends the loop."""
@@ -130,7 +138,7 @@ def _fold_rest(
 
 
 def _later_calls(
-    fold: Fold, frame: Frame, step: EachCallStep, first: Frame, calls: Iterator[int], unbounded: bool,
+    fold: BodyFold, frame: Frame, step: EachCallStep, first: Frame, calls: Iterator[int], unbounded: bool,
     last: list[Frame],
 ) -> Program:
     """A loop's iterations after the first (see `each_call`); ``last[0]``

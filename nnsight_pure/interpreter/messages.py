@@ -16,9 +16,9 @@ from ..errors import MissedCallsWarning, OutOfOrderError, UnexecutedIntervention
 from ..events import Event, EventKey, GradKey, ProgramKey
 from ..graph import Graph, Node
 from ..ops import Export
-from ..plan import Plan
 from ..printing import format_node, module_expr, program_label
 from ..source import describe, short
+from ..steps import Plan
 from .frame import NOT_RUN
 
 

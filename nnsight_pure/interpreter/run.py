@@ -19,9 +19,10 @@ from ..errors import TraceError
 from ..events import ProgramKey
 from ..graph import Graph, SourceLoc
 from ..hooks import Installed, install_hooks, remove_hooks
-from ..plan import Plan, plan_for
+from ..plan import plan_for
 from ..results import Results
 from ..source import add_note, describe
+from ..steps import Plan
 from .fold import Fold, TraceRunner
 from .frame import Frame
 from .messages import warn_missed_calls, warn_unexecuted_writes

@@ -12,15 +12,12 @@ can move: a value one computes may let an earlier one go on.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Generator, NamedTuple, Union
+from typing import Any, Generator, NamedTuple, Protocol, Union
 
-from ..events import LoopPart, ProgramKey
+from ..events import Event, LoopPart, ProgramKey
 from ..steps import WaitEvent, WaitStep, WaitValue
 from .frame import UNSET, Frame, _Sentinel
 from .signals import EarlyStop
-
-if TYPE_CHECKING:
-    from .world import World
 
 
 class WaitDone(NamedTuple):
@@ -55,6 +52,23 @@ class ProgramState:
         self.running = False  # being resumed now (a generator cannot be re-entered)
 
 
+class EventState(Protocol):
+    """What the scheduler reads of a run's hook-event state (world.py's
+    `World`, which holds the scheduler): the event register, the values kept
+    for later readers and their reader counts, and whether the run ended or
+    a stop took effect. A protocol, so that the scheduler does not import
+    the world that imports it."""
+
+    current: Event | None
+    activation: Any
+    kept: dict[Event, Any]
+    readers: dict[Event, int]
+    ended: bool
+    stopping: bool
+
+    def note_missed(self, key: Event) -> None: ...
+
+
 class Scheduler:
     """The programs of one run and the order they resume in.
 
@@ -68,7 +82,7 @@ class Scheduler:
         self.frame = frame
         self.programs: list[ProgramState] = []
 
-    def advance(self, program: ProgramState, world: World) -> bool:
+    def advance(self, program: ProgramState, world: EventState) -> bool:
         """Feed one program for as long as what it waits for exists; True if it moved."""
         moved = False
         while not program.done and not program.running:
@@ -114,7 +128,7 @@ class Scheduler:
             moved = True
         return moved
 
-    def advance_all(self, world: World) -> None:
+    def advance_all(self, world: EventState) -> None:
         """Resume the programs in order until none can move; then, if a stop
         took effect, end the run (`EarlyStop`)."""
         programs = self.programs

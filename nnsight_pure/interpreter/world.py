@@ -25,9 +25,8 @@ from ..batching import BatchGroups, merge_rows
 from ..errors import TraceError
 from ..events import Event, EventKey, GradKey, Site
 from ..hooks import submodule
-from ..plan import NO_STOPS, Plan
 from ..printing import module_expr
-from ..steps import ModuleSetStep
+from ..steps import NO_STOPS, ModuleSetStep, Plan
 
 if TYPE_CHECKING:
     from .scheduler import Scheduler

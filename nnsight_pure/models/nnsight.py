@@ -15,8 +15,8 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence, cast
 import attrs
 import torch
 
-from .. import open_blocks as active
 from ..batching import batch_size_of, default_batch
+from ..contexts.base import innermost
 from ..contexts.editing import EditingTracer
 from ..contexts.session import Session
 from ..contexts.tracer import Tracer
@@ -214,7 +214,7 @@ class NNsight:
 
     def _session_parent(self) -> Any:
         """The innermost open block of a session of this model, outside any trace, if any."""
-        context = active.innermost()
+        context = innermost()
         if context is None or context._trace is not None:
             return None
         outer = context._outermost()
