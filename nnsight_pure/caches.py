@@ -2,7 +2,7 @@
 
 All of it is memory kept for speed: clearing any of it changes no result,
 only how long the next trace takes. Nothing else process-wide is kept
-between traces (open blocks live in a `ContextVar`, see contexts/active.py).
+between traces (open blocks live in a `ContextVar`, see open_blocks.py).
 
 =================  =========  ==================================================
 table              at most    what it remembers
