@@ -20,6 +20,9 @@ per-graph memos    (weak)     work done once per graph object, gone with the
                               graph (memo.PerGraph)
 =================  =========  ==================================================
 
+``SHAREABLE_BUILTINS`` (4,096) remembers the builtins found to hold
+nothing large (shareable.py; module-level objects, alive anyway).
+
 A table of the first kind empties itself when full; ``PLANS`` and
 ``GROUPS`` drop their least recently used entry. This module imports nothing
 of the library: every layer may keep its table here.
@@ -104,6 +107,7 @@ PLANS: BoundedCache[object, Any] = BoundedCache("plans", 256, lru=True)  # of pl
 FIELDS: BoundedCache[type, tuple[str, ...]] = BoundedCache("op fields", 64)
 GROUPS: BoundedCache[tuple[int | None, ...], Any] = BoundedCache("batch groups", 1024, lru=True)  # of BatchGroups
 WHITELIST: BoundedCache[int, tuple[str, object]] = BoundedCache("whitelist", 1 << 20)
+SHAREABLE_BUILTINS: BoundedCache[object, bool] = BoundedCache("shareable builtins", 4096)  # shareable.py
 
 
 def keep_per_graph(table: _Clearable) -> None:

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal, Sequence
 
+import torch
+
 from .arguments import ATOMS, DictConst, ListConst, Ref, SliceConst, TensorConst, TupleOf, structural_key
 
 if TYPE_CHECKING:
@@ -91,8 +93,16 @@ def atoms_key(args: Sequence[object]) -> tuple[object, ...] | None:
             parts.append(-1 - arg.index)  # type: ignore[attr-defined]  # a Ref
         elif kind is float:
             parts.append((float, arg.hex()))  # type: ignore[attr-defined]  # exact: -0.0 is not 0.0, 1.0 is not 1
-        elif kind in ATOMS and kind is not complex:
+        elif kind is int or kind is bool:
+            parts.append((kind, arg))  # structural_key, inlined: the usual constant of an op
+        elif kind in _OWN_KEY_ATOMS:
+            parts.append(arg)  # (structural_key: a string, None, a dtype ... is its own key)
+        elif kind is torch_size:
             parts.append(structural_key(arg))
         else:
-            return None
+            return None  # (complex: -0.0j equals 0j; anything else may hold something large)
     return tuple(parts)
+
+
+torch_size = torch.Size
+_OWN_KEY_ATOMS = ATOMS - {int, bool, float, complex, torch_size}

@@ -17,6 +17,8 @@ from __future__ import annotations
 import sys
 import types
 
+from .caches import SHAREABLE_BUILTINS
+
 _BUILTINS = (
     types.BuiltinFunctionType, types.MethodDescriptorType, types.WrapperDescriptorType,
     types.ClassMethodDescriptorType,
@@ -49,7 +51,22 @@ def _named_by_its_module(fn: types.FunctionType) -> bool:
 
 def shareable(fn: object) -> bool:
     """Whether a table kept across traces may hold ``fn``: it holds nothing
-    large, and, for a Python function, its module holds it by name."""
+    large, and, for a Python function, its module holds it by name.
+
+    Builtins that pass are remembered (a bounded set): they are module-level
+    objects that live as long as the process anyway, and every recorded
+    operator or torch call asks this, so the answer costs one lookup."""
+    try:
+        if fn in _PASSED:
+            return True
+    except TypeError:  # an unhashable callable
+        return False
     if not holds_nothing_large(fn):
         return False
+    if isinstance(fn, _BUILTINS):
+        SHAREABLE_BUILTINS.put(fn, True)
+        return True
     return not isinstance(fn, types.FunctionType) or _named_by_its_module(fn)
+
+
+_PASSED = SHAREABLE_BUILTINS.table  # read directly: one dict lookup (the table clears in place)

@@ -3,7 +3,7 @@
 Every context (a trace, a session, a condition, a loop) owns one `Recording`
 value: its `Graph` and what goes with it (the bridges and exports made so
 far, the finished children, the factory calls it could take back).
-Recording an operation replaces that value with a new one (``attrs.evolve``)
+Recording an operation replaces that value with a new one (``_replace``)
 whose graph is one node longer; the old value is untouched, so a block can
 be snapshot and restored (`GraphContext._snapshot`, `_restore`). Besides it,
 a block has lifecycle flags (open, closed, ran) that only its own methods
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol, Sequence, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, NamedTuple, Protocol, Sequence, cast
 
 import attrs
 from pyrsistent import PMap, PVector, pmap, pvector
@@ -56,8 +56,7 @@ class Bridged:
     ref: Ref
 
 
-@attrs.frozen
-class Recording:
+class Recording(NamedTuple):
     """What a block has recorded: one value, replaced on every change.
 
     ``bridges`` maps a node of the parent's graph to its `Bridge` node here
@@ -139,12 +138,12 @@ class GraphContext:
 
     def _restart_from(self, graph: Graph) -> None:
         """Start the recording from ``graph`` (a model's edits) instead of the empty graph."""
-        self._recording = attrs.evolve(self._recording, graph=graph)
+        self._recording = self._recording._replace(graph=graph)
 
     def _note_factory(self, record: FactoryRecord) -> None:
         """Remember a factory call recorded here, to take it back if it is an input."""
         recording = self._recording
-        self._recording = attrs.evolve(recording, factory_records=recording.factory_records.append(record))
+        self._recording = recording._replace(factory_records=recording.factory_records.append(record))
 
     def _placed(self, node_ref: Ref | None) -> None:
         """Called by the parent: this finished block is node ``node_ref`` of its graph."""
@@ -190,7 +189,7 @@ class GraphContext:
         self._open = False
         self._closed = True
         if self._recording.factory_records:  # each holds a proxy of this block: a cycle once closed
-            self._recording = attrs.evolve(self._recording, factory_records=pvector())
+            self._recording = self._recording._replace(factory_records=pvector())
         interrupted: KeyboardInterrupt | None = None
         attempts = 3  # (a counter, not range(): no call before the ``try`` for an interrupt to land at)
         while attempts:  # an interrupt (Ctrl-C) inside the removal does not stop it
@@ -249,7 +248,8 @@ class GraphContext:
         invoke = None if trace is None else trace._current_invoke()
         recording = self._recording
         graph, ref = recording.graph.add(op, frozen_args, frozen_kwargs, source or user_location(), invoke)
-        self._recording = attrs.evolve(recording, graph=graph)
+        # (the hot path: one C-level tuple instead of _replace)
+        self._recording = tuple.__new__(Recording, (graph,) + recording[1:])
         if trace is None or trace._fake_mode is None:
             return Proxy(self, ref)
         return Proxy(self, ref, fake=trace._fake_of(op, args, kwargs or {}, invoke))
@@ -319,9 +319,8 @@ class GraphContext:
             return bridged.ref
         slot = len(recording.bridges)
         graph, ref = recording.graph.add(Bridge(slot), source=user_location(), invoke=self._current_invoke())
-        self._recording = attrs.evolve(
-            recording, graph=graph, bridges=recording.bridges.set(outer.index, Bridged(slot, ref))
-        )
+        bridges = recording.bridges.set(outer.index, Bridged(slot, ref))
+        self._recording = recording._replace(graph=graph, bridges=bridges)
         return ref
 
     def _export(self, context_node: Ref, inner: Ref) -> Ref:
@@ -333,7 +332,7 @@ class GraphContext:
             graph, ref = recording.graph.add(
                 Export(inner.index), (context_node,), source=user_location(), invoke=self._current_invoke()
             )
-            self._recording = attrs.evolve(recording, graph=graph, exports=recording.exports.set(key, ref))
+            self._recording = recording._replace(graph=graph, exports=recording.exports.set(key, ref))
         return ref
 
     def _close_child(
@@ -343,7 +342,7 @@ class GraphContext:
         first, then the parent's values for the child's bridges)."""
         proxy = self.record(op, tuple(args) + child._recording.captures, kwargs, source=child._where)
         child._placed(proxy._ref)
-        self._recording = attrs.evolve(self._recording, children=self._recording.children + (child,))
+        self._recording = self._recording._replace(children=self._recording.children + (child,))
 
     # --- results ----------------------------------------------------------------------
 
@@ -357,7 +356,7 @@ class GraphContext:
         self._results = results
         self._ran = True
         children = self._recording.children
-        self._recording = attrs.evolve(self._recording, children=())
+        self._recording = self._recording._replace(children=())
         for child in children:
             found = None
             if results is not None and child._node_ref is not None:
@@ -367,7 +366,7 @@ class GraphContext:
     def _release(self) -> None:
         """Drop the links to children of a block that will never run."""
         children = self._recording.children
-        self._recording = attrs.evolve(self._recording, children=())
+        self._recording = self._recording._replace(children=())
         for child in children:
             child._release()
 

@@ -8,7 +8,7 @@ session's graph, and runs when the session does.
 Besides its recording (`GraphContext`), a tracer holds one more value, its
 `TraceSetup`: the invokes' inputs, which calls of which modules accesses
 read, the sticky loops, the cached accesses. Both are frozen values,
-replaced (``attrs.evolve``) on each change, never changed in place.
+replaced (``_replace``) on each change, never changed in place.
 
 An `Invoker` is one slice of the trace's batch: entering it prepares its
 inputs (the adapter's `prepare_input`) and makes every module access inside
@@ -19,9 +19,8 @@ whole batch.
 from __future__ import annotations
 
 import enum
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
-import attrs
 import torch
 from pyrsistent import PMap, pmap
 
@@ -51,8 +50,7 @@ EVERY_INVOKE = Every.INVOKE
 AccessKey = tuple[GraphContext, str, AccessKind, "int | None", int]
 
 
-@attrs.frozen
-class TraceSetup:
+class TraceSetup(NamedTuple):
     """What a trace holds besides its recording; one value, replaced on each change.
 
     ``inputs``: per invoke, its inputs as given (``None``: no inputs);
@@ -95,6 +93,9 @@ def _unknown_inputs(inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> TraceErr
         "inputs before the `with` block; only a session passes traced values between traces."
     )
 
+
+
+_NO_ACCESSES: PMap[AccessKey, Proxy] = pmap()  # (a value: shared by every trace)
 
 class Tracer(FlowContext):
     """The context returned by `NNsight.trace`: record interventions, run on exit.
@@ -139,7 +140,7 @@ class Tracer(FlowContext):
         if inputs is not None:
             implicit = Invoker(self, inputs[0], inputs[1])
             implicit.__enter__()
-            self._setup = attrs.evolve(self._setup, implicit=implicit)
+            self._setup = self._setup._replace(implicit=implicit)
 
     @property
     def _trace(self) -> Tracer:
@@ -152,7 +153,7 @@ class Tracer(FlowContext):
 
     def _forget_accesses(self) -> None:
         """Drop the cached accesses (their proxies point back at this tracer)."""
-        self._setup = attrs.evolve(self._setup, accesses=pmap())
+        self._setup = self._setup._replace(accesses=_NO_ACCESSES)
 
     def _current_invoke(self) -> int | None:
         """The invoke new nodes belong to (``None``: outside any invoke)."""
@@ -182,7 +183,7 @@ class Tracer(FlowContext):
         # the access cache, invokers), so that no reference cycle keeps saved
         # values alive after the user drops their proxies.
         invokes = self._setup.invokes
-        self._setup = attrs.evolve(self._setup, accesses=pmap(), implicit=None, invoker=None, invokes=())
+        self._setup = self._setup._replace(accesses=_NO_ACCESSES, implicit=None, invoker=None, invokes=())
         if exc_type is not None:
             self._release()
             return
@@ -271,9 +272,9 @@ class Tracer(FlowContext):
                 self._scan_invoke(index, prepared)
             if self._parent is not None:
                 prepared = None  # prepared when the session runs
-        self._setup = attrs.evolve(
-            self._setup, inputs=self._setup.inputs + (entry,), invokes=self._setup.invokes + (prepared,),
-            invoker=invoker, open_invoke=index,
+        setup = self._setup
+        self._setup = setup._replace(
+            inputs=setup.inputs + (entry,), invokes=setup.invokes + (prepared,), invoker=invoker, open_invoke=index
         )
         return index
 
@@ -288,12 +289,12 @@ class Tracer(FlowContext):
                 faked.handle.module, faked.method_fn(self._method), prepared.args,
                 {**prepared.kwargs, **self._method_kwargs}, self._fake_mode,
             )
-        self._setup = attrs.evolve(self._setup, scanned=self._setup.scanned.set(index, scanned))
+        self._setup = self._setup._replace(scanned=self._setup.scanned.set(index, scanned))
 
     def _exit_invoke(self, invoker: Invoker, ok: bool = True) -> None:
         if self._setup.invoker is invoker:
             self._close_sticky(ok, only_invoke=self._setup.open_invoke)
-            self._setup = attrs.evolve(self._setup, invoker=None, open_invoke=None)
+            self._setup = self._setup._replace(invoker=None, open_invoke=None)
 
     # --- module accesses (called by envoys) ------------------------------------------
 
@@ -305,7 +306,7 @@ class Tracer(FlowContext):
         proxy = self._setup.accesses.get(key)
         if proxy is None:
             proxy = context.record(ModuleGet(path, kind, call))
-            self._setup = attrs.evolve(self._setup, accesses=self._setup.accesses.set(key, proxy))
+            self._setup = self._setup._replace(accesses=self._setup.accesses.set(key, proxy))
         return proxy
 
     def _write_access(self, path: str, kind: AccessKind, value: Any, call: int | None = None) -> None:
@@ -320,7 +321,7 @@ class Tracer(FlowContext):
             evolver = accesses.evolver()
             for key in stale:
                 del evolver[key]
-            self._setup = attrs.evolve(self._setup, accesses=evolver.persistent())
+            self._setup = self._setup._replace(accesses=evolver.persistent())
 
     def _fake_of(self, op: Op, args: Sequence[Any], kwargs: Mapping[str, Any], invoke: int | None) -> Any:
         """The fake value of a node recorded in this trace (scan/validate)."""
@@ -367,11 +368,11 @@ class Tracer(FlowContext):
 
     def _skip_calls(self, path: str, count: int) -> None:
         self._current()
-        self._setup = attrs.evolve(self._setup, offsets=self._setup.offsets + ((path, count),))
+        self._setup = self._setup._replace(offsets=self._setup.offsets + ((path, count),))
 
     def _fix_call(self, path: str, call: int) -> None:
         """``envoy.iter = n``: accesses of ``path`` read call ``n`` from now on."""
-        self._setup = attrs.evolve(self._setup, fixed=self._setup.fixed.set(path, call))
+        self._setup = self._setup._replace(fixed=self._setup.fixed.set(path, call))
 
     def _loop_over_calls(self, scope: tuple[str, ...], sticky: bool, **selection: Any) -> EachCallContext:
         """A block over calls of the ``scope`` modules; a sticky one opens now and
@@ -379,14 +380,14 @@ class Tracer(FlowContext):
         context = EachCallContext(self._current(), scope, user_location(), **selection)
         if sticky:
             context._begin(True)
-            self._setup = attrs.evolve(self._setup, sticky=self._setup.sticky + ((context, self._setup.open_invoke),))
+            self._setup = self._setup._replace(sticky=self._setup.sticky + ((context, self._setup.open_invoke),))
         return context
 
     def _close_sticky(self, record: bool, only_invoke: int | None | Every = EVERY_INVOKE) -> None:
         """Close the sticky loops (those opened in ``only_invoke``, if given), innermost first."""
         while self._setup.sticky and (only_invoke is EVERY_INVOKE or self._setup.sticky[-1][1] == only_invoke):
             context, _ = self._setup.sticky[-1]
-            self._setup = attrs.evolve(self._setup, sticky=self._setup.sticky[:-1])
+            self._setup = self._setup._replace(sticky=self._setup.sticky[:-1])
             context._close(record)
 
     def _close_last_loop(self, scope: tuple[str, ...]) -> None:
@@ -395,7 +396,7 @@ class Tracer(FlowContext):
         for position in range(len(sticky) - 1, -1, -1):
             context, _ = sticky[position]
             if context.scope == scope:
-                self._setup = attrs.evolve(self._setup, sticky=sticky[:position] + sticky[position + 1:])
+                self._setup = self._setup._replace(sticky=sticky[:position] + sticky[position + 1:])
                 context._close(True)
                 return
 
