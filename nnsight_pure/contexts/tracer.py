@@ -7,8 +7,14 @@ session's graph, and runs when the session does.
 
 Besides its recording (`GraphContext`), a tracer holds one more value, its
 `TraceSetup`: the invokes' inputs, which calls of which modules accesses
-read, the sticky loops, the cached accesses. Both are frozen values,
-replaced (``_replace``) on each change, never changed in place.
+read, the sticky loops. Both are frozen values, replaced (``_replace``) on
+each change, never changed in place. Beside them a tracer keeps one memo, a
+dict of the proxies read so far (`Tracer._accesses`: reading
+``model.layer1.output`` twice in a block and invoke gives one node): it is
+filled as accesses are recorded, forgets a module on a write, and is emptied
+when recording ends. It is derived from the recording and kept as a plain
+dict because it is read and written at every module access (a persistent
+map's update costs ~15 Python calls there).
 
 An `Invoker` is one slice of the trace's batch: entering it prepares its
 inputs (the adapter's `prepare_input`) and makes every module access inside
@@ -61,8 +67,7 @@ class TraceSetup(NamedTuple):
     opened); ``offsets``: ``.next()`` skips, (module path, calls);
     ``fixed``: ``envoy.iter = n``, that module's call from now on;
     ``sticky``: the open ``.all()`` loops and their invoke; ``scanned``: per
-    invoke, the fake values of a scan; ``accesses``: one proxy per module
-    value read in a block and invoke (forgotten on a write).
+    invoke, the fake values of a scan.
     """
 
     inputs: tuple[Inputs | None, ...] = ()
@@ -74,7 +79,6 @@ class TraceSetup(NamedTuple):
     fixed: PMap[str, int] = pmap()
     sticky: tuple[tuple[EachCallContext, int | None], ...] = ()
     scanned: PMap[int | None, Mapping[EventKey, Any]] = pmap()
-    accesses: PMap[AccessKey, Proxy] = pmap()
 
 
 _NEW_SETUP = TraceSetup()
@@ -93,9 +97,6 @@ def _unknown_inputs(inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> TraceErr
         "inputs before the `with` block; only a session passes traced values between traces."
     )
 
-
-
-_NO_ACCESSES: PMap[AccessKey, Proxy] = pmap()  # (a value: shared by every trace)
 
 class Tracer(FlowContext):
     """The context returned by `NNsight.trace`: record interventions, run on exit.
@@ -137,6 +138,7 @@ class Tracer(FlowContext):
         self._never_runs = never_runs  # (None: it runs)
         self._keep_result = keep_result
         self._setup = _NEW_SETUP
+        self._accesses: dict[AccessKey, Proxy] = {}  # the memo of proxies read (see the module docstring)
         if inputs is not None:
             implicit = Invoker(self, inputs[0], inputs[1])
             implicit.__enter__()
@@ -153,7 +155,7 @@ class Tracer(FlowContext):
 
     def _forget_accesses(self) -> None:
         """Drop the cached accesses (their proxies point back at this tracer)."""
-        self._setup = self._setup._replace(accesses=_NO_ACCESSES)
+        self._accesses = {}
 
     def _current_invoke(self) -> int | None:
         """The invoke new nodes belong to (``None``: outside any invoke)."""
@@ -183,7 +185,8 @@ class Tracer(FlowContext):
         # the access cache, invokers), so that no reference cycle keeps saved
         # values alive after the user drops their proxies.
         invokes = self._setup.invokes
-        self._setup = self._setup._replace(accesses=_NO_ACCESSES, implicit=None, invoker=None, invokes=())
+        self._setup = self._setup._replace(implicit=None, invoker=None, invokes=())
+        self._accesses = {}
         if exc_type is not None:
             self._release()
             return
@@ -303,10 +306,10 @@ class Tracer(FlowContext):
         context = self._current()
         call = self._call_of(path) if call is None else call
         key = (context, path, kind, self._setup.open_invoke, call)
-        proxy = self._setup.accesses.get(key)
+        accesses = self._accesses
+        proxy = accesses.get(key)
         if proxy is None:
-            proxy = context.record(ModuleGet(path, kind, call))
-            self._setup = self._setup._replace(accesses=self._setup.accesses.set(key, proxy))
+            proxy = accesses[key] = context.record(ModuleGet(path, kind, call))
         return proxy
 
     def _write_access(self, path: str, kind: AccessKind, value: Any, call: int | None = None) -> None:
@@ -315,13 +318,9 @@ class Tracer(FlowContext):
         self._current().record(ModuleSet(path, kind, call), (value,))
         # Later reads of this module, in any invoke, must be new nodes that run
         # after the write and see its value: forget the cached accesses.
-        accesses = self._setup.accesses
-        stale = [key for key in accesses if key[1] == path]
-        if stale:
-            evolver = accesses.evolver()
-            for key in stale:
-                del evolver[key]
-            self._setup = self._setup._replace(accesses=evolver.persistent())
+        accesses = self._accesses
+        for key in [key for key in accesses if key[1] == path]:
+            del accesses[key]
 
     def _fake_of(self, op: Op, args: Sequence[Any], kwargs: Mapping[str, Any], invoke: int | None) -> Any:
         """The fake value of a node recorded in this trace (scan/validate)."""

@@ -89,34 +89,35 @@ class Scheduler:
             message: Any = None
             if program.started:
                 request = program.request
-                match request:
-                    case WaitEvent(what, _, may_end):
-                        if what == world.current:
-                            message = (world.activation, True)
-                        elif what in world.kept:
-                            message = (world.kept[what], False)
-                        elif world.ended and may_end:
-                            world.note_missed(what)
-                            message = (END, False)
-                        else:
-                            break
-                        readers = world.readers
-                        if what in readers:  # one reader fewer; the last one lets the value go
-                            left = readers[what] - 1
-                            readers[what] = left
-                            if left <= 0:
-                                world.kept.pop(what, None)
-                    case WaitValue(node, _):
-                        if self.frame.env[node] is UNSET:
-                            break
-                    case WaitStep(node, _):
-                        if not self.frame.ran[node]:
-                            break
-                    case WaitDone(other, _):
-                        if not other.done:
-                            break
-                    case None:
-                        raise AssertionError("a started program always waits for something")
+                # (type tests, not `match`: this runs at every hook event of every program)
+                if type(request) is WaitEvent:
+                    what, _, may_end = request
+                    if what == world.current:
+                        message = (world.activation, True)
+                    elif what in world.kept:
+                        message = (world.kept[what], False)
+                    elif world.ended and may_end:
+                        world.note_missed(what)
+                        message = (END, False)
+                    else:
+                        break
+                    readers = world.readers
+                    if what in readers:  # one reader fewer; the last one lets the value go
+                        left = readers[what] - 1
+                        readers[what] = left
+                        if left <= 0:
+                            world.kept.pop(what, None)
+                elif type(request) is WaitValue:
+                    if self.frame.env[request.node] is UNSET:
+                        break
+                elif type(request) is WaitStep:
+                    if not self.frame.ran[request.node]:
+                        break
+                elif type(request) is WaitDone:
+                    if not request.program.done:
+                        break
+                else:
+                    raise AssertionError(f"a started program always waits for something, not {request!r}")
             program.started = True
             program.running = True
             try:
