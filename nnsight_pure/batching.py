@@ -40,11 +40,14 @@ class BatchGroups:
     def from_sizes(cls, sizes: Sequence[int | None]) -> BatchGroups:
         """Groups for invokes of these batch sizes (``None``: an empty invoke)."""
         key = tuple(sizes)
-        found = GROUPS.get(key)
+        found = _KNOWN_GROUPS.get(key)  # (read directly: one dict lookup per run)
         if found is None:
             found = _groups(key)
             GROUPS.put(key, found)
         return found  # (a BatchGroups, kept in caches.GROUPS)
+
+
+_KNOWN_GROUPS = GROUPS.table  # (the table clears in place)
 
 
 def _groups(sizes: tuple[int | None, ...]) -> BatchGroups:

@@ -23,8 +23,8 @@ per-graph memos    (weak)     work done once per graph object, gone with the
 ``SHAREABLE_BUILTINS`` (4,096) remembers the builtins found to hold
 nothing large (shareable.py; module-level objects, alive anyway).
 
-A table of the first kind empties itself when full; ``PLANS`` and
-``GROUPS`` drop their least recently used entry. This module imports nothing
+A table of the first kind empties itself when full; ``PLANS`` drops its
+least recently used entry. This module imports nothing
 of the library: every layer may keep its table here.
 """
 
@@ -105,7 +105,7 @@ INTERNAL_CODE: BoundedCache[object, bool] = BoundedCache("internal code", 50_000
 LOCATIONS: BoundedCache[tuple[object, int], Any] = BoundedCache("locations", 50_000)  # of source.SourceLoc
 PLANS: BoundedCache[object, Any] = BoundedCache("plans", 256, lru=True)  # of plan.Plan
 FIELDS: BoundedCache[type, tuple[str, ...]] = BoundedCache("op fields", 64)
-GROUPS: BoundedCache[tuple[int | None, ...], Any] = BoundedCache("batch groups", 1024, lru=True)  # of BatchGroups
+GROUPS: BoundedCache[tuple[int | None, ...], Any] = BoundedCache("batch groups", 1024)  # of BatchGroups
 WHITELIST: BoundedCache[int, tuple[str, object]] = BoundedCache("whitelist", 1 << 20)
 SHAREABLE_BUILTINS: BoundedCache[object, bool] = BoundedCache("shareable builtins", 4096)  # shareable.py
 

@@ -80,7 +80,11 @@ Invoke = Union[Prepared, Inputs, None]
 def prepare(adapter: ModelAdapter, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> Prepared:
     """One invoke's inputs prepared by ``adapter`` (recording nothing, even in an open block)."""
     with suspended():
-        (args, prepared_kwargs), size = adapter.prepare_input(*inputs, **kwargs)
+        return _prepared(adapter, inputs, kwargs)
+
+
+def _prepared(adapter: ModelAdapter, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> Prepared:
+    (args, prepared_kwargs), size = adapter.prepare_input(*inputs, **kwargs)
     return Prepared(tuple(args), dict(prepared_kwargs), size)
 
 
@@ -106,7 +110,7 @@ def run_invokes(
     method_kwargs = kwargs or {}
     token = suspend() if _OPEN.get() else None
     try:
-        ready = [invoke if invoke is None or isinstance(invoke, Prepared) else prepare(adapter, *invoke)
+        ready = [invoke if invoke is None or isinstance(invoke, Prepared) else _prepared(adapter, *invoke)
                  for invoke in invokes]
         adapter.before_run()
         batched: Inputs | None = None

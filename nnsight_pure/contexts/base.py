@@ -356,7 +356,8 @@ class GraphContext:
         self._results = results
         self._ran = True
         children = self._recording.children
-        self._recording = self._recording._replace(children=())
+        if children:  # (most blocks have none: no new value then)
+            self._recording = self._recording._replace(children=())
         for child in children:
             found = None
             if results is not None and child._node_ref is not None:
@@ -366,7 +367,8 @@ class GraphContext:
     def _release(self) -> None:
         """Drop the links to children of a block that will never run."""
         children = self._recording.children
-        self._recording = self._recording._replace(children=())
+        if children:  # (most blocks have none: no new value then)
+            self._recording = self._recording._replace(children=())
         for child in children:
             child._release()
 

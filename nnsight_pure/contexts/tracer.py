@@ -141,8 +141,8 @@ class Tracer(FlowContext):
         self._accesses: dict[AccessKey, Proxy] = {}  # the memo of proxies read (see the module docstring)
         if inputs is not None:
             implicit = Invoker(self, inputs[0], inputs[1])
+            self._setup = TraceSetup(implicit=implicit)
             implicit.__enter__()
-            self._setup = self._setup._replace(implicit=implicit)
 
     @property
     def _trace(self) -> Tracer:
