@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, NamedTuple, Protocol, Sequence, cast
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, NamedTuple, Protocol, Sequence, cast
 
 import attrs
 from pyrsistent import PMap, PVector, pmap, pvector
@@ -83,10 +83,20 @@ class Recording(NamedTuple):
 _EMPTY = Recording()  # every block starts from it (a value: sharing it is safe)
 
 
+class _Setup(Protocol):
+    @property
+    def open_invoke(self) -> int | None:
+        """The invoke new nodes belong to (``None``: outside any invoke)."""
+
+
 class TraceLike(Protocol):
     """What a block needs of the trace it records into (`Tracer`)."""
 
     _fake_mode: Any
+
+    @property
+    def _setup(self) -> _Setup:
+        """The trace's `TraceSetup` (read at every record: its open invoke)."""
 
     def _current_invoke(self) -> int | None: ...
 
@@ -245,7 +255,7 @@ class GraphContext:
             frozen_args = tuple([frozen(arg) for arg in args])
         frozen_kwargs = {name: frozen(value) for name, value in kwargs.items()} if kwargs else None
         trace: TraceLike | None = self if self._is_trace else self._enclosing_trace  # type: ignore[assignment]
-        invoke = None if trace is None else trace._current_invoke()
+        invoke = None if trace is None else trace._setup.open_invoke  # (trace._current_invoke(), inlined)
         recording = self._recording
         graph, ref = recording.graph.add(op, frozen_args, frozen_kwargs, source or user_location(), invoke)
         # (the hot path: one C-level tuple instead of _replace)
@@ -484,12 +494,10 @@ class BodyContext(GraphContext):
             self._parent._close_child(self, type(self)._node_kind(self.graph), (self._first,))
 
 
-def innermost() -> GraphContext | None:
-    """The innermost open block of this thread (`open_blocks.innermost`, typed:
-    every open block is a `GraphContext`)."""
-    return cast("GraphContext | None", active.innermost())
-
-
-def open_contexts() -> tuple[GraphContext, ...]:
-    """Every open block of this thread, outermost first (`open_blocks.open_contexts`, typed)."""
-    return cast("tuple[GraphContext, ...]", active.open_contexts())
+# `open_blocks.innermost` / `open_contexts`, typed for the shell (every open
+# block is a `GraphContext`): the same functions, so a module access pays no
+# extra call.
+innermost = cast("Callable[[], GraphContext | None]", active.innermost)
+"""The innermost open block of this thread, or ``None``."""
+open_contexts = cast("Callable[[], tuple[GraphContext, ...]]", active.open_contexts)
+"""Every open block of this thread, outermost first."""

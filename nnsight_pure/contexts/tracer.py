@@ -76,12 +76,13 @@ class TraceSetup(NamedTuple):
     invoker: Invoker | None = None
     implicit: Invoker | None = None
     offsets: tuple[tuple[str, int], ...] = ()
-    fixed: PMap[str, int] = pmap()
+    fixed: PMap[str, int] = pmap()  # (only ever grows: empty is the default itself)
     sticky: tuple[tuple[EachCallContext, int | None], ...] = ()
     scanned: PMap[int | None, Mapping[EventKey, Any]] = pmap()
 
 
 _NEW_SETUP = TraceSetup()
+_NO_FIXED = _NEW_SETUP.fixed
 
 
 def _unknown_inputs(inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> TraceError:
@@ -359,7 +360,7 @@ class Tracer(FlowContext):
     def _call_of(self, path: str) -> int:
         """The call of module ``path`` that an access reads now (after ``.next()``s)."""
         setup = self._setup
-        if not setup.offsets and not setup.fixed:
+        if not setup.offsets and setup.fixed is _NO_FIXED:  # (identity: a pmap's len is a Python call)
             return 0
         if path in setup.fixed:
             return setup.fixed[path]
