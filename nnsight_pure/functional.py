@@ -11,7 +11,7 @@ compared, hashed, written to JSON and composed.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, Sequence, TypeVar, overload
+from typing import Any, Callable, Mapping, TypeVar, overload
 
 import attrs
 import torch
@@ -28,13 +28,12 @@ from .models.nnsight import NNsight
 from .ops import Call
 from .passes import as_edit, check_standalone, compose, graph_kind, invoke_count, module_paths
 from .printing import format_node
-from .program_check import check_invokes
+from .program_check import Invokes, check_invokes
 from .results import Results
 from .runner import run_invokes, session_runner
 from .source import add_note, describe, short, user_location
 
 F = TypeVar("F", bound=Callable[..., Any])
-Invokes = Sequence["tuple[tuple[Any, ...], dict[str, Any]] | None"]
 
 
 def as_wrapper(model: NNsight | torch.nn.Module) -> NNsight:
@@ -145,27 +144,14 @@ def run(
             raise TypeError("a session's graph takes no inputs: each of its traces holds its own")
         return run_session(graph, session_runner(wrapper._adapter()))
     _check_modules(facts.paths, wrapper._model)
-    needed = facts.invokes
-    if invokes is None:
-        if needed > 1:
-            raise TypeError(
-                f"this graph has {needed} invokes: give each its inputs with "
-                "invokes=[(args, kwargs), ...] instead of positional inputs"
-            )
-        invokes = [(tuple(inputs), {})] if inputs else [None] * needed
-    elif inputs:
-        raise TypeError("give the inputs either positionally (one invoke) or as invokes=[...], not both")
-    elif len(invokes) < needed:
-        raise TypeError(f"this graph has {needed} invokes but invokes= gives inputs for {len(invokes)}")
-    if not any(invoke is not None for invoke in invokes):
+    given = _invokes_given(facts.invokes, inputs, invokes)
+    if not any(invoke is not None for invoke in given):
         raise ValueError("run needs inputs for the model: none were given")
+    adapter, traced = wrapper._adapter(), _method(wrapper, method)
     if validate:
-        raise_first(check_invokes(wrapper._adapter(), graph, _method(wrapper, method), list(invokes), kwargs))
+        raise_first(check_invokes(adapter, graph, traced, given, kwargs))
     try:
-        results, _ = run_invokes(
-            wrapper._adapter(), graph, list(invokes), method=_method(wrapper, method), kwargs=kwargs,
-            keep_result=keep_result,
-        )
+        results, _ = run_invokes(adapter, graph, given, method=traced, kwargs=kwargs, keep_result=keep_result)
     except BaseException as error:
         # Where run was called is found only now: it costs a stack walk on every run.
         add_note(
@@ -200,18 +186,29 @@ def check(
     if graph_kind(graph) == "session":
         raise TypeError("check takes a trace's graph; check each trace of a session with its own inputs")
     check_standalone(graph, "check")
-    needed = max(invoke_count(graph), 1)
+    given = _invokes_given(invoke_count(graph), inputs, invokes)
+    adapter = wrapper._adapter()
+    return check_invokes(adapter, graph, _method(wrapper, method), given, kwargs, shown=method or "forward")
+
+
+def _invokes_given(
+    needed: int, inputs: tuple[Any, ...], invokes: Invokes | None
+) -> list[tuple[tuple[Any, ...], dict[str, Any]] | None]:
+    """Each invoke's inputs, as `run` and `check` take them: positional
+    ``inputs`` for a graph of one invoke, or ``invokes=[(args, kwargs), ...]``
+    (``None`` for an invoke without inputs), at least one per invoke."""
     if invokes is None:
         if needed > 1:
             raise TypeError(
                 f"this graph has {needed} invokes: give each its inputs with "
                 "invokes=[(args, kwargs), ...] instead of positional inputs"
             )
-        invokes = [(tuple(inputs), {})] if inputs else [None]
-    elif inputs:
+        return [(tuple(inputs), {})] if inputs else [None] * max(needed, 1)
+    if inputs:
         raise TypeError("give the inputs either positionally (one invoke) or as invokes=[...], not both")
-    adapter = wrapper._adapter()
-    return check_invokes(adapter, graph, _method(wrapper, method), invokes, kwargs, shown=method or "forward")
+    if len(invokes) < needed:
+        raise TypeError(f"this graph has {needed} invokes but invokes= gives inputs for {len(invokes)}")
+    return list(invokes)
 
 
 @attrs.frozen

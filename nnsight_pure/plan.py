@@ -114,7 +114,7 @@ def _event_of(access: Node) -> Event:
     return GradKey(access.ref.index)
 
 
-def _written_access(graph: Graph, node: Node) -> Node | None:
+def written_access(graph: Graph, node: Node) -> Node | None:
     """The module access (or gradient) whose value an in-place node writes into, if any."""
     if not node.args or type(node.args[0]) is not Ref:
         return None
@@ -173,7 +173,7 @@ def _guard(graph: Graph, node: Node) -> Guard | None:
     """The event an in-place node must run in: the one whose value it writes into."""
     if not writes_in_place(node):
         return None
-    access = _written_access(graph, node)
+    access = written_access(graph, node)
     return None if access is None else Guard(_event_of(access), access.ref.index)
 
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 import attrs
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .arguments import Ref, thaw
+from .arguments import thaw
 from .effects import is_inplace
 from .events import EventKey, in_scope, site_of
 from .findings import Finding, FindingKind, Findings
@@ -53,6 +53,7 @@ from .ops import (
     SetGrad,
     TraceRun,
 )
+from .plan import written_access
 from .printing import format_node, module_expr
 from .scan import UNKNOWN, fake_copy, fake_value, new_mode, scan
 from .source import short
@@ -61,11 +62,6 @@ if TYPE_CHECKING:
     from .runner import ModelAdapter
 
 Invokes = Sequence["tuple[tuple[Any, ...], dict[str, Any]] | None"]
-
-# Ops whose value is a view of their first argument (writing into it writes the module's value).
-_VIEWS = frozenset({"__getitem__", "getitem", "view", "reshape", "narrow", "select", "squeeze", "unsqueeze",
-                    "transpose", "t", "permute", "expand", "flatten", "detach", "contiguous", "data"})
-
 
 @attrs.frozen(eq=False)
 class _Record:
@@ -262,25 +258,21 @@ class _Checker:
 
     def inplace(self, graph: Graph, node: Node, program: _Program, within: tuple[int, ...], shift: int,
                 scope: tuple[str, ...]) -> None:
-        """An in-place write into (a view of) a module value is a write of that call."""
-        target = node
-        while target.args and type(target.args[0]) is Ref:
-            target = graph.nodes[target.args[0].index]
-            op = target.op
-            if isinstance(op, ModuleGet):
-                call = op.call + (shift if in_scope(op.path, scope) else 0)
-                key: EventKey = (op.path, site_of(op.kind), call)
-                place = self.record_of(node.invoke).position.get(key)
-                if place is not None and not program.stuck and place < program.position:
-                    self.add("out_of_order", (
-                        f"{_shown(node)} writes in place into {_what(key, op.kind)} too late{self.when()}: the "
-                        f"model has already moved past it (it is at {program.mover}), so the write would have no "
-                        "effect (an OutOfOrderError at run time, after the model ran)"
-                    ), node, within)
-                return
-            name = getattr(op, "name", None)
-            if name not in _VIEWS:
-                return
+        """An in-place write into (a view of) a module value is a write of that call
+        (the access is found as the run's guard finds it: `plan.written_access`)."""
+        access = written_access(graph, node)
+        if access is None or not isinstance(access.op, ModuleGet):
+            return
+        op = access.op
+        call = op.call + (shift if in_scope(op.path, scope) else 0)
+        key: EventKey = (op.path, site_of(op.kind), call)
+        place = self.record_of(node.invoke).position.get(key)
+        if place is not None and not program.stuck and place < program.position:
+            self.add("out_of_order", (
+                f"{_shown(node)} writes in place into {_what(key, op.kind)} too late{self.when()}: the "
+                f"model has already moved past it (it is at {program.mover}), so the write would have no "
+                "effect (an OutOfOrderError at run time, after the model ran)"
+            ), node, within)
 
     def body(self, body: Graph, program: _Program, within: tuple[int, ...], shift: int,
              scope: tuple[str, ...]) -> None:

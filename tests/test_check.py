@@ -76,6 +76,22 @@ def test_out_of_order_in_place_write_gpt2(gpt2: nnsight.NNsight, ids: torch.Tens
         nnsight.run(gpt2, graph, ids)
 
 
+def test_out_of_order_write_through_any_view_the_run_follows(model: nnsight.NNsight, x: torch.Tensor) -> None:
+    # The check follows views exactly as the run's guard does (`.T`, `.view_as`,
+    # `.split`...), so what the run would refuse, the check reports.
+    def late(model: Any) -> Any:
+        after = model.layer2.output.save()
+        hidden = model.layer1.output
+        hidden.view_as(hidden).T[:] = 0
+        return after
+
+    graph = _graph(model, late)
+    finding = _only(check(model, graph, x), "out_of_order")
+    assert "model.layer1.output" in finding.message
+    with pytest.raises(OutOfOrderError):
+        nnsight.run(model, graph, x)
+
+
 def test_reading_an_earlier_call_is_fine(model: nnsight.NNsight, x: torch.Tensor) -> None:
     def read_back(model: Any) -> Any:
         return model.layer2.output.save(), model.layer1.output.save()

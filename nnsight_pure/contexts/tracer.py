@@ -33,8 +33,10 @@ from pyrsistent import PMap, pmap
 from .. import open_blocks as active
 from ..errors import TraceError
 from ..events import EventKey, in_scope
+from ..findings import raise_first
 from ..graph import Graph, SourceLoc
 from ..ops import AccessKind, ApplyModule, ModuleGet, ModuleSet, Op, TraceRun
+from ..program_check import check_prepared
 from ..proxy import Proxy, settled
 from ..runner import Inputs, ModelAdapter, Prepared, prepare, run_invokes
 from ..scan import UNKNOWN, fake_copy, fake_value, new_mode, scan
@@ -214,13 +216,9 @@ class Tracer(FlowContext):
         """``validate=True``: check the whole program against the model's calls
         on fake tensors (program_check.py) and raise the first finding before
         the model runs (warnings, such as a loop touching no call, are warned)."""
-        from ..findings import raise_first
-        from ..program_check import check_prepared
-
         prepared = [None if invoke is None else (invoke.args, invoke.kwargs) for invoke in invokes]
-        with recorded_calls.suspended():
-            found = check_prepared(self._adapter, self.graph, self._method, prepared, self._method_kwargs)
-        raise_first(found)
+        # (check_prepared records nothing: it suspends the recording of calls itself)
+        raise_first(check_prepared(self._adapter, self.graph, self._method, prepared, self._method_kwargs))
 
     def _outputs(self, returned: Any) -> Graph:
         """The graph recorded so far, with ``returned`` (proxies and constants)
