@@ -32,6 +32,7 @@ from .caches import WHITELIST
 from .ops import (
     ApplyModule,
     Bridge,
+    Cache,
     Call,
     CallMethod,
     Export,
@@ -41,6 +42,7 @@ from .ops import (
     ModuleAttr,
     ModuleGet,
     Op,
+    Result,
     SetAttr,
     print_at_run_time,
 )
@@ -336,7 +338,7 @@ def is_pure(node: Node) -> bool:
     run's values: a read, or a computation known to write nothing in place
     and draw no random numbers. Anything unknown counts as an effect."""
     match node.op:
-        case ModuleGet() | ModuleAttr() | Grad() | Export() | Bridge():
+        case ModuleGet() | ModuleAttr() | Grad() | Export() | Bridge() | Result() | Cache():
             return True
         case Call(fn):
             return pure_call(fn, node.kwargs)

@@ -23,6 +23,7 @@ from .handle import ModelHandle
 from .ops import AccessKind, ApplyModule, Call, ModuleAttr
 from .printing import module_expr
 from .proxy import Proxy
+from .source_envoy import SourceEnvoy
 
 
 def _join(parent: str, name: str) -> str:
@@ -119,6 +120,20 @@ class Envoy:
     @input.setter
     def input(self, value: object) -> None:
         self._write("input", value)
+
+    def skip(self, value: object) -> None:
+        """Do not run this module's forward (at its current call); ``value`` is
+        its output, for this invoke's rows. ``value`` may use the module's own
+        ``.input``; the module's submodules are not called."""
+        if isinstance(self._module, torch.nn.ModuleList):
+            raise TraceError(f"{module_expr(self._alias_path)} is a ModuleList, which the model never calls")
+        self._require_tracer("skip()")._write_skip(self._path, value)
+
+    @property
+    def source(self) -> SourceEnvoy:
+        """The operations this module's forward performs (``print`` it to list
+        them); ``.source.<name>.output`` reads one inside a trace."""
+        return SourceEnvoy(self)
 
     # --- which call: generation steps, modules called in a loop -----------------------
 

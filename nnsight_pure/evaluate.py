@@ -23,6 +23,7 @@ from .marks import untrusted
 from .ops import (
     ApplyModule,
     Bridge,
+    Cache,
     Call,
     CallMethod,
     Cond,
@@ -36,9 +37,11 @@ from .ops import (
     ModuleGet,
     ModuleSet,
     Op,
+    Result,
     Save,
     SetAttr,
     SetGrad,
+    Skip,
     Stop,
     TraceRun,
 )
@@ -77,8 +80,8 @@ def _op_function(op: Op) -> OpFunction:
                 return lambda state, args, kwargs: state.module(path)(*args, **kwargs)
             return lambda state, args, kwargs: state.module(path).forward(*args, **kwargs)
         case (
-            ModuleGet() | ModuleSet() | Save() | Stop() | Grad() | SetGrad() | Bridge() | IterItem()
-            | Export() | Cond() | Iterate() | EachCall() | TraceRun()
+            ModuleGet() | ModuleSet() | Skip() | Result() | Cache() | Save() | Stop() | Grad() | SetGrad()
+            | Bridge() | IterItem() | Export() | Cond() | Iterate() | EachCall() | TraceRun()
         ):
             raise AssertionError(f"{type(op).__name__} is not an ordinary node")
 

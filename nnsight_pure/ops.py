@@ -91,6 +91,49 @@ class ModuleSet:
 
 
 @attrs.frozen
+class Skip:
+    """Skip one call of a module (args: the value it returns instead).
+
+    The module's forward does not run for this call; the value (which may be
+    computed from the call's own ``.input``) is its output, for the rows of
+    the node's invoke (the other invokes' rows are computed as usual). It is
+    handed over at the call's ``pre`` event, so it must be written before
+    anything reads that call's output. On an operation site
+    (``envoy.source.<name>``) it skips that operation instead.
+    """
+
+    path: str
+    call: int = 0
+
+
+@attrs.frozen
+class Result:
+    """What the traced method returned (``tracer.result``): the model's output
+    for ``trace``, the generated ids for ``generate``; this invoke's rows."""
+
+
+@attrs.frozen
+class Cache:
+    """Every call's values of the ``modules`` (real paths), recorded after the
+    interventions, as one value read after the run (``tracer.cache(...)``).
+
+    ``names`` are the keys users read them by (``"model.transformer.h.0"``,
+    with aliases), one per module. Each call's output (and, with
+    ``include_inputs``, its ``(args, kwargs)``) is stored, ``detach``-ed and
+    moved to ``device``/``dtype`` (by name: ``"cpu"``, ``"float16"``) when
+    given; the value is this invoke's rows, complete when the method returns.
+    """
+
+    modules: tuple[str, ...]
+    names: tuple[str, ...]
+    include_inputs: bool = False
+    include_output: bool = True
+    detach: bool = True
+    device: str | None = None
+    dtype: str | None = None
+
+
+@attrs.frozen
 class ModuleAttr:
     """Read a tensor attribute of a module (a parameter or buffer) as a clone.
 
@@ -249,6 +292,9 @@ class TraceRun:
 Op = Union[
     ModuleGet,
     ModuleSet,
+    Skip,
+    Result,
+    Cache,
     ModuleAttr,
     ApplyModule,
     Call,
@@ -282,12 +328,12 @@ CONTEXT_OPS = (Cond, Iterate, EachCall, TraceRun)
 """The kinds that hold a sub-graph (``body``): the members of `ContextOp`, for
 ``isinstance`` (``isinstance(op, CONTEXT_OPS)`` narrows ``op`` to them)."""
 
-TRACE_OPS = (ModuleGet, ModuleSet, ModuleAttr, ApplyModule, Grad, SetGrad, EachCall)
+TRACE_OPS = (ModuleGet, ModuleSet, Skip, Result, Cache, ModuleAttr, ApplyModule, Grad, SetGrad, EachCall)
 """The kinds that read or write a model (a graph holding one is a trace's)."""
 
 PLAIN_OPS: frozenset[type] = frozenset(
-    {ModuleGet, ModuleSet, ModuleAttr, ApplyModule, CallMethod, GetAttr, SetAttr, Save, Stop, Grad, SetGrad,
-     Bridge, IterItem, Export}
+    {ModuleGet, ModuleSet, Skip, Result, Cache, ModuleAttr, ApplyModule, CallMethod, GetAttr, SetAttr, Save, Stop,
+     Grad, SetGrad, Bridge, IterItem, Export}
 )
 """The kinds whose fields are small plain values: no function (`Call`), no body."""
 

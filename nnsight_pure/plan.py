@@ -32,11 +32,24 @@ from pyrsistent import pmap
 from .arguments import Ref, refs_in
 from .effects import aliases_argument, writes_in_place
 from .evaluate import computer, resolver
-from .events import Event, EventKey, GradKey, GradProgram, ProgramKey, Site, in_scope, site_of
-from .graph import Graph, Node, check_graph, node_refs, saved_refs, use_counts
+from .events import (
+    END_KEY,
+    Event,
+    EventKey,
+    GradKey,
+    GradProgram,
+    ProgramKey,
+    Site,
+    in_scope,
+    is_pseudo,
+    operation_of,
+    site_of,
+)
+from .graph import Graph, GraphError, Node, check_graph, node_refs, saved_refs, use_counts
 from .ops import (
     ApplyModule,
     Bridge,
+    Cache,
     Call,
     CallMethod,
     Cond,
@@ -49,9 +62,11 @@ from .ops import (
     ModuleAttr,
     ModuleGet,
     ModuleSet,
+    Result,
     Save,
     SetAttr,
     SetGrad,
+    Skip,
     Stop,
     TraceRun,
 )
@@ -59,6 +74,7 @@ from .plan_cache import cached_plan
 from .steps import (
     NO_STOPS,
     BridgeStep,
+    CacheStep,
     ComputeStep,
     CondStep,
     EachCallStep,
@@ -147,6 +163,10 @@ def _event_key(node: Node) -> Event | None:
         return (op.path, site_of(op.kind), op.call)
     if isinstance(op, (Grad, SetGrad)):
         return GradKey(node.ref.index)
+    if isinstance(op, Skip):
+        return (op.path, "pre", op.call)  # handed over before the forward runs
+    if isinstance(op, (Result, Cache)):
+        return END_KEY
     return None
 
 
@@ -190,7 +210,7 @@ def _accesses(
     found = [(each, False) for each in reads]
     op = node.op
     if key is not None:
-        found.append((key, isinstance(op, (ModuleSet, SetGrad))))
+        found.append((key, isinstance(op, (ModuleSet, SetGrad, Skip))))
     elif guard is not None:
         found.append((guard.key, True))
     elif body is not None and not isinstance(op, EachCall):
@@ -334,6 +354,9 @@ def compile_plan(graph: Graph) -> Plan:
     readers: dict[Event, int] = {}
     kept_to_end: set[Event] = set()
     sites: set[tuple[str, Site]] = set()
+    operation_sites: set[tuple[str, Site]] = set()
+    skipped: set[str] = set()
+    caches: list[tuple[int, Cache]] = []
     dynamic: set[tuple[str, Site]] = set()
     stops: dict[EventKey, list[tuple[int, tuple[EventKey, ...]]]] = {}
     for node, fact in zip(nodes, facts):
@@ -341,9 +364,21 @@ def compile_plan(graph: Graph) -> Plan:
         if key is not None:
             readers[key] = readers.get(key, 0) + 1
             if not isinstance(key, GradKey):
-                sites.add((key[0], key[1]))
+                _add_site(key[0], key[1], sites, operation_sites)
+        op = node.op
+        if isinstance(op, Skip):
+            skipped.add(op.path)
+        elif isinstance(op, Cache):
+            caches.append((node.ref.index, op))
         body = fact.body
         if body is not None:
+            if body.caches:
+                raise GraphError(
+                    "tracer.cache(...) records the whole run: call it in the trace or an invoke, "
+                    "not inside a condition or a loop"
+                )
+            operation_sites.update(body.operation_sites)
+            skipped.update(body.skipped)
             # A loop reads its body's module calls again at every iteration; a
             # loop over calls reads a different call of its scope's modules.
             again = isinstance(node.op, (Iterate, EachCall))
@@ -389,7 +424,7 @@ def compile_plan(graph: Graph) -> Plan:
         programs.setdefault(program, []).append(step)
     writes = frozenset(
         index for index, fact in enumerate(facts)
-        if isinstance(nodes[index].op, (ModuleSet, SetGrad)) or fact.guard is not None
+        if isinstance(nodes[index].op, (ModuleSet, SetGrad, Skip)) or fact.guard is not None
     )
     return Plan(
         steps=tuple(steps),
@@ -406,7 +441,19 @@ def compile_plan(graph: Graph) -> Plan:
         writes=writes,
         touches=frozenset(access for found in accesses for access in found),
         stops=pmap({key: tuple(found) for key, found in stops.items()}) if stops else NO_STOPS,
+        operation_sites=tuple(sorted(operation_sites)),
+        skipped=frozenset(skipped),
+        caches=tuple(caches),
     )
+
+
+def _add_site(path: str, site: Site, sites: set[tuple[str, Site]], operation_sites: set[tuple[str, Site]]) -> None:
+    """File a hook site: a real module's, an operation's inside a forward, or
+    none (the end of the run is fed by the run itself)."""
+    if not is_pseudo(path):
+        sites.add((path, site))
+    elif operation_of(path) is not None:
+        operation_sites.add((path, site))
 
 
 class _Common(TypedDict):
@@ -431,6 +478,15 @@ def _step(node: Node, fact: _Facts, exports: frozenset[int], kw: _Common) -> Ste
             call_key = (path, site_of(kind), call)
             return ModuleSetStep(key=call_key, wait=WaitEvent(call_key, node.ref.index), kind=kind,
                                  invoke=node.invoke, resolve=resolver(node), **kw)
+        case Skip(path, call):
+            call_key = (path, "pre", call)
+            return ModuleSetStep(key=call_key, wait=WaitEvent(call_key, node.ref.index), kind="skip",
+                                 invoke=node.invoke, resolve=resolver(node), **kw)
+        case Result():
+            return ModuleGetStep(key=END_KEY, wait=WaitEvent(END_KEY, node.ref.index), kind="output",
+                                 invoke=node.invoke, **kw)
+        case Cache():
+            return CacheStep(wait=WaitEvent(END_KEY, node.ref.index, True), op=node.op, invoke=node.invoke, **kw)
         case Grad():
             grad = GradKey(node.ref.index)
             return GradStep(key=grad, wait=WaitEvent(grad, node.ref.index), **kw)

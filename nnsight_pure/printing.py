@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .events import GradProgram, LoopPart, ProgramKey
+from .events import OPERATION_MARK, GradProgram, LoopPart, ProgramKey
 from .ops import (
     CONTEXT_OPS,
     ApplyModule,
     Bridge,
+    Cache,
     Call,
     CallMethod,
     Cond,
@@ -27,9 +28,11 @@ from .ops import (
     ModuleGet,
     ModuleSet,
     Op,
+    Result,
     Save,
     SetAttr,
     SetGrad,
+    Skip,
     Stop,
     TraceRun,
 )
@@ -39,8 +42,13 @@ if TYPE_CHECKING:
 
 
 def module_expr(path: str) -> str:
-    """How a module path reads in user code: ``model.layer1`` (``model`` for the root)."""
-    return "model" if not path else f"model.{path}"
+    """How a module path reads in user code: ``model.layer1`` (``model`` for the root;
+    an operation site, ``model.h.0.attn.source.split_0``)."""
+    if not path:
+        return "model"
+    if OPERATION_MARK in path:
+        path = path.replace(OPERATION_MARK, "source")
+    return f"model.{path}"
 
 
 def _selection(call: int) -> str:
@@ -61,6 +69,13 @@ def format_op(op: Op, node: Node) -> str:
             return f"{module_expr(path)}.{kind}{_selection(call)}"
         case ModuleSet(path, kind, call):
             return f"set {module_expr(path)}.{kind}{_selection(call)} = {format_args(node)}"
+        case Skip(path, call):
+            return f"skip {module_expr(path)}{_selection(call)} with {format_args(node)}"
+        case Result():
+            return "tracer.result"
+        case Cache(cached, include_inputs=inputs, include_output=output):
+            what = "+".join(part for part, on in (("inputs", inputs), ("outputs", output)) if on)
+            return f"tracer.cache({_module_list(cached)}; {what})"
         case ModuleAttr(path, name):
             return f"{module_expr(path)}.{name}.clone()"
         case ApplyModule(path, hook):
@@ -103,6 +118,12 @@ def format_op(op: Op, node: Node) -> str:
             how = f"trace {method}" if method else "trace"
             keywords = "".join(f", {name}={node.kwargs[name]!r}" for name in sorted(node.kwargs))
             return f"{how}({_invoke_inputs(node.args[0])}{keywords}){_bridges(node)}"
+
+
+def _module_list(modules: tuple[str, ...]) -> str:
+    if len(modules) <= 3:
+        return ", ".join(module_expr(path) for path in modules)
+    return f"{len(modules)} modules: {module_expr(modules[0])} ... {module_expr(modules[-1])}"
 
 
 def call_range(op: EachCall) -> str:

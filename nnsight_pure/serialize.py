@@ -314,6 +314,12 @@ def short_repr(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+_DTYPES = frozenset(
+    name for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype)
+)
+"""The dtype names a `Cache` op may name (``"float16"``, ...): torch's own."""
+
+
 def _is_int(value: object) -> bool:
     return type(value) is int
 
@@ -332,6 +338,13 @@ _FIELD_CHECKS: Mapping[str, Callable[[object], bool]] = {
     "scope": lambda value: type(value) is tuple and all(type(item) is str for item in value),
     "calls": lambda value: type(value) is tuple and all(type(item) is int for item in value),
     "method": lambda value: value is None or type(value) is str,
+    "modules": lambda value: type(value) is tuple and all(type(item) is str for item in value),
+    "names": lambda value: type(value) is tuple and all(type(item) is str for item in value),
+    "include_inputs": lambda value: type(value) is bool,
+    "include_output": lambda value: type(value) is bool,
+    "detach": lambda value: type(value) is bool,
+    "device": lambda value: value is None or type(value) is str and len(value) <= 64,
+    "dtype": lambda value: value is None or value in _DTYPES,
 }
 """What each op field may hold (a document is checked before any op is built)."""
 

@@ -25,14 +25,14 @@ compiles it): a loop step holds its body's plan, so the two are one value.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Literal, NamedTuple, Sequence, Union
 
 import attrs
 from pyrsistent import pmap
 from pyrsistent.typing import PMap
 
 from .events import Event, EventKey, GradKey, ProgramKey, Site
-from .ops import AccessKind
+from .ops import AccessKind, Cache
 
 if TYPE_CHECKING:
     from .graph import Node
@@ -117,15 +117,32 @@ class ModuleGetStep(_Step):
     invoke: int | None
 
 
+WriteKind = Literal["output", "input", "inputs", "skip"]
+"""What a module write replaces: a value of the call, or (``skip``) the call itself."""
+
+
 @attrs.frozen(eq=False, kw_only=True)
 class ModuleSetStep(_Step):
-    """A module write: wait for call ``key`` and hand the model a new value (this invoke's rows)."""
+    """A module write: wait for call ``key`` and hand the model a new value
+    (this invoke's rows). A `Skip` is one too (``kind="skip"``, at the call's
+    ``pre`` event): the value replaces the call's output and its forward."""
 
     key: EventKey
     wait: WaitEvent
-    kind: AccessKind
+    kind: WriteKind
     invoke: int | None
     resolve: Resolver
+
+
+@attrs.frozen(eq=False, kw_only=True)
+class CacheStep(_Step):
+    """A `Cache`: wait for the end of the run (``wait``, the `END_KEY` event)
+    and take what the run's cache hooks stored for ``op`` (node ``index``),
+    this invoke's rows."""
+
+    wait: WaitEvent
+    op: Cache
+    invoke: int | None
 
 
 @attrs.frozen(eq=False, kw_only=True)
@@ -235,7 +252,7 @@ class TraceRunStep(_Step):
 
 
 Step = Union[
-    ComputeStep, ModuleGetStep, ModuleSetStep, GradHookStep, GradStep, SetGradStep, SaveStep, StopStep,
+    ComputeStep, ModuleGetStep, ModuleSetStep, CacheStep, GradHookStep, GradStep, SetGradStep, SaveStep, StopStep,
     BridgeStep, IterItemStep, ExportStep, CondStep, IterateStep, EachCallStep, TraceRunStep,
 ]
 """Every kind of step (see the module docstring)."""
@@ -268,6 +285,11 @@ class Plan:
     ``stops`` maps a module call to the stops that take effect there:
     ``.stop()`` of a value computed from module accesses fires once all of
     them have happened, whatever its program is waiting for.
+    ``hook_sites`` are real module hooks only; ``operation_sites`` are the
+    sites of operations inside forwards (``envoy.source``, events.py) the
+    run must watch, ``skipped`` the module paths and operation sites a
+    `Skip` may skip (their forwards are wrapped for the run, forwards.py),
+    ``caches`` the `Cache` nodes of this graph (not of bodies) with their ops.
     """
 
     steps: tuple[Step, ...]
@@ -283,6 +305,14 @@ class Plan:
     writes: frozenset[int]
     touches: frozenset[tuple[Event, bool]]
     stops: PMap[EventKey, StopsAt] = attrs.field(factory=lambda: NO_STOPS)
+    operation_sites: tuple[tuple[str, Site], ...] = ()
+    skipped: frozenset[str] = frozenset()
+    caches: tuple[tuple[int, Cache], ...] = ()
+
+    @property
+    def overrides_forwards(self) -> bool:
+        """Whether a run must wrap some module's forward (skips, operation sites)."""
+        return bool(self.skipped or self.operation_sites)
 
 
 NO_STOPS: PMap[EventKey, StopsAt] = pmap()

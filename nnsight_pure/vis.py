@@ -37,10 +37,12 @@ import graphviz
 
 from .arguments import Ref, map_refs
 from .errors import GraphvizNotFoundError
+from .events import OPERATION_MARK
 from .graph import Graph, Node, SourceLoc, node_refs, saved_refs
 from .ops import (
     ApplyModule,
     Bridge,
+    Cache,
     Call,
     CallMethod,
     Cond,
@@ -54,9 +56,11 @@ from .ops import (
     ModuleGet,
     ModuleSet,
     Op,
+    Result,
     Save,
     SetAttr,
     SetGrad,
+    Skip,
     Stop,
     TraceRun,
     first_bridge,
@@ -83,6 +87,9 @@ STYLES: Mapping[type, Style] = {
     Export: Style("box", "brown", "BridgeProtocol", "a value from inside a finished block"),
     IterItem: Style("box", "blue", "ValueProtocol", "the current item of a loop"),
     ModuleSet: Style("ellipse", "green4", "SwapProtocol", "setting a module's input or output"),
+    Skip: Style("ellipse", "green4", "SkipProtocol", "skipping a module call (or an operation): its output given"),
+    Result: Style("box", "green4", "ResultProtocol", "what the traced method returned (tracer.result)"),
+    Cache: Style("box", "green4", "CacheProtocol", "every call's values of many modules (tracer.cache)"),
     SetGrad: Style("ellipse", "green4", "SwapProtocol", "setting the gradient flowing into a value"),
     Save: Style("ellipse", "brown", "LockProtocol", ".save(): the value outlives the run"),
     Call: Style("ellipse", "black", "Operation", "a function call, labelled with the function's name"),
@@ -119,7 +126,7 @@ def _short(text: str) -> str:
 
 
 def _path_text(path: str) -> str:
-    return f".{path}" if path else ""
+    return f".{path.replace(OPERATION_MARK, 'source')}" if path else ""
 
 
 def node_label(op: Op) -> str:
@@ -140,7 +147,7 @@ def node_label(op: Op) -> str:
         case IterItem():
             return "item"
         case (
-            ModuleGet() | ModuleSet() | ModuleAttr() | ApplyModule() | Bridge() | Export()
+            ModuleGet() | ModuleSet() | Skip() | Result() | Cache() | ModuleAttr() | ApplyModule() | Bridge() | Export()
             | Cond() | Iterate() | EachCall() | TraceRun() | Grad() | SetGrad()
         ):
             return type(op).__name__
@@ -155,6 +162,19 @@ def op_fields(node: Node) -> list[tuple[str, str]]:
             fields = [("module_path", repr(f"{_path_text(path)}.{kind}"))]
             if call:
                 fields.append(("call", str(call)))
+            return fields + invoke
+        case Skip(path, call):
+            fields = [("module_path", repr(_path_text(path)))]
+            return fields + ([("call", str(call))] if call else []) + invoke
+        case Result():
+            return invoke
+        case Cache(modules, include_inputs=inputs, include_output=outputs, detach=detach, device=device,
+                   dtype=dtype):
+            shown = ", ".join(repr(_path_text(path)) for path in modules[:3])
+            fields = [("modules", shown + (f" +{len(modules) - 3} more" if len(modules) > 3 else ""))]
+            fields += [(name, "True" if value is True else repr(value)) for name, value in (
+                ("include_inputs", inputs), ("include_output", outputs), ("detach", detach),
+                ("device", device), ("dtype", dtype)) if value != attrs.fields_dict(Cache)[name].default]
             return fields + invoke
         case ModuleAttr(path, name):
             return [("module_path", repr(_path_text(path))), ("key", repr(name))]

@@ -239,10 +239,12 @@ def test_whitelisted_names(name: str) -> None:
 
 def test_kinds_of_ops() -> None:
     assert frozenset(ops.CONTEXT_OPS) == frozenset(get_args(ContextOp))
-    assert ops.TRACE_OPS == (ModuleGet, ModuleSet, ModuleAttr, ApplyModule, Grad, SetGrad, EachCall)
+    assert ops.TRACE_OPS == (
+        ModuleGet, ModuleSet, ops.Skip, ops.Result, ops.Cache, ModuleAttr, ApplyModule, Grad, SetGrad, EachCall
+    )
     assert ops.PLAIN_OPS == frozenset(
-        {ModuleGet, ModuleSet, ModuleAttr, ApplyModule, CallMethod, GetAttr, SetAttr, Save, Stop, Grad,
-         SetGrad, Bridge, IterItem, Export}
+        {ModuleGet, ModuleSet, ops.Skip, ops.Result, ops.Cache, ModuleAttr, ApplyModule, CallMethod, GetAttr,
+         SetAttr, Save, Stop, Grad, SetGrad, Bridge, IterItem, Export}
     )
     every = frozenset(get_args(Op))
     assert ops.PLAIN_OPS | frozenset(ops.CONTEXT_OPS) | {Call} == every

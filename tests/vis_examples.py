@@ -16,6 +16,7 @@ from nnsight_pure.graph import Graph
 from nnsight_pure.ops import (
     ApplyModule,
     Bridge,
+    Cache,
     Call,
     CallMethod,
     Cond,
@@ -29,9 +30,11 @@ from nnsight_pure.ops import (
     ModuleGet,
     ModuleSet,
     Op,
+    Result,
     Save,
     SetAttr,
     SetGrad,
+    Skip,
     Stop,
     TraceRun,
 )
@@ -57,6 +60,11 @@ def legend_examples() -> dict[str, Graph]:
     return {
         "ModuleGet": _grown(get),
         "ModuleSet": _grown(get, (Call(operator.mul), (Ref(0), 2)), (ModuleSet("layer1", "output"), (Ref(1),))),
+        "Skip": _grown((ModuleGet("layer2", "input"), ()), (Skip("layer2"), (Ref(0),))),
+        "Result": _grown((Result(), ()), (Save(), (Ref(0),))),
+        "Cache": _grown(
+            (Cache(("layer1", "layer2"), ("model.layer1", "model.layer2")), ()), (Save(), (Ref(0),))
+        ),
         "ModuleAttr": _grown((ModuleAttr("layer1", "weight"), ())),
         "ApplyModule": _grown(get, (ApplyModule("layer2"), (Ref(0),))),
         "Call": _grown(get, (Call(operator.setitem), (Ref(0), (SliceConst(None, None, None), 0), 1.0))),

@@ -31,11 +31,12 @@ import torch
 from pyrsistent import PMap, pmap
 
 from .. import open_blocks as active
+from ..cache_setup import cache_op
 from ..errors import TraceError
 from ..events import EventKey, in_scope
 from ..findings import raise_first
 from ..graph import Graph, SourceLoc
-from ..ops import AccessKind, ApplyModule, ModuleGet, ModuleSet, Op, TraceRun
+from ..ops import AccessKind, ApplyModule, ModuleGet, ModuleSet, Op, Result, Skip, TraceRun
 from ..program_check import check_prepared
 from ..proxy import Proxy, settled
 from ..runner import Inputs, ModelAdapter, Prepared, prepare, run_invokes
@@ -320,6 +321,40 @@ class Tracer(FlowContext):
         accesses = self._accesses
         for key in [key for key in accesses if key[1] == path]:
             del accesses[key]
+
+    def _write_skip(self, path: str, value: Any, call: int | None = None) -> None:
+        """Skip a call of module (or operation site) ``path``: ``value`` is its output."""
+        call = self._call_of(path) if call is None else call
+        self._current().record(Skip(path, call), (value,))
+        accesses = self._accesses
+        for key in [key for key in accesses if key[1] == path or key[1].startswith(path + ".")]:
+            del accesses[key]
+
+    # --- the run as a whole -------------------------------------------------------------
+
+    @property
+    def result(self) -> Proxy:
+        """What the traced method returns (the model's output; for ``generate``,
+        the generated ids), this invoke's rows: read it in the block, use it after."""
+        return self._current().record(Result())
+
+    def cache(
+        self,
+        modules: Any = None,
+        *,
+        device: Any = None,
+        dtype: Any = None,
+        detach: bool = True,
+        include_inputs: bool = False,
+        include_output: bool = True,
+    ) -> Proxy:
+        """Record every call's values of ``modules`` (every module when
+        ``None``; envoys, or paths such as ``"model.transformer.h.0"``) after
+        the interventions: one value, an `ActivationCache`, saved (read it
+        after the trace: ``cache["model.transformer.h.0"].output``)."""
+        op = cache_op(self._handle, modules, device=device, dtype=dtype, detach=detach,
+                      include_inputs=include_inputs, include_output=include_output)
+        return self._current().record(op).save()
 
     def _fake_of(self, op: Op, args: Sequence[Any], kwargs: Mapping[str, Any], invoke: int | None) -> Any:
         """The fake value of a node recorded in this trace (scan/validate)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
 from ..batching import narrow_rows
+from ..cache import cache_value
 from ..errors import OutOfOrderError, TraceError
 from ..events import GradKey
 from ..graph import Node
@@ -26,6 +27,7 @@ from ..results import Results
 from ..source import add_note
 from ..steps import (
     BridgeStep,
+    CacheStep,
     ComputeStep,
     CondStep,
     EachCallStep,
@@ -133,6 +135,9 @@ class Fold:
                     case GradStep():
                         value, _ = yield step.wait
                         env[index] = value
+                    case CacheStep():
+                        yield step.wait  # the end of the run (or of a stopped run)
+                        env[index] = cache_value(world, step)
                     case SaveStep():
                         env[index] = None
                     case BridgeStep(slot=slot):

@@ -15,8 +15,10 @@ import attrs
 import torch
 
 from ..batching import BatchGroups
+from ..cache import install_cache_hooks
 from ..errors import TraceError
 from ..events import ProgramKey
+from ..forwards import Wrapped, unwrap_forwards, wrap_forwards
 from ..graph import Graph, SourceLoc
 from ..hooks import Installed, install_hooks, remove_hooks
 from ..plan import plan_for
@@ -102,15 +104,28 @@ class Interleaver:
     def __init__(self, run: Run) -> None:
         self._run = run
         self._installed: Installed = []  # filled in place: nothing to lose to an interrupt
+        self._wrapped: Wrapped = []  # (the same)
 
     def __enter__(self) -> Interleaver:
         world = self._run.world
+        plan = self._run.plan
         assert world.root is not None
-        install_hooks(world.root, self._run.plan.hook_sites, world.on_event, self._installed)
+        try:
+            install_hooks(world.root, plan.hook_sites, world.on_event, self._installed)
+            if plan.caches:
+                install_cache_hooks(world.root, plan.caches, world, self._installed)
+            if plan.overrides_forwards:
+                wrap_forwards(world.root, plan, world, self._wrapped)
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        remove_hooks(self._installed)
+        try:
+            unwrap_forwards(self._wrapped)
+        finally:
+            remove_hooks(self._installed)
 
 
 Interleave = Callable[..., Any]
@@ -148,9 +163,11 @@ def run_trace(
         # The model runs even when no node needs it: a trace promises one run
         # (the user's own hooks, train-mode statistics and other effects).
         returned = interleave(interleaver, *args, fn=fn, **kwargs)
-        run.world.end_of_run()
+        run.world.on_end(returned)
     except EarlyStop:
         stopped = True
+        if run.plan.caches:
+            run.world.end_after_stop()  # a cache keeps what the calls before the stop stored
     except BaseException as error:
         if error is not run.fold.failed and where is not None:
             add_note(error, f"nnsight_pure: raised by the model during the trace opened at\n  {describe(where)}")
@@ -159,7 +176,10 @@ def run_trace(
     finally:
         # Again, in case an interrupt cut the interleaver's own removal short
         # (or landed between its enter and the model's ``with``): a no-op otherwise.
-        remove_hooks(interleaver._installed)
+        try:
+            unwrap_forwards(interleaver._wrapped)
+        finally:
+            remove_hooks(interleaver._installed)
     results, exported = run.finish(stopped, graph)
     if keep_result:
         results = attrs.evolve(results, returned=returned)

@@ -23,10 +23,11 @@ from torch.utils.hooks import RemovableHandle
 
 from ..batching import BatchGroups, merge_rows
 from ..errors import TraceError
-from ..events import Event, EventKey, GradKey, Site
+from ..events import END_PATH, Event, EventKey, GradKey, Site
 from ..hooks import submodule
 from ..printing import module_expr
 from ..steps import NO_STOPS, ModuleSetStep, Plan
+from .signals import EarlyStop
 
 if TYPE_CHECKING:
     from .scheduler import Scheduler
@@ -64,6 +65,9 @@ class World:
         self.thread = threading.get_ident()
         self._modules: dict[str, torch.nn.Module] = {}
         self._stops = None if plan.stops is NO_STOPS else plan.stops  # (most plans have none: no lookup then)
+        self.feeding = 0  # how many events are being fed now (operations.py ignores the programs' own ops)
+        self.skips: dict[EventKey, list[tuple[int | None, Any]]] = {}  # skip values by the call's pre event
+        self.stored: dict[int, Any] = {}  # what the cache hooks store, per `Cache` node (cache.py)
 
     # --- the event register -----------------------------------------------------------
 
@@ -74,10 +78,12 @@ class World:
         whether a write replaced it."""
         outer = (self.current, self.activation, self.swapped)
         self.current, self.activation, self.swapped = key, value, False
+        self.feeding += 1
         try:
             self.scheduler.advance_all(self)
             return self.activation, self.swapped
         finally:
+            self.feeding -= 1
             self.current, self.activation, self.swapped = outer
 
     def _keep(self, key: Event) -> bool:
@@ -126,6 +132,22 @@ class World:
             if all(calls.get((path, site), 0) > call for path, site, call in needed):
                 self.stopping = True
 
+    def on_end(self, returned: Any) -> None:
+        """The traced method returned ``returned``: feed the end-of-run event
+        (``tracer.result``, caches), then end the loops still waiting."""
+        self.on_event(END_PATH, "post", returned)
+        self.end_of_run()
+
+    def end_after_stop(self) -> None:
+        """A stop ended the run early: let the caches take what was stored
+        (they wait for the end with ``may_end``); ``tracer.result`` has no value."""
+        self.stopping = False
+        self.ended = True
+        try:
+            self.scheduler.advance_all(self)
+        except EarlyStop:
+            pass
+
     def end_of_run(self) -> None:
         """The model's method returned: end the loops over calls still waiting
         for a call (the programs go on after them, with what was kept)."""
@@ -153,6 +175,12 @@ class World:
     def swap(self, step: ModuleSetStep, new: Any) -> None:
         """Make the running hook hand ``new`` back to the model (this invoke's rows)."""
         what = f"{module_expr(step.key[0])}.{step.kind}"
+        if step.kind == "skip":
+            # Handed to the module's wrapped forward (forwards.py), which runs next.
+            key = self.current
+            assert key is not None and not isinstance(key, GradKey)
+            self.skips.setdefault(key, []).append((step.invoke, new))
+            return
         if step.kind == "output":
             self.activation = merge_rows(self.activation, new, self.groups, step.invoke, what)
         elif step.kind == "inputs":
@@ -165,6 +193,23 @@ class World:
             first = merge_rows(args[0], new, self.groups, step.invoke, what)
             self.activation = ((first,) + tuple(args[1:]), kwargs)
         self.swapped = True
+
+    def take_skip(self, path: str) -> list[tuple[int | None, Any]] | None:
+        """The skips of the call of ``path`` that is starting now (its pre
+        event just ran), as ``(invoke, value)`` pairs; ``None`` when none."""
+        call = self.calls.get((path, "pre"), 0) - 1
+        return self.skips.pop((path, "pre", call), None)
+
+    def skipped_value(self, path: str, skips: list[tuple[int | None, Any]], run: Any) -> Any:
+        """The output of a skipped call: the one skip value when it covers the
+        whole batch; else ``run()`` (the forward, on the whole batch) with each
+        skipping invoke's rows replaced by its value."""
+        if len(skips) == 1 and self.groups.rows(skips[0][0]) is None:
+            return skips[0][1]
+        output = run()
+        for invoke, value in skips:
+            output = merge_rows(output, value, self.groups, invoke, f"{module_expr(path)}.skip(...)")
+        return output
 
     # --- gradients ----------------------------------------------------------------------
 
