@@ -314,3 +314,20 @@ def test_an_escaped_tooltip_reads_back_as_written_in_svg(tmp_path: Path) -> None
     svg = render(graph, title="odd", path=tmp_path, format="svg").read_text()
     titles = [html.unescape(t).replace("\xa0", " ") for t in re.findall(r'xlink:title="([^"]*)"', svg)]
     assert titles == ['odd.py:1  x = "a\\\\N<b>" & 1', 'we"ird\n\\name.py:3']
+
+
+def test_the_legend_page_lists_every_kind_with_its_real_style() -> None:
+    """docs/vis.md's legend table has a row per op kind whose shape, colour and
+    nnsight name are the ones `to_dot` draws (STYLES), and a picture that exists."""
+    page = (ROOT / "docs" / "vis.md").read_text()
+    rows = {}
+    for line in page.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[0].startswith("`") and cells[1].startswith("!["):
+            rows[cells[0].strip("`")] = cells
+    for kind, style in STYLES.items():
+        name = kind.__name__
+        assert name in rows, f"docs/vis.md's legend has no row for {name}"
+        _, picture, shape, colour, legend, _ = rows[name]
+        assert (shape, colour, legend) == (style.shape, style.color, style.legend), name
+        assert (ROOT / "docs" / "legend" / f"{name}.svg").exists(), picture
