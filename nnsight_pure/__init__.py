@@ -47,9 +47,9 @@ from .graph import Node as Node
 from .models.language import LanguageModel as LanguageModel
 from .models.nnsight import NNsight as NNsight
 from .passes import compose as compose
+from .passes import prune as prune
 from .patching import PatchingResult as PatchingResult
 from .patching import patching_sweep as patching_sweep
-from .passes import prune as prune
 from .printing import format_graph as format_graph
 from .proxy import Proxy as Proxy
 from .results import Results as Results

@@ -22,6 +22,7 @@ swept with ``concat()`` on either engine.
 
 from __future__ import annotations
 
+import importlib
 import math
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -133,7 +134,7 @@ class PatchingResult:
     def to_dataframe(self, **bootstrap: Any) -> Any:
         """`to_rows` as a pandas DataFrame (pandas must be installed)."""
         try:
-            import pandas
+            pandas = importlib.import_module("pandas")  # (by name: pandas ships no type stubs)
         except ImportError as error:
             raise ImportError("PatchingResult.to_dataframe needs pandas: pip install pandas") from error
         return pandas.DataFrame(self.to_rows(**bootstrap))
@@ -336,7 +337,7 @@ def patching_sweep(
     return result_of(results.outputs, patches.layers, patches.labels, patches.axis)
 
 
-def result_of(rows: torch.Tensor, layers: Sequence[str], labels: Sequence[int], axis: Axis) -> PatchingResult:
+def result_of(rows: Any, layers: Sequence[str], labels: Sequence[int], axis: Axis) -> PatchingResult:
     """A `PatchingResult` from the swept metric, ``[examples, 2 + layers * labels]``."""
     expected = 2 + len(layers) * len(labels)
     if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.shape[1] != expected:
@@ -344,7 +345,7 @@ def result_of(rows: torch.Tensor, layers: Sequence[str], labels: Sequence[int], 
         raise ValueError(
             f"metric must give one value per row ([rows]); the sweep gave {shape}, expected [examples, {expected}]"
         )
-    rows = rows.detach()
+    rows = rows.detach()  # (a sweep of a graph needs no autograd history)
     patched = rows[:, 2:].reshape(rows.shape[0], len(layers), len(labels))
     return PatchingResult(patched, rows[:, 0], rows[:, 1], tuple(layers), tuple(labels), axis)
 
@@ -356,7 +357,7 @@ def _pairs(
         raise ValueError(f"clean and corrupted need as many examples: {len(clean)} and {len(corrupted)}")
     if len(clean) == 0:
         raise ValueError("patching needs at least one pair of clean and corrupted inputs")
-    pairs = list(zip(clean, corrupted))
+    pairs: list[tuple[Any, Any]] = list(zip(clean, corrupted))
     for index, (a, b) in enumerate(pairs):
         if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.shape != b.shape:
             raise ValueError(

@@ -197,14 +197,14 @@ def made_up() -> PatchingResult:
 
 def test_effect_and_normalized_follow_their_formulas() -> None:
     result = made_up()
-    e, l, i = 4, 1, 2
-    assert float(result.values[e, l, i]) == pytest.approx(float(result.patched[e, l, i] - result.corrupted[e]))
-    share = (result.patched[e, l, i] - result.corrupted[e]) / (result.clean[e] - result.corrupted[e])
-    assert float(result.normalized().values[e, l, i]) == pytest.approx(float(share))
-    column = result.effect[:, l, i]
-    assert float(result.mean[l, i]) == pytest.approx(float(column.sum() / 12))
+    e, layer, i = 4, 1, 2
+    assert float(result.values[e, layer, i]) == pytest.approx(float(result.patched[e, layer, i] - result.corrupted[e]))
+    share = (result.patched[e, layer, i] - result.corrupted[e]) / (result.clean[e] - result.corrupted[e])
+    assert float(result.normalized().values[e, layer, i]) == pytest.approx(float(share))
+    column = result.effect[:, layer, i]
+    assert float(result.mean[layer, i]) == pytest.approx(float(column.sum() / 12))
     hand_se = (((column - column.mean()) ** 2).sum() / 11).sqrt() / 12**0.5
-    assert float(result.stderr[l, i]) == pytest.approx(float(hand_se))
+    assert float(result.stderr[layer, i]) == pytest.approx(float(hand_se))
     low, high = result.bootstrap_ci(n_resamples=400, seed=3)
     assert bool((low <= result.mean).all() and (result.mean <= high).all())
     assert result.permutation_pvalue(n_resamples=99).shape == (2, 3)
@@ -217,7 +217,8 @@ def test_rows_and_dataframe() -> None:
     assert rows[5]["layer"] == "b" and rows[5]["position"] == 2
     assert rows[5]["mean"] == pytest.approx(float(result.mean[1, 2]))
     low, high = result.bootstrap_ci(n_resamples=200)
-    assert rows[5]["ci_low"] == pytest.approx(float(low[1, 2])) and rows[5]["ci_high"] == pytest.approx(float(high[1, 2]))
+    assert rows[5]["ci_low"] == pytest.approx(float(low[1, 2]))
+    assert rows[5]["ci_high"] == pytest.approx(float(high[1, 2]))
     pandas = pytest.importorskip("pandas")
     frame = result.to_dataframe(n_resamples=200)
     assert isinstance(frame, pandas.DataFrame)
