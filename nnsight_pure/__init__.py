@@ -48,6 +48,8 @@ from .models.language import LanguageModel as LanguageModel
 from .models.nnsight import NNsight as NNsight
 from .passes import compose as compose
 from .passes import prune as prune
+from .patching import PatchingResult as PatchingResult
+from .patching import patching_sweep as patching_sweep
 from .printing import format_graph as format_graph
 from .proxy import Proxy as Proxy
 from .results import Results as Results
@@ -95,6 +97,7 @@ __all__ = [
     "NNsight",
     "Node",
     "OutOfOrderError",
+    "PatchingResult",
     "Proxy",
     "Ref",
     "Results",
@@ -128,6 +131,7 @@ __all__ = [
     "local",
     "log",
     "logger",
+    "patching_sweep",
     "prune",
     "remote_logger",
     "render",
