@@ -86,7 +86,8 @@ class SourceEnvoy:
                 return found
         wrapper = envoy._handle.owner() if envoy._handle.owner is not None else None
         if wrapper is None:
-            raise TraceError(f"{module_expr(envoy._alias_path)}.source: the model wrapper is gone")
+            raise TraceError(f"{module_expr(envoy._alias_path)}.source: the model wrapper "
+                             "this envoy came from no longer exists (keep a reference to it)")
         if not inputs and not kwargs:
             example = wrapper._example_inputs()
             if example is None:
