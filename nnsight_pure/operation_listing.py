@@ -107,7 +107,8 @@ def discover(
     key = (id(root), type(root).__qualname__, path, method_name, _signature((tuple(args), dict(kwargs))))
     found = LISTINGS.get(key)
     if found is not None and found[0] == _structure(root):
-        return found[1]
+        listed: Listing = found[1]
+        return listed
     mode = new_mode()
     fake_root = fake_copy(root, mode)
     module = fake_root.get_submodule(path)

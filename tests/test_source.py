@@ -22,7 +22,8 @@ N_EMBD, N_HEAD = 16, 2
 def gpt2(attn: str = "eager", seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(n_layer=2, n_embd=N_EMBD, n_head=N_HEAD, vocab_size=100, n_positions=32,
-                        bos_token_id=1, eos_token_id=2, attn_implementation=attn)
+                        bos_token_id=1, eos_token_id=2)
+    config._attn_implementation = attn
     model = GPT2LMHeadModel(config)
     torch.nn.Module.eval(model)
     return model
@@ -104,7 +105,7 @@ def test_child_calls_are_one_operation_each() -> None:
 def test_set_and_skip_match_by_hand() -> None:
     net = gpt2()
     model = nnsight.NNsight(net)
-    attn = net.transformer.h[0].attn
+    attn: Any = net.transformer.h[0].attn
     src = model.transformer.h[0].attn.source
     uniform = torch.ones(2, N_HEAD, 5, 5) / 5
     with model.trace(IDS):
@@ -121,7 +122,7 @@ def test_set_and_skip_match_by_hand() -> None:
         inp = model.transformer.h[0].input.save()
         src.c_proj_0.skip(torch.zeros(2, 5, N_EMBD))
         block = model.transformer.h[0].output.save()
-    block0 = net.transformer.h[0]
+    block0: Any = net.transformer.h[0]
     block = block[0] if isinstance(block, tuple) else block
     torch.testing.assert_close(block, inp + block0.mlp(block0.ln_2(inp)))
 
@@ -150,7 +151,8 @@ class Twice(torch.nn.Module):
         self.inner = Block()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(self.inner(x))
+        out: torch.Tensor = self.inner(self.inner(x))
+        return out
 
 
 class Block(torch.nn.Module):
@@ -236,7 +238,7 @@ def test_zero_cost_when_unused(monkeypatch: pytest.MonkeyPatch) -> None:
     def enter(self: Any) -> Any:
         if self.world is not None:  # (a listing's recording mode is not the run's)
             pushed.append(self)
-        return real_enter(self)
+        return real_enter(self)  # type: ignore[no-untyped-call]  # torch's mode is unannotated
 
     def wrapper(*args: Any) -> Any:
         wrapped.append(args)
