@@ -15,6 +15,9 @@ table              at most    what it remembers
                               used dropped first (the plan cache)
 ``FIELDS``         64         each op kind's field names (plan_cache.py, the plan)
 ``GROUPS``         1,024      batch groups by invoke sizes (batching.py)
+``LISTINGS``       128        the operations of a module's forward by model,
+                              module and input shapes, least recently used
+                              dropped first (operation_listing.py)
 ``WHITELIST``      (fixed)    every whitelisted callable by identity (effects.py)
 per-graph memos    (weak)     work done once per graph object, gone with the
                               graph (memo.PerGraph)
@@ -107,6 +110,7 @@ PLANS: BoundedCache[object, Any] = BoundedCache("plans", 256, lru=True)  # of pl
 FIELDS: BoundedCache[type, tuple[str, ...]] = BoundedCache("op fields", 64)
 GROUPS: BoundedCache[tuple[int | None, ...], Any] = BoundedCache("batch groups", 1024)  # of BatchGroups
 WHITELIST: BoundedCache[int, tuple[str, object]] = BoundedCache("whitelist", 1 << 20)
+LISTINGS: BoundedCache[tuple[object, ...], Any] = BoundedCache("source listings", 128, lru=True)  # envoy.source
 SHAREABLE_BUILTINS: BoundedCache[object, bool] = BoundedCache("shareable builtins", 4096)  # shareable.py
 
 

@@ -62,7 +62,7 @@ def wrap_forwards(root: torch.nn.Module, plan: Plan, world: World, wrapped: Wrap
             module = submodule(root, path)
             had = "forward" in module.__dict__
             wrapped.append((module, had, module.__dict__.get("forward")))
-            module.forward = _wrapper(module.forward, path, names, world)
+            module.forward = _wrapper(module, module.forward, path, names, world)
     except BaseException:
         unwrap_forwards(wrapped)
         raise
@@ -80,7 +80,9 @@ def unwrap_forwards(wrapped: Wrapped) -> None:
         wrapped.pop()
 
 
-def _wrapper(original: Callable[..., Any], path: str, names: frozenset[str], world: World) -> Callable[..., Any]:
+def _wrapper(
+    module: torch.nn.Module, original: Callable[..., Any], path: str, names: frozenset[str], world: World
+) -> Callable[..., Any]:
     """The forward of ``path`` for this run: skipped when a `Skip` says so,
     watched (operations ``names``) when the plan reads operations in it."""
     thread = world.thread
@@ -88,7 +90,7 @@ def _wrapper(original: Callable[..., Any], path: str, names: frozenset[str], wor
 
     def run(*args: Any, **kwargs: Any) -> Any:
         if names:
-            with watching_operations(path, names, world):
+            with watching_operations(path, module, names, world):
                 return original(*args, **kwargs)
         return original(*args, **kwargs)
 

@@ -19,6 +19,7 @@ import torch
 from . import open_blocks as active
 from .contexts.tracer import Tracer
 from .errors import TraceError
+from .events import operation_of
 from .findings import Findings, raise_first
 from .graph import Graph, Node
 from .hooks import submodule
@@ -236,8 +237,9 @@ def _check_modules(paths: Mapping[str, Node], root: torch.nn.Module) -> None:
     """Refuse, before anything runs, a graph naming a module ``root`` lacks
     (a graph traced on another model, or read from a file)."""
     for path, node in paths.items():
+        site = operation_of(path)  # an operation site (envoy.source) names its module
         try:
-            submodule(root, path)
+            submodule(root, path if site is None else site[0])
         except AttributeError:
             raise TraceError(
                 f"`{format_node(node)}` (made at {short(node.source)}) names the module {path!r}, "

@@ -7,7 +7,7 @@ model's weights alive until the garbage collector runs.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -23,6 +23,7 @@ class ModelHandle:
     def __init__(self, module: torch.nn.Module, rename: Mapping[str, str] | None = None) -> None:
         self.module = module
         self.generation = 0
+        self.owner: Callable[[], Any] | None = None  # a weak reference to the wrapper (envoy.source's listing)
         rename = dict(rename or {})
         for real, alias in rename.items():
             if not alias.isidentifier():

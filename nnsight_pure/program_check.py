@@ -21,7 +21,9 @@ order, as the interpreter runs it, tracking how far the model has got:
 What is found comes back as `Findings` (findings.py); nothing is raised and
 the user's model never runs (errors of preparing, batching or scanning the
 inputs propagate, as they would from the run). Not judged: reads of modules
-called ad hoc with hooks (calls the scan never sees), and the order after a
+called ad hoc with hooks (calls the scan never sees), operation sites
+(``envoy.source.<name>``: their names are checked as the trace records
+them, source_envoy.py), and the order after a
 loop that follows the calls to the end of the run (``.all()``) or after a
 value whose time is unknown.
 """
@@ -37,7 +39,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .arguments import thaw
 from .effects import is_inplace
-from .events import EventKey, in_scope, site_of
+from .events import EventKey, in_scope, operation_of, site_of
 from .findings import Finding, FindingKind, Findings
 from .graph import Graph, Node, node_refs
 from .open_blocks import suspended
@@ -206,6 +208,8 @@ class _Checker:
 
     def access(self, node: Node, path: str, kind: str, call: int, writes: bool, program: _Program,
                within: tuple[int, ...], in_loop: bool = False) -> None:
+        if operation_of(path) is not None:
+            return  # an operation site (envoy.source): the trace checks its name against a listing (source_envoy)
         key: EventKey = (path, site_of(kind), call)  # type: ignore[arg-type]  # kind is an AccessKind
         record = self.record_of(node.invoke)
         place = record.position.get(key)

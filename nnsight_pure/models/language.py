@@ -218,6 +218,10 @@ class LanguageModel(NNsight):
             prepared["labels"] = label_ids.masked_fill(label_mask == 0, -100)
         return ((), prepared), int(ids.shape[0])
 
+    def _example_inputs(self) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """A short prompt, to list a module's operations outside a trace (``print(envoy.source)``)."""
+        return ("Hello world",), {}
+
     def _invoker_inputs(self, prepared: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
         """``invoker.inputs`` in nnsight 0.4's shape for language models:
         ``((encoding,), {})``, so ``invoker.inputs[0][0]["input_ids"]`` are the ids."""

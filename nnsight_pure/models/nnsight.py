@@ -10,6 +10,7 @@ their options through their constructors; they reach nothing else of it.
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence, cast
 
 import attrs
@@ -53,6 +54,7 @@ class NNsight:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"NNsight wraps a torch.nn.Module; got {type(model).__name__}")
         handle = ModelHandle(model, rename)
+        handle.owner = weakref.ref(self)  # (weak: see handle.py) for envoy.source's listing outside a trace
         object.__setattr__(self, "_handle", handle)
         object.__setattr__(self, "_envoy", _envoy_class(model)(handle, model, "", ""))
         object.__setattr__(self, "_edits", None)
@@ -257,6 +259,11 @@ class NNsight:
         The default keeps them as given; the batch size is dim 0 of the first tensor.
         """
         return (inputs, kwargs), batch_size_of(inputs, kwargs)
+
+    def _example_inputs(self) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """Inputs to list a module's operations with outside a trace (``print(envoy.source)``):
+        none for a plain model (its inputs cannot be guessed); a subclass may know some."""
+        return None
 
     def _invoker_inputs(self, prepared: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
         """``invoker.inputs`` as nnsight 0.4 scripts read them: the prepared
