@@ -71,6 +71,7 @@ from .toplevel import iter as iter
 from .toplevel import list as list
 from .toplevel import local as local
 from .toplevel import log as log
+from .toplevel import save as save
 from .toplevel import set as set
 from .toplevel import stop as stop
 from .toplevel import str as str
@@ -132,6 +133,7 @@ __all__ = [
     "remote_logger",
     "render",
     "run",
+    "save",
     "set",
     "stop",
     "str",
