@@ -405,8 +405,8 @@ def _skip_fake(op: Skip, new: Any, scanned: Mapping[EventKey, Any], validate: bo
     if validate and old is not UNKNOWN and new is not UNKNOWN:
         if isinstance(old, tuple) != isinstance(new, tuple):
             raise ValueError(
-                f"{module_expr(op.path)}.skip(...): the module returns a {type(old).__name__}, but the skip "
-                f"value is a {type(new).__name__}: it must have the output's structure "
+                f"{module_expr(op.path)}.skip(...): the module returns a {_kind(old)}, but the skip "
+                f"value is a {_kind(new)}: it must have the output's structure "
                 "(found by validate=True, before running the model)"
             )
         old_leaves, old_spec = pytree.tree_flatten(old)
@@ -417,6 +417,11 @@ def _skip_fake(op: Skip, new: Any, scanned: Mapping[EventKey, Any], validate: bo
     if new is not UNKNOWN and old is not UNKNOWN and isinstance(scanned, dict):
         scanned[key] = new
     return UNKNOWN
+
+
+def _kind(value: Any) -> str:
+    """A value's type as the user knows it (a fake tensor is a ``Tensor``)."""
+    return "Tensor" if isinstance(value, torch.Tensor) else type(value).__name__
 
 
 def _check_same_shape(op: Op, old: Any, new: Any) -> None:
