@@ -13,7 +13,7 @@ import warnings
 from typing import Any, Sequence
 
 from ..errors import MissedCallsWarning, OutOfOrderError, UnexecutedInterventionWarning
-from ..events import Event, EventKey, GradKey, ProgramKey
+from ..events import END_PATH, Event, EventKey, GradKey, ProgramKey
 from ..graph import Graph, Node
 from ..ops import Export
 from ..printing import format_node, module_expr, program_label
@@ -29,6 +29,8 @@ def event_text(key: Event | None) -> str:
     if isinstance(key, GradKey):
         return f"the gradient of %{key.node}"
     path, site, call = key
+    if path == END_PATH:
+        return "the end of the run (tracer.result)"
     which = "output" if site == "post" else "input"
     nth = f" (call {call})" if call else ""
     return f"{module_expr(path)}.{which}{nth}"
