@@ -58,7 +58,7 @@ def test_result_is_this_invokes_rows(net: TinyNet, model: nnsight.NNsight, x3: t
 def test_result_is_read_only(model: nnsight.NNsight, x3: torch.Tensor) -> None:
     with pytest.raises(nnsight.TraceError, match="read-only"):
         with model.trace(x3) as tracer:
-            tracer.result = torch.zeros(3, 2)  # type: ignore[misc]
+            tracer.result = torch.zeros(3, 2)
 
 
 def test_a_write_after_reading_the_result_is_out_of_order(model: nnsight.NNsight, x3: torch.Tensor) -> None:
