@@ -42,7 +42,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .arguments import thaw
 from .effects import is_inplace
-from .events import END_KEY, EventKey, in_scope, is_pseudo, site_of
+from .events import END_KEY, EventKey, Site, in_scope, is_pseudo, site_of
 from .findings import Finding, FindingKind, Findings
 from .graph import Graph, Node, node_refs
 from .open_blocks import suspended
@@ -342,7 +342,7 @@ class _Checker:
             list(range(op.start, op.stop, op.step)) if op.stop is not None else None
         )
         for access, found in accesses:
-            count = record.counts.get((access.path, site_of(access.kind)), 0)
+            count = record.counts.get((access.path, _site(access)), 0)
             beyond = [step for step in steps or () if access.call + step >= count]
             if count and steps is not None and beyond:
                 self.add("loop_range", (
@@ -358,7 +358,7 @@ class _Checker:
         elif steps and not program.stuck:
             # Where the model is once the loop's last iteration that happens has run.
             reached = [
-                record.position.get((access.path, site_of(access.kind), access.call + step), -1)
+                record.position.get((access.path, _site(access), access.call + step), -1)
                 for access, _ in accesses for step in steps
             ]
             program.position = max([program.position, *reached])
@@ -399,11 +399,16 @@ def _ops(graph: Graph) -> Iterator[Any]:
             yield from _ops(node.op.body)
 
 
-def _accesses(body: Graph) -> Iterator[tuple[ModuleGet | ModuleSet, Node]]:
-    """The module accesses of a body and of the bodies nested in it, each with its node."""
+def _site(access: ModuleGet | ModuleSet | Skip) -> Site:
+    """The hook site an access waits for (a skip: the call's input)."""
+    return "pre" if isinstance(access, Skip) else site_of(access.kind)
+
+
+def _accesses(body: Graph) -> Iterator[tuple[ModuleGet | ModuleSet | Skip, Node]]:
+    """The module accesses (skips included) of a body and of the bodies nested in it, each with its node."""
     for node in body.nodes:
         op = node.op
-        if isinstance(op, (ModuleGet, ModuleSet)):
+        if isinstance(op, (ModuleGet, ModuleSet, Skip)):
             yield op, node
         elif isinstance(op, (Cond, Iterate, EachCall)):
             yield from _accesses(op.body)

@@ -186,6 +186,45 @@ def test_the_graph_prints_the_skip(model: nnsight.NNsight, x3: torch.Tensor) -> 
     assert "skip model.layer1 with %" in str(tracer.graph)
 
 
+class Twice(torch.nn.Module):
+    """A model that calls the same module twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(9)
+        self.step = torch.nn.Linear(4, 4)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.step(self.step(h))
+        return out
+
+
+def test_a_constant_skip_in_a_loop_over_calls(x3: torch.Tensor) -> None:
+    twice = Twice()
+    model = nnsight.NNsight(twice)
+    h = x3[:, :4]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (a body with only a skip does touch its scope's calls)
+        with model.trace(h) as tracer:
+            with model.step.all():
+                model.step.skip(torch.ones(3, 4))
+            out = model.output.save()
+    assert torch.equal(out.value, torch.ones(3, 4))
+    assert list(nnsight.check(model, tracer.graph, h)) == []
+    with model.trace(h):
+        model.step.next().skip(model.step.input * -1)  # the second call only
+        out = model.output.save()
+    assert torch.allclose(out.value, -twice.step(h))
+
+
+def test_skipping_the_whole_model(net: TinyNet, model: nnsight.NNsight, x3: torch.Tensor) -> None:
+    inside = _counting(net.layer1)
+    with model.trace(x3):
+        model.skip(x3[:, :2] * 3)
+        out = model.output.save()
+    assert torch.equal(out.value, x3[:, :2] * 3) and inside == [] and _no_forwards_left(net)
+
+
 # --- invokes -----------------------------------------------------------------------------
 
 
