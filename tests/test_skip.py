@@ -149,7 +149,7 @@ def test_a_tuple_output_is_replaced_by_a_tuple(x3: torch.Tensor) -> None:
 
 
 def test_a_skip_after_a_later_modules_output_is_out_of_order(model: nnsight.NNsight, x3: torch.Tensor) -> None:
-    with pytest.raises(nnsight.OutOfOrderError, match="skip model.layer1"):
+    with pytest.raises(nnsight.OutOfOrderError, match="moved past the start of model.layer1's call(?s:.*)skip model"):
         with model.trace(x3):
             late = model.layer2.output
             model.layer1.skip(late.sum() * torch.zeros(3, 10))
@@ -171,6 +171,18 @@ def test_an_access_inside_a_skipped_module_warns_and_has_no_value(x3: torch.Tens
     findings = nnsight.check(model, nnsight.trace(model, lambda m: (m.inner.skip(torch.ones(3, 5)),
                                                                       m.inner[0].output.save())), x3)
     assert [f.kind for f in findings] == ["not_called"] and "skips that call" in str(findings[0])
+
+
+def test_check_reports_an_access_inside_a_skip_of_one_invoke(x3: torch.Tensor) -> None:
+    model = nnsight.NNsight(Outer())
+    with model.trace() as tracer:
+        with tracer.invoke(x3[:1]):
+            model.inner.skip(torch.ones(1, 5))
+            model.inner[0].output.save()  # (the forward runs for invoke 1: rows the skip discards)
+        with tracer.invoke(x3[1:]):
+            model.inner[0].output.save()
+    findings = nnsight.check(model, tracer.graph, invokes=[((x3[:1],), {}), ((x3[1:],), {})])
+    assert [(f.kind, tracer.graph.nodes[f.node].invoke) for f in findings] == [("not_called", 0)]
 
 
 def test_skip_on_a_module_list_is_an_error(x3: torch.Tensor) -> None:
