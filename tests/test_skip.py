@@ -196,6 +196,7 @@ def test_the_graph_prints_the_skip(model: nnsight.NNsight, x3: torch.Tensor) -> 
     with model.trace(x3) as tracer:
         model.layer1.skip(model.layer1.input.repeat(1, 2) * 0)
     assert "skip model.layer1 with %" in str(tracer.graph)
+    assert 'label="Skip"' in nnsight.to_dot(tracer.graph)
 
 
 class Twice(torch.nn.Module):
