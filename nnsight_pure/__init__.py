@@ -73,6 +73,7 @@ from .toplevel import iter as iter
 from .toplevel import list as list
 from .toplevel import local as local
 from .toplevel import log as log
+from .toplevel import save as save
 from .toplevel import set as set
 from .toplevel import stop as stop
 from .toplevel import str as str
@@ -136,6 +137,7 @@ __all__ = [
     "remote_logger",
     "render",
     "run",
+    "save",
     "set",
     "stop",
     "str",

@@ -16,6 +16,11 @@ order, as the interpreter runs it, tracking how far the model has got:
 - an access of a module the method never calls, or of call k when it makes
   fewer; loops over calls reaching past the last call, or touching none;
 - ``.grad`` read or set with no ``backward()`` written after it;
+- a skip (``envoy.skip(value)``) is a write at the call's input (so it too
+  can come too late), after which the modules inside the skipped call are
+  never called: accessing one in the same invoke is a ``not_called``
+  finding; ``tracer.result`` is the end of the run: a write after it in
+  its invoke comes too late;
 - shape errors, from the nodes' fake values (`scan.fake_value`).
 
 What is found comes back as `Findings` (findings.py); nothing is raised and
@@ -39,7 +44,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .arguments import thaw
 from .effects import is_inplace
-from .events import EventKey, in_scope, operation_of, site_of
+from .events import END_KEY, EventKey, Site, in_scope, is_pseudo, operation_of, site_of
 from .findings import Finding, FindingKind, Findings
 from .graph import Graph, Node, node_refs
 from .open_blocks import suspended
@@ -52,7 +57,9 @@ from .ops import (
     Iterate,
     ModuleGet,
     ModuleSet,
+    Result,
     SetGrad,
+    Skip,
     TraceRun,
 )
 from .plan import written_access
@@ -84,7 +91,7 @@ class _Record:
 
     def called(self) -> list[str]:
         """The paths of the modules the method calls, in first-call order (the root left out)."""
-        return list(dict.fromkeys(path for path, _, _ in self.values if path))
+        return list(dict.fromkeys(path for path, _, _ in self.values if path and not is_pseudo(path)))
 
 
 def _what(key: EventKey, kind: str) -> str:
@@ -119,6 +126,8 @@ class _Checker:
         self.last_backward: Node | None = None
         self.adhoc: tuple[str, ...] = ()  # modules called ad hoc with hooks (their calls are not scanned)
         self.conditions = 0  # how many conditions the walk is inside
+        # The calls a skip replaces, per invoke: (module path, first and last place inside, the skip's node).
+        self.skipped: dict[int | None, list[tuple[str, int, int, Node]]] = {}
 
     def add(self, kind: FindingKind, message: str, node: Node, within: tuple[int, ...]) -> None:
         self.found.append(Finding(kind, message, node.ref.index, node.source, within))
@@ -187,12 +196,17 @@ class _Checker:
             self.last_backward = node
         if derived:
             return  # runs when a gradient hook fires, not in the forward's order
-        if isinstance(op, (ModuleGet, ModuleSet)) and in_scope(op.path, self.adhoc):
+        if isinstance(op, (ModuleGet, ModuleSet, Skip)) and in_scope(op.path, self.adhoc):
             return  # hooked ad-hoc calls make calls of it the scan did not see
-        if isinstance(op, (ModuleGet, ModuleSet)):
+        if isinstance(op, (ModuleGet, ModuleSet, Skip)):
             call = op.call + (shift if in_scope(op.path, scope) else 0)
-            self.access(node, op.path, op.kind, call, isinstance(op, ModuleSet), program, within,
+            kind = "skip" if isinstance(op, Skip) else op.kind
+            self.access(node, op.path, kind, call, not isinstance(op, ModuleGet), program, within,
                         in_loop=shift > 0 or scope != ("",))
+            if isinstance(op, Skip):
+                self.skip(node, op.path, call)
+        elif isinstance(op, Result):
+            self.result(node, program)
         elif is_inplace(node):
             self.inplace(graph, node, program, within, shift, scope)
         elif isinstance(op, Cond):
@@ -218,6 +232,9 @@ class _Checker:
                 self.missing(node, key, kind, record, within)
             program.stuck = True
             return
+        if self.skipped and self.inside_skipped(node, key, kind, place, within):
+            program.stuck = True
+            return
         if program.stuck:
             return
         if writes and place < program.position:
@@ -238,6 +255,34 @@ class _Checker:
         if place >= program.position:
             program.position = place
             program.mover = f"{_what(key, kind)}, read by {_shown(node)}"
+            program.foreign = False
+
+    def skip(self, node: Node, path: str, call: int) -> None:
+        """Remember the places of the calls made inside a skipped call (its own
+        pre event to its post event): the model never makes them."""
+        record = self.record_of(node.invoke)
+        start = record.position.get((path, "pre", call))
+        end = record.position.get((path, "post", call))
+        if start is not None and end is not None:
+            self.skipped.setdefault(node.invoke, []).append((path, start, end, node))
+
+    def inside_skipped(self, node: Node, key: EventKey, kind: str, place: int, within: tuple[int, ...]) -> bool:
+        """Whether ``key`` is a call inside a call this invoke skips (a finding then)."""
+        for path, start, end, skip in self.skipped.get(node.invoke, ()):
+            if start < place < end and key[0] != path:
+                self.add("not_called", (
+                    f"{_shown(node)} accesses {_what(key, kind)}, which is inside {module_expr(path)}: "
+                    f"{_shown(skip)} skips that call, so its forward does not run and {module_expr(key[0])} "
+                    "is never called (read the skipped module's .input or .output instead)"
+                ), node, within)
+                return True
+        return False
+
+    def result(self, node: Node, program: _Program) -> None:
+        """``tracer.result`` exists when the method has returned: after every call."""
+        if not program.stuck:
+            program.position = max(program.position, self.record_of(node.invoke).position.get(END_KEY, 1 << 62))
+            program.mover = f"the end of the run, read by {_shown(node)}"
             program.foreign = False
 
     def when(self) -> str:
@@ -301,7 +346,7 @@ class _Checker:
             list(range(op.start, op.stop, op.step)) if op.stop is not None else None
         )
         for access, found in accesses:
-            count = record.counts.get((access.path, site_of(access.kind)), 0)
+            count = record.counts.get((access.path, _site(access)), 0)
             beyond = [step for step in steps or () if access.call + step >= count]
             if count and steps is not None and beyond:
                 self.add("loop_range", (
@@ -317,7 +362,7 @@ class _Checker:
         elif steps and not program.stuck:
             # Where the model is once the loop's last iteration that happens has run.
             reached = [
-                record.position.get((access.path, site_of(access.kind), access.call + step), -1)
+                record.position.get((access.path, _site(access), access.call + step), -1)
                 for access, _ in accesses for step in steps
             ]
             program.position = max([program.position, *reached])
@@ -358,11 +403,16 @@ def _ops(graph: Graph) -> Iterator[Any]:
             yield from _ops(node.op.body)
 
 
-def _accesses(body: Graph) -> Iterator[tuple[ModuleGet | ModuleSet, Node]]:
-    """The module accesses of a body and of the bodies nested in it, each with its node."""
+def _site(access: ModuleGet | ModuleSet | Skip) -> Site:
+    """The hook site an access waits for (a skip: the call's input)."""
+    return "pre" if isinstance(access, Skip) else site_of(access.kind)
+
+
+def _accesses(body: Graph) -> Iterator[tuple[ModuleGet | ModuleSet | Skip, Node]]:
+    """The module accesses (skips included) of a body and of the bodies nested in it, each with its node."""
     for node in body.nodes:
         op = node.op
-        if isinstance(op, (ModuleGet, ModuleSet)):
+        if isinstance(op, (ModuleGet, ModuleSet, Skip)):
             yield op, node
         elif isinstance(op, (Cond, Iterate, EachCall)):
             yield from _accesses(op.body)

@@ -45,7 +45,7 @@ from torch.utils._mode_utils import no_dispatch
 from .effects import safe_on_fakes
 from .errors import add_note
 from .evaluate import op_function
-from .events import EventKey, site_of
+from .events import END_KEY, EventKey, site_of
 from .ops import (
     ApplyModule,
     Grad,
@@ -53,8 +53,10 @@ from .ops import (
     ModuleGet,
     ModuleSet,
     Op,
+    Result,
     Save,
     SetGrad,
+    Skip,
 )
 from .printing import module_expr
 
@@ -290,7 +292,8 @@ def scan(
 ) -> dict[EventKey, Any]:
     """Run ``method(*args, **kwargs)`` (a method working on ``fake_root``, see
     `fake_copy`) on fake copies of the inputs; return the fake value of every
-    module call (inputs as ``(args, kwargs)``, outputs)."""
+    module call (inputs as ``(args, kwargs)``, outputs), and last, under
+    `events.END_KEY`, what the method returned (``tracer.result``)."""
     seen: dict[EventKey, Any] = {}
     calls: dict[tuple[str, str], int] = {}
 
@@ -307,7 +310,8 @@ def scan(
             ))
             handles.append(module.register_forward_hook(lambda m, a, out, path=path: record(path, "post", out)))
         with _hidden_from_global_hooks(), _faking(mode):
-            method(*_to_fake(mode, tuple(args)), **_to_fake(mode, dict(kwargs)))
+            returned = method(*_to_fake(mode, tuple(args)), **_to_fake(mode, dict(kwargs)))
+        seen[END_KEY] = returned
     except BaseException as error:
         add_note(error, "nnsight_pure: raised while scanning the model on fake tensors (scan=True)")
         raise
@@ -355,6 +359,10 @@ def fake_value(
     """
     if isinstance(op, ModuleGet):
         return access_value(scanned, op)
+    if isinstance(op, Result):
+        return scanned.get(END_KEY, UNKNOWN)
+    if isinstance(op, Skip):
+        return _skip_fake(op, fakes(args[0]) if args else UNKNOWN, scanned, validate)
     if isinstance(op, (Save, Grad)):
         return fakes(args[0]) if args else UNKNOWN
     if isinstance(op, (ModuleSet, SetGrad)):
@@ -387,12 +395,46 @@ def fake_value(
         raise
 
 
+def _skip_fake(op: Skip, new: Any, scanned: Mapping[EventKey, Any], validate: bool) -> Any:
+    """A skip's value replaces the call's output: with validate it must have
+    the output's structure and shapes; in a scan's own record (a dict, one per
+    trace and invoke) it becomes what later reads of that output see. The
+    `Skip` node itself has no value (`UNKNOWN`)."""
+    key: EventKey = (op.path, "post", op.call)
+    old = scanned.get(key, UNKNOWN)
+    if validate and old is not UNKNOWN and new is not UNKNOWN:
+        if isinstance(old, tuple) != isinstance(new, tuple):
+            raise ValueError(
+                f"{module_expr(op.path)}.skip(...): the module returns a {_kind(old)}, but the skip "
+                f"value is a {_kind(new)}: it must have the output's structure "
+                "(found by validate=True, before running the model)"
+            )
+        old_leaves, old_spec = pytree.tree_flatten(old)
+        new_leaves, new_spec = pytree.tree_flatten(new)
+        if old_spec == new_spec:
+            for old_leaf, new_leaf in zip(old_leaves, new_leaves):
+                _check_same_shape(op, old_leaf, new_leaf)
+    if new is not UNKNOWN and old is not UNKNOWN and isinstance(scanned, dict):
+        scanned[key] = new
+    return UNKNOWN
+
+
+def _kind(value: Any) -> str:
+    """A value's type as the user knows it (a fake tensor is a ``Tensor``)."""
+    return "Tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
 def _check_same_shape(op: Op, old: Any, new: Any) -> None:
     """With validate: a new value must have the shape of the value it replaces."""
     if old is UNKNOWN or new is UNKNOWN:
         return
     if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor) and old.shape != new.shape:
-        what = f"{module_expr(op.path)}.{op.kind}" if isinstance(op, ModuleSet) else "the gradient"
+        if isinstance(op, ModuleSet):
+            what = f"{module_expr(op.path)}.{op.kind}"
+        elif isinstance(op, Skip):
+            what = f"{module_expr(op.path)}.output (replaced by .skip(...))"
+        else:
+            what = "the gradient"
         raise ValueError(
             f"{what} has shape {tuple(old.shape)}, but the new value has shape "
             f"{tuple(new.shape)} (found by validate=True, before running the model)"

@@ -1,5 +1,5 @@
 """Module-level helpers: ``nnsight_pure.apply``, ``log``, ``cond``, ``iter``,
-``stop`` and traced builtins (``nnsight_pure.list()``, ``dict()``, ...).
+``stop``, ``save`` and traced builtins (``nnsight_pure.list()``, ``dict()``, ...).
 
 Each records into the innermost open context of the current thread; none of
 them patches anything. (This module's ``list``, ``iter`` ... shadow the
@@ -17,6 +17,7 @@ from .contexts.flow import Conditional, IteratorContext
 from .errors import TraceError
 from .ops import Call, print_at_run_time
 from .proxy import Proxy
+from .trees import NOT_FOUND, find_leaf
 
 
 def _innermost(what: builtins.str) -> GraphContext:
@@ -39,6 +40,38 @@ def log(*args: Any) -> None:
 def stop() -> None:
     """End the run here: inside a loop, the loop; otherwise the trace or session."""
     _innermost("stop").stop()
+
+
+_BUILDERS: builtins.dict[type, Any] = {builtins.list: builtins.list, builtins.tuple: builtins.tuple,
+                                      builtins.dict: builtins.dict}
+"""The plain containers `save` rebuilds with their own constructor (one node)."""
+
+
+def save(value: Any) -> Any:
+    """The function form of ``.save()``: keep ``value`` after the block.
+
+    A proxy is saved and returned (``value.save()``). A plain Python value
+    holding proxies (a list, dict or tuple of them, in any nesting) becomes a
+    node that builds it at run time; that node is saved and its proxy
+    returned, the real container after the trace. A value with no proxy in
+    it is returned as it is: it outlives the block anyway. Outside any trace
+    or session there is nothing to keep it for, a `TraceError`.
+    """
+    context = innermost()
+    if context is None:
+        raise TraceError(
+            "nnsight_pure.save(...) needs an open trace or session: it keeps a value made inside one"
+        )
+    if isinstance(value, Proxy):
+        return value.save()
+    if find_leaf(value, lambda leaf: isinstance(leaf, Proxy)) is NOT_FOUND:
+        return value
+    build = _BUILDERS.get(type(value))
+    if build is not None:
+        return context.record(Call(build), (value,)).save()
+    # Another container (a namedtuple, a registered pytree class): its argument
+    # form rebuilds it, so build a one-item list around it and take the item.
+    return context.record(Call(builtins.list), ([value],))[0].save()
 
 
 def cond(condition: Any) -> Conditional:

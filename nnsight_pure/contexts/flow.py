@@ -64,7 +64,7 @@ from ..arguments import Ref
 from ..errors import MissedCallsWarning, TraceError
 from ..events import in_scope
 from ..graph import Graph, SourceLoc
-from ..ops import Call, Cond, EachCall, Iterate, IterItem, ModuleGet, ModuleSet, TraceRun
+from ..ops import Call, Cond, EachCall, Iterate, IterItem, ModuleGet, ModuleSet, Skip, TraceRun
 from ..printing import module_expr
 from ..proxy import Proxy
 from ..source import short, user_location
@@ -304,7 +304,7 @@ def touches(graph: Graph, scope: tuple[str, ...]) -> bool:
     """Whether ``graph`` (or a body in it) reads or writes a module in ``scope``."""
     for node in graph.nodes:
         op = node.op
-        if isinstance(op, (ModuleGet, ModuleSet)):
+        if isinstance(op, (ModuleGet, ModuleSet, Skip)):
             if in_scope(op.path, scope):
                 return True
         elif isinstance(op, (Cond, Iterate, EachCall, TraceRun)) and touches(op.body, scope):

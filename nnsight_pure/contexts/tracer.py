@@ -338,6 +338,13 @@ class Tracer(FlowContext):
         the generated ids), this invoke's rows: read it in the block, use it after."""
         return self._current().record(Result())
 
+    @result.setter
+    def result(self, value: object) -> None:
+        raise TraceError(
+            "tracer.result is read-only: it is what the traced method returns. To change the model's output, "
+            "write the last module's .output (model.output = ...) instead"
+        )
+
     def cache(
         self,
         modules: Any = None,

@@ -13,9 +13,9 @@ import warnings
 from typing import Any, Sequence
 
 from ..errors import MissedCallsWarning, OutOfOrderError, UnexecutedInterventionWarning
-from ..events import Event, EventKey, GradKey, ProgramKey
+from ..events import END_PATH, Event, EventKey, GradKey, ProgramKey
 from ..graph import Graph, Node
-from ..ops import Export
+from ..ops import Export, Skip
 from ..printing import format_node, module_expr, program_label
 from ..source import describe, short
 from ..steps import Plan
@@ -29,6 +29,8 @@ def event_text(key: Event | None) -> str:
     if isinstance(key, GradKey):
         return f"the gradient of %{key.node}"
     path, site, call = key
+    if path == END_PATH:
+        return "the end of the run (tracer.result)"
     which = "output" if site == "post" else "input"
     nth = f" (call {call})" if call else ""
     return f"{module_expr(path)}.{which}{nth}"
@@ -37,9 +39,12 @@ def event_text(key: Event | None) -> str:
 def out_of_order(current: Event | None, write: Node, target: Event, access: Node | None) -> OutOfOrderError:
     """The error for ``write`` (into ``target``, through ``access`` if any) running too late."""
     where_now = f"it is now at {event_text(current)}" if current else "it has not started or has returned"
+    passed = event_text(target)
+    if isinstance(write.op, Skip) and not isinstance(target, GradKey):
+        passed = f"the start of {passed.rpartition('.input')[0]}'s call{passed.rpartition('.input')[2]}"
     message = (
         f"this write runs too late: the model has already moved past "
-        f"{event_text(target)} ({where_now}), so the write would have no effect.\n"
+        f"{passed} ({where_now}), so the write would have no effect.\n"
         f"  the write: {describe(write.source)}\n"
         f"  node: {format_node(write)}"
     )

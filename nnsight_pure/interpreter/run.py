@@ -9,6 +9,7 @@ through the model wrapper's callback).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Sequence
 
 import attrs
@@ -16,14 +17,16 @@ import torch
 
 from ..batching import BatchGroups
 from ..cache import install_cache_hooks
-from ..errors import TraceError
+from ..errors import TraceError, UnexecutedInterventionWarning
 from ..events import ProgramKey
 from ..forwards import Wrapped, unwrap_forwards, wrap_forwards
-from ..graph import Graph, SourceLoc
+from ..graph import Graph, Node, SourceLoc
 from ..hooks import Installed, install_hooks, remove_hooks
+from ..ops import ModuleGet, ModuleSet, Skip
 from ..plan import plan_for
+from ..printing import format_node, module_expr
 from ..results import Results
-from ..source import add_note, describe
+from ..source import add_note, describe, short
 from ..steps import Plan
 from .fold import Fold, TraceRunner
 from .frame import Frame
@@ -79,6 +82,8 @@ class Run:
             for program, at, waited in self.scheduler.blocked():
                 blocked[program] = (at, waited)
                 warn_unexecuted_writes(self.plan, graph, program, at, waited)
+                if self.world.not_run:
+                    _warn_inside_skipped(graph.nodes[waited], self.world.not_run)
         if self.world.missed:
             warn_missed_calls(self.world.missed, self.world.calls)
         self.close()
@@ -92,6 +97,25 @@ class Run:
         self.fold.failed = None
         self.scheduler.close()
         self.world.close()
+
+
+def _warn_inside_skipped(waited: Node, not_run: Sequence[str]) -> None:
+    """Warn when a program waited in vain for a call of a module inside one
+    whose forward a skip replaced: that module was never called, so the
+    access gets no value (and its program's later nodes none either)."""
+    op = waited.op
+    if not isinstance(op, (ModuleGet, ModuleSet, Skip)):
+        return
+    outer = next((path for path in not_run if op.path.startswith(path + ".") or not path), None)
+    if outer is None or op.path == outer:
+        return
+    warnings.warn(
+        f"`{format_node(waited)}` (made at {short(waited.source)}) gets no value: {module_expr(op.path)} is "
+        f"inside {module_expr(outer)}, which was skipped (.skip(...)): its forward did not run, so the modules "
+        "inside it were not called. Read the skipped module's .input/.output instead.",
+        UnexecutedInterventionWarning,
+        stacklevel=5,  # the user's line (under Run.finish, run_trace and the model wrapper)
+    )
 
 
 class Interleaver:

@@ -19,6 +19,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch.utils.hooks import RemovableHandle
 
 from ..batching import BatchGroups, merge_rows
@@ -68,6 +69,7 @@ class World:
         self.feeding = 0  # how many events are being fed now (operations.py ignores the programs' own ops)
         self.skips: dict[EventKey, list[tuple[int | None, Any]]] = {}  # skip values by the call's pre event
         self.stored: dict[int, Any] = {}  # what the cache hooks store, per `Cache` node (cache.py)
+        self.not_run: list[str] = []  # the modules whose forward a skip replaced entirely, in call order
 
     # --- the event register -----------------------------------------------------------
 
@@ -201,11 +203,16 @@ class World:
         return self.skips.pop((path, "pre", call), None)
 
     def skipped_value(self, path: str, skips: list[tuple[int | None, Any]], run: Any) -> Any:
-        """The output of a skipped call: the one skip value when it covers the
-        whole batch; else ``run()`` (the forward, on the whole batch) with each
-        skipping invoke's rows replaced by its value."""
-        if len(skips) == 1 and self.groups.rows(skips[0][0]) is None:
-            return skips[0][1]
+        """The output of a skipped call. When the skips cover the whole batch
+        (one over all of it, or one per invoke covering every row once), the
+        forward does not run: the output is that value, or the invokes' values
+        joined in row order. Otherwise ``run()`` (the forward, on the whole
+        batch) gives the output, and each skipping invoke's rows are replaced
+        by its value."""
+        joined = _joined(skips, self.groups)
+        if joined is not _PARTIAL:
+            self.not_run.append(path)
+            return joined
         output = run()
         for invoke, value in skips:
             output = merge_rows(output, value, self.groups, invoke, f"{module_expr(path)}.skip(...)")
@@ -273,6 +280,55 @@ class World:
             handle.remove()
         self.grad_hooks.clear()
         self.views.clear()
+
+
+_PARTIAL: Any = object()
+"""What `_joined` returns when the skips leave some rows to the forward."""
+
+
+def _joined(skips: list[tuple[int | None, Any]], groups: BatchGroups) -> Any:
+    """The whole batch's output made of the skip values alone, or `_PARTIAL`.
+
+    One skip over the whole batch (an invoke without inputs, or the only
+    invoke) is the output as it is (a later one over the whole batch wins).
+    Skips of invokes whose rows tile the batch exactly are joined in row
+    order: their batched tensors (first dimension the invoke's size, or 1,
+    expanded) concatenated, other leaves taken from the last invoke. Values
+    of different structures or shapes are `_PARTIAL` too: the forward runs
+    and merging the rows raises the error that names the invoke.
+    """
+    whole = [value for invoke, value in skips if groups.rows(invoke) is None]
+    if whole:
+        return whole[-1]
+    placed = sorted(((groups.rows(invoke), value) for invoke, value in skips), key=lambda item: item[0] or (0, 0))
+    start = 0
+    for rows, _ in placed:
+        assert rows is not None
+        if rows[0] != start:
+            return _PARTIAL  # a gap, or two skips of the same rows
+        start += rows[1]
+    if start != groups.total:
+        return _PARTIAL
+    sizes = [rows[1] for rows, _ in placed if rows is not None]
+    values = [value for _, value in placed]
+    try:
+        flat = [pytree.tree_flatten(value) for value in values]
+    except Exception:  # pragma: no cover  (pytree flattens any value)
+        return _PARTIAL
+    spec = flat[0][1]
+    if any(each[1] != spec for each in flat[1:]):
+        return _PARTIAL
+    joined: list[Any] = []
+    for leaves in zip(*(each[0] for each in flat)):
+        if not all(isinstance(leaf, torch.Tensor) and leaf.ndim > 0 for leaf in leaves):
+            joined.append(leaves[-1])
+            continue
+        if any(leaf.shape[0] not in (1, size) or leaf.shape[1:] != leaves[0].shape[1:]
+               for leaf, size in zip(leaves, sizes)):
+            return _PARTIAL
+        parts = [leaf.expand((size,) + tuple(leaf.shape[1:])) for leaf, size in zip(leaves, sizes)]
+        joined.append(torch.cat(parts))
+    return pytree.tree_unflatten(joined, spec)
 
 
 def _as_inputs(value: Any, what: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
