@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, Un
 
 import attrs
 import torch
-from torch.utils import _pytree as pytree
 
 from .batching import narrow_rows
 from .hooks import _REGISTRY_LOCK, Installed, remove_hooks, submodule
 from .ops import Cache
+from .trees import map_leaves
 
 if TYPE_CHECKING:
     from .interpreter.world import World
@@ -178,30 +178,41 @@ class CachePath:
             )
         return entry
 
+    def _absent(self, what: str) -> str | None:
+        """Why the cache holds no ``what`` (``"output"``, ``"inputs"``) at all, or ``None``."""
+        if what == "output" and not self._cache.outputs:
+            return "this cache holds no outputs: it was made with include_output=False"
+        if what != "output" and not self._cache.inputs:
+            return "this cache holds no inputs: make it with tracer.cache(include_inputs=True)"
+        return None
+
     @property
     def output(self) -> Any:
         """The call's output."""
-        if not self._cache.outputs:
-            raise AttributeError("this cache holds no outputs: it was made with include_output=False")
+        if self._absent("output"):
+            raise AttributeError("output")  # (answered by __getattr__, with the reason)
         return self._entry().output
 
     @property
     def inputs(self) -> Any:
         """The call's ``(args, kwargs)``."""
-        if not self._cache.inputs:
-            raise AttributeError("this cache holds no inputs: make it with tracer.cache(include_inputs=True)")
+        if self._absent("inputs"):
+            raise AttributeError("inputs")
         return self._entry().inputs
 
     @property
     def input(self) -> Any:
         """The call's first positional argument (or first keyword one)."""
-        if not self._cache.inputs:
-            raise AttributeError("this cache holds no inputs: make it with tracer.cache(include_inputs=True)")
+        if self._absent("input"):
+            raise AttributeError("input")
         return self._entry().input
 
     def __getattr__(self, name: str) -> CachePath:
         if name.startswith("__") or name in ("_cache", "_name"):
             raise AttributeError(name)
+        if name in ("output", "inputs", "input"):
+            # A property raised AttributeError (Python then asks here): say why.
+            raise AttributeError(self._absent(name) or name)
         return CachePath(self._cache, f"{self._name}.{name}")
 
     def __getitem__(self, index: int | str) -> Any:
@@ -258,12 +269,45 @@ def _storer(op: Cache) -> Callable[[Any], Any] | None:
             value = value.to(device=device, dtype=dtype if value.is_floating_point() else None)
         return value
 
+    def leaf(value: Any) -> Any:
+        return keep_tensor(value) if isinstance(value, torch.Tensor) else value
+
     def keep(value: Any) -> Any:
         if type(value) is torch.Tensor:
             return keep_tensor(value)
-        return pytree.tree_map(lambda leaf: keep_tensor(leaf) if isinstance(leaf, torch.Tensor) else leaf, value)
+        return map_leaves(leaf, value)
 
     return keep
+
+
+def named_modules(root: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Every module of ``root`` by path, the root as ``""`` (as
+    ``root.named_modules()``: a module reached twice is listed once, at its
+    first path), by the child dictionaries: a cache of every module walks
+    the tree at each trace, and torch's generator is slower."""
+    found: dict[str, torch.nn.Module] = {"": root}
+    seen = {id(root)}
+
+    def walk(module: torch.nn.Module, prefix: str) -> None:
+        for name, child in module._modules.items():
+            if child is None or id(child) in seen:
+                continue
+            seen.add(id(child))
+            path = prefix + name
+            found[path] = child
+            if child._modules:
+                walk(child, path + ".")
+
+    walk(root, "")
+    return found
+
+
+def _modules_at(root: torch.nn.Module, paths: Sequence[str]) -> list[torch.nn.Module]:
+    """The modules at ``paths`` (one walk of the tree when they are many)."""
+    if len(paths) <= 8:
+        return [submodule(root, path) for path in paths]
+    table = named_modules(root)
+    return [table[path] if path in table else submodule(root, path) for path in paths]
 
 
 def install_cache_hooks(root: torch.nn.Module, caches: Sequence[tuple[int, Cache]], world: World,
@@ -277,7 +321,7 @@ def install_cache_hooks(root: torch.nn.Module, caches: Sequence[tuple[int, Cache
             store = world.stored[index] = _Store(op)
             keep = _storer(op)
             fast = op.detach and op.device is None and op.dtype is None  # detach only: the usual case
-            modules = [(submodule(root, path), path) for path in op.modules]
+            modules = zip(_modules_at(root, op.modules), op.modules)
             with _REGISTRY_LOCK:
                 for module, path in modules:
                     if op.include_inputs:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .cache import named_modules
 from .errors import TraceError
 from .events import is_pseudo
 from .handle import ModelHandle
@@ -68,7 +69,7 @@ def _is_envoy(item: Any) -> bool:
 def _paths(handle: ModelHandle, modules: Any) -> list[str]:
     """The real paths of ``modules`` (every module's when ``None``), each once, in the order given."""
     if modules is None:
-        return [path for path, _ in handle.module.named_modules()]
+        return list(named_modules(handle.module))
     if isinstance(modules, str) or _is_envoy(modules):
         modules = [modules]
     try:
