@@ -248,8 +248,8 @@ class _Store:
     inputs and outputs of each call (whole batch), as they came."""
 
     def __init__(self, op: Cache) -> None:
-        self.inputs: dict[str, list[Any]] = {path: [] for path in op.modules}
-        self.outputs: dict[str, list[Any]] = {path: [] for path in op.modules}
+        self.inputs: dict[str, list[Any]] = {path: [] for path in op.modules} if op.include_inputs else {}
+        self.outputs: dict[str, list[Any]] = {path: [] for path in op.modules} if op.include_output else {}
 
 
 def _storer(op: Cache) -> Callable[[Any], Any] | None:
@@ -303,11 +303,20 @@ def named_modules(root: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def _modules_at(root: torch.nn.Module, paths: Sequence[str]) -> list[torch.nn.Module]:
-    """The modules at ``paths`` (one walk of the tree when they are many)."""
-    if len(paths) <= 8:
-        return [submodule(root, path) for path in paths]
-    table = named_modules(root)
-    return [table[path] if path in table else submodule(root, path) for path in paths]
+    """The modules at ``paths``: each found from its parent's children when
+    the parent came earlier (paths in tree order, as a cache of every module
+    lists them, cost one lookup each), else by walking from the root."""
+    found: dict[str, torch.nn.Module] = {"": root}
+    modules = []
+    for path in paths:
+        module = found.get(path)
+        if module is None:
+            parent, _, name = path.rpartition(".")
+            above = found.get(parent)
+            child = None if above is None else above._modules.get(name)
+            module = found[path] = child if child is not None else submodule(root, path)
+        modules.append(module)
+    return modules
 
 
 def install_cache_hooks(root: torch.nn.Module, caches: Sequence[tuple[int, Cache]], world: World,
@@ -373,6 +382,9 @@ def _post_detach(into: list[Any], keep: Callable[[Any], Any], thread: int) -> Ca
     return hook
 
 
+_NONE: list[Any] = []  # (what a cache without inputs, or outputs, stored of them: read only)
+
+
 def cache_value(world: World, step: CacheStep) -> ActivationCache:
     """The value of a `Cache` node once the run has ended: its invoke's rows
     of every call stored (the calls made before a stop, when one ended the run)."""
@@ -387,8 +399,8 @@ def cache_value(world: World, step: CacheStep) -> ActivationCache:
     whole = groups.rows(invoke) is None
     entry = CacheEntry
     for path, name in zip(op.modules, op.names):
-        outputs = store.outputs[path]
-        inputs = store.inputs[path]
+        outputs = store.outputs.get(path, _NONE)
+        inputs = store.inputs.get(path, _NONE)
         if not whole:
             outputs = [narrow_rows(each, groups, invoke) for each in outputs]
             inputs = [narrow_rows(each, groups, invoke) for each in inputs]
