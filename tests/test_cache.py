@@ -350,3 +350,30 @@ def test_reprs_print_no_tensor_data(gpt2: nnsight.NNsight, ids: torch.Tensor) ->
     assert repr(value) == "ActivationCache(2 modules: model.lm_head, model.transformer.h.0)"
     assert repr(value["lm_head"]) == "CacheEntry(output=tensor(1, 8, 100) float32)"
     assert repr(value.model.lm_head) == "<cache path model.lm_head: 1 call>"
+
+
+def test_an_input_write_shows_in_the_cached_inputs_and_hooks_are_gone_after() -> None:
+    net = tiny_net()
+    model = nnsight.NNsight(net)
+    x = torch.rand(2, 5)
+    with model.trace(x) as tracer:
+        cache = tracer.cache("layer2", include_inputs=True)  # one path, not in a list
+        model.layer2.input = torch.zeros(2, 10)
+    entry = cache.value["model.layer2"]
+    assert not entry.input.any()
+    assert torch.equal(entry.output, net.layer2(torch.zeros(2, 10)))
+    with model.trace(x) as tracer:
+        tracer.cache(model.layer1, include_inputs=True)  # one envoy
+        model.layer1.output.stop()
+    for module in net.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_a_module_list_envoy_caches_the_list_itself_which_is_never_called(gpt2: nnsight.NNsight,
+                                                                          ids: torch.Tensor) -> None:
+    with gpt2.trace(ids) as tracer:
+        cache = tracer.cache(gpt2.transformer.h)
+    value = cache.value
+    assert len(value) == 0 and value.names == ("model.transformer.h",)
+    with pytest.raises(KeyError, match="cached but not called"):
+        value.model.transformer.h.output
