@@ -95,13 +95,13 @@ class ActivationCache(Mapping[str, Entry]):
 
     ``names`` are every module the cache was asked for (a module never
     called has no entry), ``real`` maps the real name of a renamed module
-    to its alias name; ``inputs`` and ``outputs`` say what was included."""
+    to its alias name; ``has_inputs`` and ``has_outputs`` say what was included."""
 
     entries: Mapping[str, Entry]
     names: tuple[str, ...] = ()
     real: Mapping[str, str] = attrs.field(factory=dict)
-    inputs: bool = False
-    outputs: bool = True
+    has_inputs: bool = False
+    has_outputs: bool = True
 
     def key_of(self, name: str) -> str | None:
         """The key ``name`` reads (``"transformer.h.0"`` → ``"model.transformer.h.0"``), or ``None``."""
@@ -180,9 +180,9 @@ class CachePath:
 
     def _absent(self, what: str) -> str | None:
         """Why the cache holds no ``what`` (``"output"``, ``"inputs"``) at all, or ``None``."""
-        if what == "output" and not self._cache.outputs:
+        if what == "output" and not self._cache.has_outputs:
             return "this cache holds no outputs: it was made with include_output=False"
-        if what != "output" and not self._cache.inputs:
+        if what != "output" and not self._cache.has_inputs:
             return "this cache holds no inputs: make it with tracer.cache(include_inputs=True)"
         return None
 
