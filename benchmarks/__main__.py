@@ -1,7 +1,7 @@
 """Run the benchmarks and write benchmarks/RESULTS.md: ``python -m benchmarks``.
 
 Options: ``--quick`` (few rounds: a smoke run, numbers not to be trusted),
-``--only NAME ...`` (groups: tiny tiny_loop chain gpt2 ops memory),
+``--only NAME ...`` (groups: tiny tiny_loop chain gpt2 ops cache memory),
 ``--out PATH`` (default benchmarks/RESULTS.md). One torch thread, as in
 ../shared/reference/perf_anchors.md. Every case's result is checked against
 the hand-written hooks' before anything is timed.
@@ -24,6 +24,7 @@ from benchmarks import memory
 from benchmarks.harness import Stats, measure, quartiles
 from benchmarks.scenarios import (
     Group,
+    cache_group,
     chain_group,
     gpt2_groups,
     nnsight_available,
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     torch.set_num_threads(1)
     rounds, samples = (4, 2) if options.quick else (30, 5)
-    wanted = set(options.only) if options.only else {"tiny", "tiny_loop", "chain", "gpt2", "ops", "memory"}
+    wanted = set(options.only) if options.only else {"tiny", "tiny_loop", "chain", "gpt2", "ops", "cache", "memory"}
 
     groups: list[Group] = []
     if "tiny" in wanted:
@@ -118,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     if "ops" in wanted:
         groups.extend(ops_groups())
         groups.append(ops_slope_group())
+    if "cache" in wanted:
+        groups.append(cache_group())
 
     results: dict[str, dict[str, Stats]] = {}
     started = time.perf_counter()

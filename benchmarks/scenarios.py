@@ -384,3 +384,64 @@ def ops_slope_group() -> Group:
         for name, case in _ops_cases(count, net, theirs).items():
             cases[f"{name}, N={count}"] = case
     return Group("ops_slope", "4b. cost per recorded op", cases, "hand-written hooks, N=1000", lambda a, b: True)
+
+
+def _detached(value: Any) -> Any:
+    """What a hand-written cache keeps of a module's output: its tensors detached."""
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(_detached(item) for item in value)
+    return value
+
+
+def _hidden(value: Any) -> Any:
+    """The tensor a cache comparison looks at: the output itself, its first
+    item (a tuple or a transformers ``ModelOutput``)."""
+    if hasattr(value, "to_tuple"):
+        value = value.to_tuple()
+    return value[0] if isinstance(value, tuple) else value
+
+
+def cache_group() -> Group:
+    """9: ``tracer.cache()`` of every module of the GPT-2-shaped model against
+    forward hooks on every module storing its output (detached) by name."""
+    net = gpt2()
+    model = nnsight_pure.NNsight(net)
+    ids = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(1))
+    modules = dict(net.named_modules())
+    names = ["model." + name if name else "model" for name in modules]
+
+    def hooks() -> Any:
+        seen: dict[str, Any] = {}
+
+        def keeper(name: str) -> Callable[..., None]:
+            def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+                seen[name] = _detached(output)
+
+            return hook
+
+        handles = [module.register_forward_hook(keeper(name)) for name, module in zip(names, modules.values())]
+        try:
+            net(ids)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [_hidden(seen[name]) for name in names if name in seen]
+
+    def trace() -> Any:
+        with model.trace(ids) as tracer:
+            cache = tracer.cache()
+        return [_hidden(entry.output) for entry in cache.value.values()]
+
+    with model.trace(ids) as tracer:
+        tracer.cache()
+    graph = tracer.graph
+
+    def replay() -> Any:
+        (cache,) = nnsight_pure.run(model, graph, ids).values.values()
+        return [_hidden(entry.output) for entry in cache.values()]
+
+    cases: dict[str, Case] = {"hand-written hooks": hooks, "nnsight_pure trace": trace, "nnsight_pure replay": replay}
+    return Group("cache", "9. GPT-2 12×256, ids 1×32: cache every module's output (tracer.cache())", cases,
+                 "hand-written hooks", _same)

@@ -50,10 +50,17 @@ class LoopPart(NamedTuple):
     step: int
 
 
-ProgramKey = Union[int, None, GradProgram, LoopPart]
+class EndProgram(NamedTuple):
+    """The program of a `Cache` node ``node`` (and of what is computed from it):
+    it waits for the end of the run, so it must not hold its invoke's program up."""
+
+    node: int
+
+
+ProgramKey = Union[int, None, GradProgram, LoopPart, EndProgram]
 """Which program a step belongs to: an invoke's (``None``: outside invokes),
-a gradient hook's (`GradProgram`), or a loop over calls' later iterations
-(`LoopPart`, made at run time)."""
+a gradient hook's (`GradProgram`), a loop over calls' later iterations
+(`LoopPart`, made at run time) or a cache's (`EndProgram`)."""
 
 
 END_PATH = "<end>"

@@ -34,6 +34,7 @@ from .effects import aliases_argument, writes_in_place
 from .evaluate import computer, resolver
 from .events import (
     END_KEY,
+    EndProgram,
     Event,
     EventKey,
     GradKey,
@@ -142,17 +143,23 @@ def written_access(graph: Graph, node: Node) -> Node | None:
 
 def _programs_of(graph: Graph) -> list[ProgramKey]:
     """Each node's program: its invoke's, or, for a node computed from a
-    gradient, that of the gradient node it depends on (the latest one)."""
-    grad_source: list[int | None] = []
+    gradient, that of the gradient node it depends on (the latest one); a
+    `Cache` and what is computed from it run in a program of their own
+    (`EndProgram`: it waits for the end of the run, its invoke goes on)."""
+    source_of: list[tuple[int, ProgramKey] | None] = []
     programs: list[ProgramKey] = []
     for node in graph.nodes:
-        sources = [grad_source[ref.index] for ref in node_refs(node) if grad_source[ref.index] is not None]
-        if isinstance(node.op, (Grad, SetGrad)):
-            source: int | None = node.ref.index
+        op = node.op
+        source: tuple[int, ProgramKey] | None
+        if isinstance(op, (Grad, SetGrad)):
+            source = (node.ref.index, GradProgram(node.ref.index))
+        elif isinstance(op, Cache):
+            source = (node.ref.index, EndProgram(node.ref.index))
         else:
-            source = max((s for s in sources if s is not None), default=None)
-        grad_source.append(source)
-        programs.append(node.invoke if source is None else GradProgram(source))
+            sources = [source_of[ref.index] for ref in node_refs(node)]
+            source = max((s for s in sources if s is not None), default=None, key=lambda s: s[0])
+        source_of.append(source)
+        programs.append(node.invoke if source is None else source[1])
     return programs
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .events import OPERATION_MARK, GradProgram, LoopPart, ProgramKey
+from .events import OPERATION_MARK, EndProgram, GradProgram, LoopPart, ProgramKey
 from .ops import (
     CONTEXT_OPS,
     ApplyModule,
@@ -176,6 +176,8 @@ def program_label(program: ProgramKey) -> str:
             return f"the gradient of %{node}"
         case LoopPart(step):
             return f"the later iterations of the loop over calls %{step}"
+        case EndProgram(node):
+            return f"the cache %{node}"
         case _:
             return invoke_label(program)
 

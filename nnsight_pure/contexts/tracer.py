@@ -44,7 +44,7 @@ from ..scan import UNKNOWN, fake_copy, fake_value, new_mode, scan
 from ..source import short, user_location
 from ..trees import NOT_FOUND, find_leaf, map_leaves
 from . import recorded_calls
-from .base import GraphContext, innermost
+from .base import BodyContext, GraphContext, innermost
 from .flow import EachCallContext, FlowContext
 
 
@@ -355,13 +355,30 @@ class Tracer(FlowContext):
         include_inputs: bool = False,
         include_output: bool = True,
     ) -> Proxy:
-        """Record every call's values of ``modules`` (every module when
-        ``None``; envoys, or paths such as ``"model.transformer.h.0"``) after
-        the interventions: one value, an `ActivationCache`, saved (read it
-        after the trace: ``cache["model.transformer.h.0"].output``)."""
+        """Record every call's values of ``modules`` after the interventions:
+        one value, an `ActivationCache`, already saved; read it after the
+        trace (``cache["model.transformer.h.0"].output``,
+        ``cache.model.transformer.h[0].output``).
+
+        ``modules``: every module when ``None`` (the root and, for a language
+        model, ``generator`` included); else envoys or paths
+        (``"model.transformer.h.0"``, aliases allowed), one or a list. Each
+        call's output is kept (and, with ``include_inputs``, its
+        ``(args, kwargs)``); a module called several times (generation
+        steps) has a list of entries, one per call. Values are ``detach``-ed
+        and moved to ``device``/``dtype`` when given (``None``: kept where
+        they are). In an invoke, the cache holds that invoke's rows; in the
+        trace itself, the whole batch. Call it in the trace or an invoke,
+        not in a condition or a loop (it covers the whole run)."""
+        context = self._current()
+        if isinstance(context, (BodyContext, EachCallContext)):
+            raise TraceError(
+                "tracer.cache(...) covers the whole run: call it in the trace or an invoke, "
+                "not inside a condition or a loop"
+            )
         op = cache_op(self._handle, modules, device=device, dtype=dtype, detach=detach,
                       include_inputs=include_inputs, include_output=include_output)
-        return self._current().record(op).save()
+        return context.record(op).save()
 
     def _fake_of(self, op: Op, args: Sequence[Any], kwargs: Mapping[str, Any], invoke: int | None) -> Any:
         """The fake value of a node recorded in this trace (scan/validate)."""
