@@ -64,6 +64,7 @@ from .toplevel import apply as apply
 from .toplevel import bool as bool
 from .toplevel import bytearray as bytearray
 from .toplevel import bytes as bytes
+from .toplevel import cache as cache
 from .toplevel import complex as complex
 from .toplevel import cond as cond
 from .toplevel import dict as dict
@@ -73,6 +74,7 @@ from .toplevel import iter as iter
 from .toplevel import list as list
 from .toplevel import local as local
 from .toplevel import log as log
+from .toplevel import result as result
 from .toplevel import save as save
 from .toplevel import set as set
 from .toplevel import stop as stop
@@ -115,6 +117,7 @@ __all__ = [
     "bool",
     "bytearray",
     "bytes",
+    "cache",
     "check",
     "clear_caches",
     "complex",
@@ -137,6 +140,7 @@ __all__ = [
     "remote_logger",
     "render",
     "run",
+    "result",
     "save",
     "set",
     "stop",

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .cache import named_modules
+from .activation_cache import named_modules
 from .errors import TraceError
 from .events import is_pseudo
 from .handle import ModelHandle

@@ -14,6 +14,7 @@ from typing import Any, Callable
 from .contexts import flow
 from .contexts.base import GraphContext, innermost
 from .contexts.flow import Conditional, IteratorContext
+from .contexts.tracer import Tracer
 from .errors import TraceError
 from .ops import Call, print_at_run_time
 from .proxy import Proxy
@@ -72,6 +73,26 @@ def save(value: Any) -> Any:
     # Another container (a namedtuple, a registered pytree class): its argument
     # form rebuilds it, so build a one-item list around it and take the item.
     return context.record(Call(builtins.list), ([value],))[0].save()
+
+
+def _open_trace(what: builtins.str) -> Tracer:
+    """The innermost open trace of this thread (its blocks included)."""
+    context = innermost()
+    trace = None if context is None else context._trace
+    if not isinstance(trace, Tracer):
+        raise TraceError(f"nnsight_pure.{what}(...) needs an open trace (with model.trace(...), or nnsight_pure.trace)")
+    return trace
+
+
+def result() -> Proxy:
+    """``tracer.result`` of the innermost open trace: what the traced method
+    returns (handy in a function given to ``nnsight_pure.trace``, which sees no tracer)."""
+    return _open_trace("result").result
+
+
+def cache(modules: Any = None, **options: Any) -> Proxy:
+    """``tracer.cache(modules, **options)`` of the innermost open trace (see `Tracer.cache`)."""
+    return _open_trace("cache").cache(modules, **options)
 
 
 def cond(condition: Any) -> Conditional:

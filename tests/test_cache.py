@@ -18,7 +18,7 @@ import torch
 
 import nnsight_pure as nnsight
 from nnsight_pure import open_blocks
-from nnsight_pure.cache import ActivationCache, CacheEntry
+from nnsight_pure.activation_cache import ActivationCache, CacheEntry
 from nnsight_pure.contexts.tracer import Tracer
 from nnsight_pure.errors import TraceError
 from nnsight_pure.ops import Cache

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
+from ..activation_cache import cache_value
 from ..batching import narrow_rows
-from ..cache import cache_value
 from ..errors import OutOfOrderError, TraceError
 from ..events import GradKey
 from ..graph import Node

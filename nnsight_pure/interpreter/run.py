@@ -15,8 +15,8 @@ from typing import Any, Callable, Sequence
 import attrs
 import torch
 
+from ..activation_cache import install_cache_hooks
 from ..batching import BatchGroups
-from ..cache import install_cache_hooks
 from ..errors import TraceError, UnexecutedInterventionWarning
 from ..events import ProgramKey
 from ..forwards import Wrapped, unwrap_forwards, wrap_forwards
