@@ -26,7 +26,7 @@ append, and a tensor output stored without walking a pytree.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol, Sequence, Union
 
 import attrs
 import torch
@@ -37,8 +37,17 @@ from .ops import Cache
 from .trees import map_leaves
 
 if TYPE_CHECKING:
-    from .interpreter.world import World
+    from .batching import BatchGroups
     from .steps import CacheStep
+
+
+class World(Protocol):
+    """What the cache needs of a run's hook-event state (interpreter/world.py's
+    `World`, through this Protocol: the interpreter imports this module)."""
+
+    thread: int
+    stored: dict[int, Any]
+    groups: BatchGroups
 
 
 def _describe(value: Any) -> str:

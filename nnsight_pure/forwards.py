@@ -24,10 +24,9 @@ import torch
 
 from .events import operation_of
 from .hooks import submodule
-from .operations import watching_operations
+from .operations import World, watching_operations
 
 if TYPE_CHECKING:
-    from .interpreter.world import World
     from .steps import Plan
 
 Wrapped = list[tuple[torch.nn.Module, bool, Any]]

@@ -37,16 +37,34 @@ import sys
 import threading
 from contextlib import contextmanager
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Protocol
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .events import operation_site
+from .events import Site, operation_site
 from .source import SourceLoc
 
 if TYPE_CHECKING:
-    from .interpreter.world import World
+    from .steps import Plan
+
+
+class World(Protocol):
+    """What the forwards and operations of a run need of its hook-event state
+    (interpreter/world.py's `World`, seen through this Protocol: the
+    interpreter imports these modules, not the other way round)."""
+
+    thread: int
+    feeding: int
+
+    @property
+    def plan(self) -> Plan: ...
+
+    def on_event(self, path: str, site: Site, value: Any) -> Any: ...
+
+    def take_skip(self, path: str) -> list[tuple[int | None, Any]] | None: ...
+
+    def skipped_value(self, path: str, skips: list[tuple[int | None, Any]], run: Callable[[], Any]) -> Any: ...
 
 
 def operation_name(func: Callable[..., Any]) -> str | None:

@@ -19,7 +19,7 @@ it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import TraceError
 from .events import operation_site
@@ -31,8 +31,23 @@ from .runner import prepare
 
 if TYPE_CHECKING:
     from .contexts.tracer import Tracer
-    from .envoy import Envoy
+    from .handle import ModelHandle
     from .runner import ModelAdapter
+
+
+class Envoy(Protocol):
+    """What operation envoys need of the module's envoy (envoy.py's `Envoy`,
+    seen through this Protocol so that the two modules do not import each other)."""
+
+    _path: str
+    _alias_path: str
+
+    @property
+    def _handle(self) -> ModelHandle: ...
+
+    def _tracer(self) -> Tracer | None: ...
+
+    def _require_tracer(self, what: str) -> Tracer: ...
 
 
 class SourceEnvoy:
