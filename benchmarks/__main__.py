@@ -1,10 +1,12 @@
 """Run the benchmarks and write benchmarks/RESULTS.md: ``python -m benchmarks``.
 
 Options: ``--quick`` (few rounds: a smoke run, numbers not to be trusted),
-``--only NAME ...`` (groups: tiny tiny_loop chain gpt2 ops cache memory),
+``--only NAME ...`` (groups: tiny tiny_loop chain gpt2 ops slope cache
+generation invokes loop memory invokes_memory; the default is all),
 ``--out PATH`` (default benchmarks/RESULTS.md). One torch thread, as in
 ../shared/reference/perf_anchors.md. Every case's result is checked against
-the hand-written hooks' before anything is timed.
+the hand-written hooks' before anything is timed. ``NNSIGHT_PURE_DEVICE``
+(default cpu) says where models and inputs go (benchmarks/device.py).
 """
 
 from __future__ import annotations
@@ -20,28 +22,44 @@ import time
 import torch
 
 import nnsight_pure
-from benchmarks import memory
+from benchmarks import loop, memory
+from benchmarks.device import describe
+from benchmarks.generation import INVOKE_COUNTS, generation_groups, invokes_groups
 from benchmarks.harness import Stats, measure, quartiles
 from benchmarks.scenarios import (
+    SLOPES,
     Group,
     cache_group,
     chain_group,
     gpt2_groups,
     nnsight_available,
     ops_groups,
-    ops_slope_group,
+    ops_slope_groups,
     tiny_group,
     tiny_loop_group,
 )
 
+GROUPS = ("tiny", "tiny_loop", "chain", "gpt2", "ops", "slope", "cache", "generation", "invokes", "loop", "memory",
+          "invokes_memory")
+# Issue 20's targets: (group, case) -> the most × hand-written hooks (median of paired ratios).
 TARGETS = {
     ("tiny", "nnsight_pure trace"): 2.0,
     ("tiny", "nnsight_pure replay"): 1.3,
     ("chain", "nnsight_pure trace"): 1.5,
     ("chain", "nnsight_pure replay"): 1.2,
+    ("gpt2_saves", "nnsight_pure trace"): 1.02,
+    ("gpt2_saves", "nnsight_pure replay"): 1.02,
+    ("gpt2_zero", "nnsight_pure trace"): 1.02,
+    ("gpt2_zero", "nnsight_pure replay"): 1.02,
+    ("generation_saves", "nnsight_pure trace"): 1.05,
+    ("generation_steer", "nnsight_pure trace"): 1.05,
+    ("cache", "nnsight_pure trace"): 1.10,
+    ("cache", "nnsight_pure replay"): 1.10,
 }
-OP_TARGET_US = 5.0
-MEMORY_TARGET = 1.10
+OP_TARGET_US = 1.0  # recording, per op, beyond the op's own compute
+MEMORY_TARGET = 1.10  # extra peak memory, × the hooks'
+FLAT_TARGET = 1.25  # overhead per invoke at 64 invokes, × at 8 invokes ("flat")
+THEIRS = "nnsight trace"
 
 
 def _machine() -> list[str]:
@@ -68,7 +86,7 @@ def _machine() -> list[str]:
     return [
         f"* date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
         f"* machine: {platform.system()} {platform.machine()}, {os.cpu_count()} CPUs ({cpu}), "
-        f"torch threads: {torch.get_num_threads()}",
+        f"torch threads: {torch.get_num_threads()}, device: {describe()}",
         f"* versions: {', '.join(versions)}",
     ]
 
@@ -82,18 +100,33 @@ def _check(group: Group) -> None:
 
 
 def _table(group: Group, stats: dict[str, Stats]) -> list[str]:
-    unit = " per trace" if group.per > 1 else ""
+    unit = (" per invoke" if group.name.startswith("invokes") else " per trace") if group.per > 1 else ""
     lines = [f"### {group.title}", "",
              f"| case | median µs{unit} | IQR µs | × hooks (median of paired ratios) | ratio IQR "
-             f"| Δ vs hooks µs{unit} |",
-             "|---|---|---|---|---|---|"]
+             f"| Δ vs hooks µs{unit} | Δ per hook event µs ({group.events} events) |",
+             "|---|---|---|---|---|---|---|"]
     for name, case in stats.items():
         per = group.per
         lines.append(
             f"| {name} | {case.median_us / per:,.1f} | {case.iqr_us / per:,.1f} | {case.ratio:.2f} | "
-            f"{case.ratio_iqr:.2f} | {case.delta_us / per:,.1f} |"
+            f"{case.ratio_iqr:.2f} | {case.delta_us / per:,.1f} | {case.delta_us / group.events:,.2f} |"
         )
     return lines + [""]
+
+
+def _groups(wanted: set[str]) -> list[Group]:
+    makers = {
+        "tiny": lambda: [tiny_group()],
+        "tiny_loop": lambda: [tiny_loop_group()],
+        "chain": lambda: [chain_group()],
+        "gpt2": gpt2_groups,
+        "ops": ops_groups,
+        "slope": ops_slope_groups,
+        "cache": lambda: [cache_group()],
+        "generation": generation_groups,
+        "invokes": invokes_groups,
+    }
+    return [group for name, make in makers.items() if name in wanted for group in make()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,33 +138,32 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     torch.set_num_threads(1)
     rounds, samples = (4, 2) if options.quick else (30, 5)
-    wanted = set(options.only) if options.only else {"tiny", "tiny_loop", "chain", "gpt2", "ops", "cache", "memory"}
+    wanted = set(options.only) if options.only else set(GROUPS)
+    unknown = wanted - set(GROUPS)
+    if unknown:
+        parser.error(f"unknown group(s) {sorted(unknown)}; choose from {' '.join(GROUPS)}")
 
-    groups: list[Group] = []
-    if "tiny" in wanted:
-        groups.append(tiny_group())
-    if "tiny_loop" in wanted:
-        groups.append(tiny_loop_group())
-    if "chain" in wanted:
-        groups.append(chain_group())
-    if "gpt2" in wanted:
-        groups.extend(gpt2_groups())
-    if "ops" in wanted:
-        groups.extend(ops_groups())
-        groups.append(ops_slope_group())
-    if "cache" in wanted:
-        groups.append(cache_group())
-
-    results: dict[str, dict[str, Stats]] = {}
     started = time.perf_counter()
+    groups = _groups(wanted)
+    results: dict[str, dict[str, Stats]] = {}
     for group in groups:
         _check(group)
         print(f"timing {group.name} ...", file=sys.stderr, flush=True)
+        group_rounds = rounds if options.quick or group.rounds is None else group.rounds
+        group_samples = samples if options.quick or group.samples is None else group.samples
+        at = time.perf_counter()
         with torch.no_grad():
-            results[group.name] = measure(group.cases, group.baseline, rounds=rounds, samples=samples)
+            results[group.name] = measure(group.cases, group.baseline, rounds=group_rounds, samples=group_samples)
         for name, stats in results[group.name].items():
-            print(f"  {name:24s} {stats.median_us / group.per:10.1f} us  x{stats.ratio:.2f}", file=sys.stderr)
-    memory_result = memory.measure(1 if options.quick else 3) if "memory" in wanted else None
+            print(f"  {name:28s} {stats.median_us / group.per:12.1f} us  x{stats.ratio:.2f}", file=sys.stderr)
+        print(f"  ({time.perf_counter() - at:.1f} s)", file=sys.stderr)
+    loop_result = None
+    if "loop" in wanted:
+        print("timing loop ...", file=sys.stderr, flush=True)
+        loop_result = loop.measure()
+    processes = 1 if options.quick else 3
+    memory_result = memory.measure(processes) if "memory" in wanted else None
+    invokes_memory = memory.measure(processes, memory.INVOKE_MODES) if "invokes_memory" in wanted else None
 
     lines = ["# Benchmarks", "",
              "Generated by `./scripts/bench.sh` (`python -m benchmarks`); see benchmarks/README.md for the method.",
@@ -141,90 +173,153 @@ def main(argv: list[str] | None = None) -> int:
     caveat = " (--quick: not to be trusted)" if options.quick else ""
     lines += [f"* rounds: {rounds} × {samples} samples per case{caveat}",
               f"* wall time: {time.perf_counter() - started:.0f} s", ""]
-    lines += _summary(results, memory_result)
+    lines += _summary(results, memory_result, invokes_memory, loop_result)
     for group in groups:
-        if group.name != "ops_slope":
+        if group.name not in SLOPES:
             lines += _table(group, results[group.name])
     lines += _ops_table(results)
+    if loop_result is not None:
+        lines += loop.table(loop_result)
     if memory_result is not None:
         lines += _memory_table(memory_result)
+    if invokes_memory is not None:
+        lines += _invokes_memory_table(invokes_memory)
     pathlib.Path(options.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {options.out}", file=sys.stderr)
     return 0
 
 
-def _op_slopes(results: dict[str, dict[str, Stats]]) -> dict[str, tuple[float, float]]:
-    """Per tool: the median and IQR over rounds of its slope from N=100 to
-    N=1000 (µs per op), both counts measured in the same round."""
-    group = results.get("ops_slope")
+def _slope_rounds(group: dict[str, Stats], tool: str, counts: tuple[int, int]) -> list[float]:
+    """Per round: (tool's time at the larger N - at the smaller) / ΔN, µs per op."""
+    small, big = counts
+    pairs = zip(group[f"{tool}, N={small}"].rounds_us, group[f"{tool}, N={big}"].rounds_us)
+    return [(b - a) / (big - small) for a, b in pairs]
+
+
+def _slopes(results: dict[str, dict[str, Stats]], name: str) -> dict[str, tuple[float, float, float, float]]:
+    """Per tool of slope group ``name``: the median and IQR over rounds of its
+    slope (µs per op), and of its slope minus the hooks' slope in the same
+    round (the cost beyond the op's own compute)."""
+    group = results.get(name)
     if group is None:
         return {}
-    slopes: dict[str, tuple[float, float]] = {}
-    for name in group:
-        if not name.endswith(", N=100"):
+    counts = SLOPES[name]
+    floor = _slope_rounds(group, "hand-written hooks", counts)
+    found: dict[str, tuple[float, float, float, float]] = {}
+    for case in group:
+        if not case.endswith(f", N={counts[0]}"):
             continue
-        tool = name.removesuffix(", N=100")
-        per_round = [
-            (big - small) / 900 for small, big in zip(group[name].rounds_us, group[f"{tool}, N=1000"].rounds_us)
-        ]
-        q1, median, q3 = quartiles(per_round)
-        slopes[tool] = (median, q3 - q1)
-    return slopes
-
-
-def _beyond(results: dict[str, dict[str, Stats]], tool: str) -> tuple[float, float]:
-    """Median and IQR over rounds of (tool's slope - the hooks' slope)."""
-    group = results["ops_slope"]
-
-    def per_round(name: str) -> list[float]:
-        pairs = zip(group[f"{name}, N=100"].rounds_us, group[f"{name}, N=1000"].rounds_us)
-        return [(big - small) / 900 for small, big in pairs]
-
-    q1, median, q3 = quartiles([ours - floor for ours, floor in zip(per_round(tool), per_round("hand-written hooks"))])
-    return median, q3 - q1
+        tool = case.removesuffix(f", N={counts[0]}")
+        own = _slope_rounds(group, tool, counts)
+        q1, median, q3 = quartiles(own)
+        b1, beyond, b3 = quartiles([ours - base for ours, base in zip(own, floor)])
+        found[tool] = (median, q3 - q1, beyond, b3 - b1)
+    return found
 
 
 def _ops_table(results: dict[str, dict[str, Stats]]) -> list[str]:
-    slopes = _op_slopes(results)
-    if not slopes:
-        return []
-    lines = ["### 4b. cost per recorded op (N = 100 and 1000 timed in the same rounds)", "",
-             "| case | µs per op: median of per-round slopes (IQR) "
-             "| beyond the op's own compute (minus the hooks' slope, per round) µs |",
-             "|---|---|---|"]
-    for tool, (slope, iqr) in slopes.items():
-        beyond, spread = _beyond(results, tool)
-        lines.append(f"| {tool} | {slope:.2f} ({iqr:.2f}) | {beyond:.2f} ({spread:.2f}) |")
-    return lines + [""]
+    lines: list[str] = []
+    for name, (small, big) in SLOPES.items():
+        slopes = _slopes(results, name)
+        if not slopes:
+            continue
+        lines += [f"### 4b. cost per recorded op (N = {small} and {big} timed in the same rounds)", "",
+                  "| case | µs per op: median of per-round slopes (IQR) "
+                  "| beyond the op's own compute (minus the hooks' slope, per round) µs (IQR) |",
+                  "|---|---|---|"]
+        for tool, (slope, iqr, beyond, spread) in slopes.items():
+            lines.append(f"| {tool} | {slope:.2f} ({iqr:.2f}) | {beyond:.2f} ({spread:.2f}) |")
+        lines.append("")
+    return lines
 
 
 def _memory_table(result: dict[str, float]) -> list[str]:
     hooks = result["hand-written hooks"]
-    lines = ["### 6. memory: peak RSS over the warmed-up process, saving 12 block outputs at batch 8", "",
-             "| mode | extra peak RSS MiB (median of fresh processes) | × hand-written hooks |", "|---|---|---|"]
+    lines = ["### 6. memory: peak over the warmed-up process, saving 12 block outputs at batch 8", "",
+             "| mode | extra peak MiB (median of fresh processes) | × hand-written hooks |", "|---|---|---|"]
     for mode, extra in result.items():
         lines.append(f"| {mode} | {extra:.1f} | {extra / hooks:.2f} |")
     return lines + [""]
 
 
-def _summary(results: dict[str, dict[str, Stats]], memory_result: dict[str, float] | None) -> list[str]:
-    lines = ["## Targets (issue 8)", "", "| target | measured | met |", "|---|---|---|"]
+def _invokes_memory_table(result: dict[str, float]) -> list[str]:
+    lines = ["### 11b. memory: n invokes saving block 5's output vs a hook on the batched forward", "",
+             "| invokes | hooks extra peak MiB | nnsight_pure trace extra peak MiB | × hooks |", "|---|---|---|---|"]
+    for count in memory.INVOKE_COUNTS:
+        hooks, ours = result[f"hand-written hooks, {count} invokes"], result[f"nnsight_pure trace, {count} invokes"]
+        lines.append(f"| {count} | {hooks:.1f} | {ours:.1f} | {ours / hooks:.2f} |")
+    return lines + [""]
+
+
+def _met(value: float, target: float) -> str:
+    return "yes" if value <= target else "no"
+
+
+def _theirs_ratio(results: dict[str, dict[str, Stats]], group: str) -> str:
+    case = results[group].get(THEIRS)
+    return f"{case.ratio:.2f}×" if case is not None else "—"
+
+
+def _per_invoke_overhead(results: dict[str, dict[str, Stats]], tool: str, count: int) -> float | None:
+    case = results.get(f"invokes_{count}", {}).get(tool)
+    return None if case is None else case.delta_us / count
+
+
+def _invokes_rows(results: dict[str, dict[str, Stats]]) -> list[str]:
+    """Flat cost per invoke: the overhead per invoke (Δ vs hooks / n) at the
+    most invokes, against the same at 8 invokes."""
+    small, big = INVOKE_COUNTS[1], INVOKE_COUNTS[-1]
+    ours_small, ours_big = (_per_invoke_overhead(results, "nnsight_pure trace", n) for n in (small, big))
+    if ours_small is None or ours_big is None:
+        return []
+    growth = ours_big / ours_small if ours_small > 0 else float("inf")
+    theirs_small, theirs_big = (_per_invoke_overhead(results, THEIRS, n) for n in (small, big))
+    theirs = (f"{theirs_big:,.1f} vs {theirs_small:,.1f} µs ({theirs_big / theirs_small:.2f}×)"
+              if theirs_small and theirs_big is not None else "—")
+    return [f"| invokes: overhead per invoke at {big} ≤ {FLAT_TARGET:.2f}× at {small} (flat) | {ours_big:,.1f} vs "
+            f"{ours_small:,.1f} µs ({growth:.2f}×) | {_met(growth, FLAT_TARGET)} | {theirs} |"]
+
+
+def _summary(
+    results: dict[str, dict[str, Stats]],
+    memory_result: dict[str, float] | None,
+    invokes_memory: dict[str, float] | None,
+    loop_result: dict[str, loop.LoopResult] | None,
+) -> list[str]:
+    lines = ["## Targets (issue 20)", "", "| target | nnsight_pure | met | nnsight |", "|---|---|---|---|"]
     for (group, case), target in TARGETS.items():
         if group in results:
             ratio = results[group][case].ratio
-            met = "yes" if ratio <= target else "no"
-            lines.append(f"| {group}: {case} ≤ {target:.1f}× hooks | {ratio:.2f}× | {met} |")
-    if "ops_slope" in results:
-        beyond, _ = _beyond(results, "nnsight_pure trace")
-        lines.append(f"| recording ≤ {OP_TARGET_US:.0f} µs per op beyond its compute | {beyond:.2f} µs | "
-                     f"{'yes' if beyond <= OP_TARGET_US else 'no'} |")
+            lines.append(f"| {group}: {case} ≤ {target:.2f}× hooks | {ratio:.2f}× | {_met(ratio, target)} | "
+                         f"{_theirs_ratio(results, group)} |")
+    for name, (small, big) in SLOPES.items():
+        slopes = _slopes(results, name)
+        if "nnsight_pure trace" in slopes:
+            beyond = slopes["nnsight_pure trace"][2]
+            theirs = f"{slopes[THEIRS][2]:.2f} µs" if THEIRS in slopes else "—"
+            lines.append(f"| recording ≤ {OP_TARGET_US:.1f} µs per op beyond its compute (N {small}→{big}) | "
+                         f"{beyond:.2f} µs | {_met(beyond, OP_TARGET_US)} | {theirs} |")
+    lines += _invokes_rows(results)
     if memory_result is not None:
         hooks = memory_result["hand-written hooks"]
         for mode in ("nnsight_pure trace", "nnsight_pure replay"):
             ratio = memory_result[mode] / hooks
-            met = "yes" if ratio <= MEMORY_TARGET else "no"
-            lines.append(f"| memory ({mode}) ≤ {MEMORY_TARGET:.2f}× hooks' extra peak RSS | {ratio:.2f}× "
-                         f"({memory_result[mode]:.1f} vs {hooks:.1f} MiB) | {met} |")
+            lines.append(f"| memory ({mode}) ≤ {MEMORY_TARGET:.2f}× hooks' extra peak | {ratio:.2f}× "
+                         f"({memory_result[mode]:.1f} vs {hooks:.1f} MiB) | {_met(ratio, MEMORY_TARGET)} | — |")
+    if invokes_memory is not None:
+        for count in memory.INVOKE_COUNTS:
+            hooks = invokes_memory[f"hand-written hooks, {count} invokes"]
+            ours = invokes_memory[f"nnsight_pure trace, {count} invokes"]
+            lines.append(f"| memory, {count} invokes ≤ {MEMORY_TARGET:.2f}× hooks on the batch | {ours / hooks:.2f}× "
+                         f"({ours:.1f} vs {hooks:.1f} MiB) | {_met(ours / hooks, MEMORY_TARGET)} | — |")
+    if loop_result is not None:
+        for tool, result in loop_result.items():
+            if tool == "hand-written hooks":
+                continue
+            rates = result.per_second
+            growth = rates[0] / rates[-1]  # > 1: the last chunk is slower
+            lines.append(f"| loop of {loop.TRACES:,} traces ({tool}): last chunk no slower than the first (≤ 1.10×) "
+                         f"| {growth:.2f}×, RSS +{result.rss_growth_mib:.1f} MiB | {_met(growth, 1.10)} | — |")
     return lines + [""]
 
 

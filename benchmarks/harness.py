@@ -17,6 +17,8 @@ from typing import Any, Callable, Mapping
 
 import attrs
 
+from benchmarks.device import sync as device_sync
+
 
 @attrs.frozen
 class Stats:
@@ -31,13 +33,14 @@ class Stats:
     delta_us: float  # median over rounds of (case - baseline)
 
 
-def _calibrate(fn: Callable[[], Any], target_s: float) -> int:
+def _calibrate(fn: Callable[[], Any], target_s: float, sync: Callable[[], None]) -> int:
     """How many calls make one sample of about ``target_s`` seconds."""
     k = 1
     while True:
         start = time.perf_counter()
         for _ in range(k):
             fn()
+        sync()
         elapsed = time.perf_counter() - start
         if elapsed >= target_s / 4 or k >= 1 << 16:
             return max(1, int(k * target_s / max(elapsed, 1e-9)))
@@ -61,15 +64,18 @@ def measure(
     samples: int = 5,
     target_s: float = 0.004,
     warmup_s: float = 0.2,
+    sync: Callable[[], None] = device_sync,
 ) -> dict[str, Stats]:
-    """Time every case of a group against ``baseline`` (see module docstring)."""
+    """Time every case of a group against ``baseline`` (see module docstring).
+    ``sync`` ends every sample (``torch.cuda.synchronize`` on CUDA)."""
     names = list(cases)
     for name in names:  # warm-up: caches, allocator, lazy imports
         deadline = time.perf_counter() + warmup_s
         cases[name]()
         while time.perf_counter() < deadline:
             cases[name]()
-    ks = {name: _calibrate(cases[name], target_s) for name in names}
+        sync()
+    ks = {name: _calibrate(cases[name], target_s, sync) for name in names}
     samples_us: dict[str, list[float]] = {name: [] for name in names}
     round_medians: dict[str, list[float]] = {name: [] for name in names}
     for number in range(rounds):
@@ -82,6 +88,7 @@ def measure(
                 start = time.perf_counter()
                 for _ in range(k):
                     fn()
+                sync()
                 taken[name].append((time.perf_counter() - start) / k * 1e6)
         for name in names:
             samples_us[name].extend(taken[name])

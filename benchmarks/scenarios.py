@@ -18,6 +18,7 @@ import attrs
 import torch
 
 import nnsight_pure
+from benchmarks.device import on
 
 if TYPE_CHECKING:
     from transformers import GPT2LMHeadModel
@@ -35,6 +36,9 @@ class Group:
     baseline: str
     check: Callable[[Any, Any], bool]
     per: int = 1  # calls of the model per case call (a loop of 100 traces: 100)
+    events: int = 1  # hook events (hooked module calls) in one call of the baseline
+    rounds: int | None = None  # fewer rounds/samples for slow groups (None: the run's own)
+    samples: int | None = None
 
 
 def nnsight_available() -> bool:
@@ -66,12 +70,12 @@ class Tiny(torch.nn.Sequential):
 
 def tiny() -> Tiny:
     torch.manual_seed(423)
-    return Tiny(OrderedDict(layer1=torch.nn.Linear(5, 10), layer2=torch.nn.Linear(10, 2)))
+    return on(Tiny(OrderedDict(layer1=torch.nn.Linear(5, 10), layer2=torch.nn.Linear(10, 2))))
 
 
 def chain() -> torch.nn.Sequential:
     torch.manual_seed(0)
-    return torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(12)])
+    return on(torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(12)]))
 
 
 def gpt2() -> GPT2LMHeadModel:
@@ -81,7 +85,7 @@ def gpt2() -> GPT2LMHeadModel:
     config = GPT2Config(n_layer=12, n_embd=256, n_head=8, vocab_size=1000, n_positions=128, use_cache=False)
     model = GPT2LMHeadModel(config)
     torch.nn.Module.eval(model)
-    return model
+    return on(model)
 
 
 # --- the hand-written floor ------------------------------------------------------------
@@ -131,7 +135,7 @@ def _same(a: Any, b: Any) -> bool:
 def tiny_group() -> Group:
     net = tiny()
     model = nnsight_pure.NNsight(net)
-    x = torch.rand(1, 5)
+    x = on(torch.rand(1, 5))
 
     def hooks() -> Any:
         with HookDict({"layer1": net.layer1}) as seen:
@@ -167,7 +171,7 @@ def tiny_group() -> Group:
 def tiny_loop_group() -> Group:
     net = tiny()
     model = nnsight_pure.NNsight(net)
-    inputs = [torch.rand(1, 5) for _ in range(100)]
+    inputs = [on(torch.rand(1, 5)) for _ in range(100)]
 
     def hooks() -> Any:
         out = []
@@ -198,7 +202,7 @@ def tiny_loop_group() -> Group:
 def chain_group() -> Group:
     net = chain()
     model = nnsight_pure.NNsight(net)
-    x = torch.rand(1, 16)
+    x = on(torch.rand(1, 16))
     modules: dict[str, torch.nn.Module] = {str(i): module for i, module in enumerate(net)}
 
     def hooks() -> Any:
@@ -228,7 +232,8 @@ def chain_group() -> Group:
             return [_their_value(proxy) for proxy in saved]
 
         cases["nnsight trace"] = their_trace
-    return Group("chain", "2. chain of 12 Linear(16,16), saving all 12 outputs", cases, "hand-written hooks", _same)
+    return Group("chain", "2. chain of 12 Linear(16,16), saving all 12 outputs", cases, "hand-written hooks", _same,
+                 events=12)
 
 
 def _block_output(output: Any) -> Any:
@@ -238,7 +243,7 @@ def _block_output(output: Any) -> Any:
 def gpt2_groups() -> list[Group]:
     net = gpt2()
     model = nnsight_pure.NNsight(net)
-    ids = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(1))
+    ids = on(torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(1)))
     blocks: dict[str, torch.nn.Module] = {str(i): block for i, block in enumerate(net.transformer.h)}
 
     def hooks() -> Any:
@@ -305,10 +310,12 @@ def gpt2_groups() -> list[Group]:
         zeros["nnsight trace"] = their_zero
     return [
         Group(
-            "gpt2_saves", "3a. GPT-2 12×256, ids 1×32: save the 12 block outputs", saves, "hand-written hooks", _same
+            "gpt2_saves", "3a. GPT-2 12×256, ids 1×32: save the 12 block outputs", saves, "hand-written hooks", _same,
+            events=12,
         ),
         Group(
-            "gpt2_zero", "3b. GPT-2 12×256: zero block 5's output, save the logits", zeros, "hand-written hooks", _same
+            "gpt2_zero", "3b. GPT-2 12×256: zero block 5's output, save the logits", zeros, "hand-written hooks", _same,
+            events=2,
         ),
     ]
 
@@ -316,7 +323,7 @@ def gpt2_groups() -> list[Group]:
 def _ops_cases(count: int, net: torch.nn.Sequential, theirs: Any) -> dict[str, Case]:
     """``count`` chained ``x = x * 1.0001`` on one activation (the chain's 6th output)."""
     model = nnsight_pure.NNsight(net)
-    x = torch.rand(1, 16, generator=torch.Generator().manual_seed(3))
+    x = on(torch.rand(1, 16, generator=torch.Generator().manual_seed(3)))
 
     def hooks() -> Any:
         result: list[Any] = []
@@ -365,25 +372,38 @@ def _their_chain() -> Any:
     return nnsight.NNsight(chain())
 
 
-def ops_groups(counts: tuple[int, ...] = (10, 100, 1000)) -> list[Group]:
+def _ops_rounds(count: int) -> tuple[int | None, int | None]:
+    """N = 10000 takes tens of ms a trace: fewer rounds keep the run short."""
+    return (10, 3) if count >= 10000 else (None, None)
+
+
+def ops_groups(counts: tuple[int, ...] = (10, 100, 1000, 10000)) -> list[Group]:
     """4: one group per N, each case against the hooks doing the same N ops."""
     net, theirs = chain(), _their_chain()
     return [
         Group(f"ops_{count}", f"4. one trace recording {count} chained ops on one activation",
-              _ops_cases(count, net, theirs), "hand-written hooks", _same)
+              _ops_cases(count, net, theirs), "hand-written hooks", _same, *((1, 1) + _ops_rounds(count)))
         for count in counts
     ]
 
 
-def ops_slope_group() -> Group:
-    """4b: N = 100 and N = 1000 of every tool in one group, so that each round
-    gives a slope (µs per op) measured moments apart for every tool."""
+SLOPES = {"ops_slope": (100, 1000), "ops_slope_big": (1000, 10000)}
+
+
+def ops_slope_groups() -> list[Group]:
+    """4b: for each pair of N (100 and 1000; 1000 and 10000) every tool's two
+    counts in one group, so that each round gives a slope (µs per op)
+    measured moments apart for every tool."""
     net, theirs = chain(), _their_chain()
-    cases: dict[str, Case] = {}
-    for count in (100, 1000):
-        for name, case in _ops_cases(count, net, theirs).items():
-            cases[f"{name}, N={count}"] = case
-    return Group("ops_slope", "4b. cost per recorded op", cases, "hand-written hooks, N=1000", lambda a, b: True)
+    groups = []
+    for name, counts in SLOPES.items():
+        cases: dict[str, Case] = {}
+        for count in counts:
+            for tool, case in _ops_cases(count, net, theirs).items():
+                cases[f"{tool}, N={count}"] = case
+        groups.append(Group(name, f"4b. cost per recorded op, N = {counts[0]} to {counts[1]}", cases,
+                            f"hand-written hooks, N={counts[1]}", lambda a, b: True, 1, 1, *_ops_rounds(counts[1])))
+    return groups
 
 
 def _detached(value: Any) -> Any:
@@ -408,7 +428,7 @@ def cache_group() -> Group:
     forward hooks on every module storing its output (detached) by name."""
     net = gpt2()
     model = nnsight_pure.NNsight(net)
-    ids = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(1))
+    ids = on(torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(1)))
     modules = dict(net.named_modules())
     names = ["model." + name if name else "model" for name in modules]
 
@@ -444,4 +464,4 @@ def cache_group() -> Group:
 
     cases: dict[str, Case] = {"hand-written hooks": hooks, "nnsight_pure trace": trace, "nnsight_pure replay": replay}
     return Group("cache", "9. GPT-2 12×256, ids 1×32: cache every module's output (tracer.cache())", cases,
-                 "hand-written hooks", _same)
+                 "hand-written hooks", _same, events=len(modules))
