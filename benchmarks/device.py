@@ -9,17 +9,27 @@ tests/conftest.py).
 from __future__ import annotations
 
 import os
-from typing import TypeVar
+from typing import TypeVar, overload
 
 import torch
 
 DEVICE = torch.device(os.environ.get("NNSIGHT_PURE_DEVICE", "cpu"))
 
-T = TypeVar("T", torch.nn.Module, torch.Tensor)
+M = TypeVar("M", bound=torch.nn.Module)
 
 
-def on(value: T) -> T:
-    """``value`` (a module or a tensor) on the benchmarks' device."""
+@overload
+def on(value: torch.Tensor) -> torch.Tensor: ...
+
+
+@overload
+def on(value: M) -> M: ...
+
+
+def on(value: torch.Tensor | torch.nn.Module) -> torch.Tensor | torch.nn.Module:
+    """``value`` (a module, moved in place, or a tensor) on the benchmarks' device."""
+    if isinstance(value, torch.Tensor):
+        return value.to(DEVICE)
     return value.to(DEVICE)
 
 
