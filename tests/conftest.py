@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import builtins
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,6 +23,13 @@ def _print_restored() -> Iterator[None]:
     saved = builtins.print
     yield
     builtins.print = saved
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where the device tests run: ``NNSIGHT_PURE_DEVICE`` (default ``cpu``), so that
+    ``NNSIGHT_PURE_DEVICE=cuda ./scripts/test.sh`` checks a GPU machine."""
+    return torch.device(os.environ.get("NNSIGHT_PURE_DEVICE", "cpu"))
 
 
 @pytest.fixture
