@@ -109,6 +109,12 @@ def _tokenizer() -> Any:
     )
 
 
+def _greedy(net: Any, ids: torch.Tensor, settings: dict[str, Any]) -> torch.Tensor:
+    """Plain transformers generation of ``ids`` (no padding)."""
+    out: torch.Tensor = net.generate(ids, attention_mask=torch.ones_like(ids), **settings)
+    return out
+
+
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_generation_steered_at_every_step_on_the_device_equals_hooks_there(
     device: torch.device, use_cache: bool
@@ -117,7 +123,7 @@ def test_generation_steered_at_every_step_on_the_device_equals_hooks_there(
     torch.nn.Module.to(net, device)  # in place (transformers' own .to is typed for other arguments)
     ids = torch.randint(3, 100, (1, 5), generator=torch.Generator().manual_seed(5)).to(device)
     vector = torch.randn(32, generator=torch.Generator().manual_seed(6)).to(device)
-    settings = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "use_cache": use_cache,
+    settings: dict[str, Any] = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "use_cache": use_cache,
                 "pad_token_id": 0}
 
     def steer(output: Any) -> Any:
@@ -125,9 +131,8 @@ def test_generation_steered_at_every_step_on_the_device_equals_hooks_there(
         return output
 
     with torch.no_grad():
-        _, by_hand = _hooked(net.transformer.h[1], lambda: net.generate(
-            ids, attention_mask=torch.ones_like(ids), **settings), steer)
-        plain = net.generate(ids, attention_mask=torch.ones_like(ids), **settings)
+        _, by_hand = _hooked(net.transformer.h[1], lambda: _greedy(net, ids, settings), steer)
+        plain = _greedy(net, ids, settings)
     lm = nnsight.LanguageModel(net, tokenizer=_tokenizer())
     with torch.no_grad(), lm.generate(ids, **settings):
         steps = nnsight.list().save()
