@@ -29,7 +29,7 @@ import torch
 
 from ..batching import BatchGroups
 from ..errors import OutOfOrderError
-from ..events import Event
+from ..events import END_KEY, END_PATH, Event, Site
 from ..graph import Graph
 from ..results import Results
 from ..source import add_note
@@ -121,19 +121,36 @@ class StraightRun(World):
         """Run the part of the program that needs no module value."""
         self._advance()
 
-    def _feed(self, key: Event, value: Any) -> tuple[Any, bool]:
-        """`World._feed` with the one program run in place."""
-        if self.running:
-            return value, False  # a hooked call the program itself made: it finds the kept value
-        outer = (self.current, self.activation, self.swapped)
-        self.current, self.activation, self.swapped = key, value, False
-        try:
-            self._advance()
-            return self.activation, self.swapped
-        finally:
-            self.current, self.activation, self.swapped = outer
+    def on_event(self, path: str, site: Site, value: Any) -> Any:
+        """`World.on_event` for a plan with no stops and no loops over calls,
+        with `World._feed` run in place."""
+        if threading.get_ident() != self.thread:
+            return None  # another thread's run of the same model
+        site_key = (path, site)
+        calls = self.calls
+        call = calls.get(site_key, 0)
+        calls[site_key] = call + 1
+        key = (path, site, call)
+        plan = self.plan
+        if key not in plan.event_keys:
+            return None
+        swapped = False
+        if not self.running:  # (else a hooked call the program itself made: it finds the kept value)
+            outer = (self.current, self.activation, self.swapped)
+            self.current, self.activation, self.swapped = key, value, False
+            try:
+                self._advance()
+                value, swapped = self.activation, self.swapped
+            finally:
+                self.current, self.activation, self.swapped = outer
+        if self.readers.get(key, 0) > 0 or key in plan.kept_to_end:
+            self.kept[key] = value  # later nodes read this call again
+        return value if swapped else None
 
-    def end_of_run(self) -> None:
+    def on_end(self, returned: Any) -> None:
+        """`World.on_end`: the end-of-run event, if the plan reads it (``tracer.result``)."""
+        if END_KEY in self.plan.event_keys:
+            self.on_event(END_PATH, "post", returned)
         self.ended = True
 
     def _advance(self) -> None:
@@ -224,7 +241,10 @@ def straight_run(
     """A `StraightRun` of ``graph`` if its plan is straight and one invoke
     covers the whole batch (no rows to narrow), else ``None``."""
     steps = straight_steps(plan)
-    if steps is None or any(groups.rows(invoke) is not None for invoke in range(len(groups.groups))):
+    if steps is None:
         return None
+    for invoke in range(len(groups.groups)):
+        if groups.rows(invoke) is not None:
+            return None
     return StraightRun(plan, steps, graph, root, groups, keep)
 
