@@ -277,3 +277,23 @@ def test_straight_steps_are_worked_out_once_per_plan() -> None:
     plan = plan_for(graph)
     steps = straight.straight_steps(plan)
     assert steps is not None and straight.straight_steps(plan) is steps
+
+
+def test_a_straight_replay_keeps_nothing_alive_by_itself() -> None:
+    """The straight run holds no cycle: with the garbage collector off, a
+    replay's saved value dies with its results."""
+    import gc
+    import weakref
+
+    model = nnsight.NNsight(tiny_net())
+    graph = nnsight.trace(model, lambda m: m.layer1.output)
+    x = torch.rand(1, 5)
+    gc.collect()
+    gc.disable()
+    try:
+        results = nnsight.run(model, graph, x)
+        ref = weakref.ref(results.outputs)
+        del results
+        assert ref() is None
+    finally:
+        gc.enable()

@@ -106,7 +106,6 @@ class StraightRun(World):
         self.not_run: list[str] = []
         self.missed = []
         # The program: its steps, the position it waits at, the frame's state.
-        self.world = self
         self.steps = steps
         self.program_key = plan.programs[0][0]
         self.at = 0
@@ -116,6 +115,13 @@ class StraightRun(World):
         self.env: list[Any] = [UNSET] * len(plan.steps)
         self.uses = list(plan.uses)
         self.keep = keep
+
+    @property
+    def world(self) -> World:
+        """The run's hook-event state: itself (a property, not an attribute:
+        a run holding itself would be a cycle keeping its values alive until
+        the garbage collector runs)."""
+        return self
 
     def start(self) -> None:
         """Run the part of the program that needs no module value."""
