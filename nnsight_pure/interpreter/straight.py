@@ -3,7 +3,7 @@
 Most traces are one invoke reading, saving and writing module values and
 doing ordinary ops on them: one program, no loops, no conditions, no
 gradients, no stops, no caches, no skips or operation sites. For such a
-plan (`straight_steps` says which, once per plan) the general machinery
+plan (`steps.straight_program` says which, once per plan) the general machinery
 (a generator per program, the scheduler resuming it at every hook event,
 the fold's dispatch over every kind of step) is more than the work: a
 `StraightRun` holds the program as a position in its steps and, at each
@@ -22,7 +22,6 @@ ways and compares everything a run leaves.
 from __future__ import annotations
 
 import threading
-import weakref
 from typing import Any
 
 import torch
@@ -33,44 +32,17 @@ from ..events import END_KEY, END_PATH, Event, Site
 from ..graph import Graph
 from ..results import Results
 from ..source import add_note
-from ..steps import NO_STOPS, ComputeStep, ModuleGetStep, ModuleSetStep, Plan, SaveStep, Step
+from ..steps import ComputeStep, ModuleGetStep, ModuleSetStep, Plan, SaveStep, Step
 from .fold import _first_input
 from .frame import UNSET
 from .messages import node_note, out_of_order, warn_unexecuted_writes
 from .world import World
 
-_STRAIGHT: weakref.WeakKeyDictionary[Plan, tuple[Step, ...] | None] = weakref.WeakKeyDictionary()
-"""`straight_steps` of each plan seen (plans are shared by every graph of one structure)."""
-
 
 def straight_steps(plan: Plan) -> tuple[Step, ...] | None:
-    """The steps of ``plan``'s one program if a `StraightRun` can run it, else ``None``."""
-    try:
-        return _STRAIGHT[plan]
-    except KeyError:
-        pass
-    found = _straight(plan)
-    _STRAIGHT[plan] = found
-    return found
-
-
-def _straight(plan: Plan) -> tuple[Step, ...] | None:
-    if len(plan.programs) != 1 or plan.stops is not NO_STOPS or plan.caches or plan.overrides_forwards:
-        return None
-    if plan.dynamic_sites:
-        return None
-    steps = plan.programs[0][1]
-    for step in steps:
-        if step.foreign or step.after:
-            return None
-        kind = type(step)
-        if kind is ModuleGetStep or kind is ModuleSetStep:
-            assert isinstance(step, (ModuleGetStep, ModuleSetStep))
-            if step.wait.may_end or step.wait.key != step.key or (kind is ModuleSetStep and step.kind == "skip"):
-                return None
-        elif kind is not ComputeStep and kind is not SaveStep:
-            return None
-    return steps
+    """The steps of ``plan``'s one program if a `StraightRun` can run it,
+    else ``None`` (`steps.straight_program`, worked out with the plan)."""
+    return plan.straight
 
 
 class StraightRun(World):
@@ -246,11 +218,12 @@ def straight_run(
 ) -> StraightRun | None:
     """A `StraightRun` of ``graph`` if its plan is straight and one invoke
     covers the whole batch (no rows to narrow), else ``None``."""
-    steps = straight_steps(plan)
+    steps = plan.straight
     if steps is None:
         return None
-    for invoke in range(len(groups.groups)):
-        if groups.rows(invoke) is not None:
-            return None
+    if len(groups.groups) > 1:  # (one invoke always covers the whole batch)
+        for invoke in range(len(groups.groups)):
+            if groups.rows(invoke) is not None:
+                return None
     return StraightRun(plan, steps, graph, root, groups, keep)
 
