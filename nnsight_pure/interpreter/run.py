@@ -153,7 +153,8 @@ class Interleaver:
 
     def __exit__(self, *exc: object) -> None:
         try:
-            unwrap_forwards(self._wrapped)
+            if self._wrapped:
+                unwrap_forwards(self._wrapped)
         finally:
             remove_hooks(self._installed)
 
@@ -210,9 +211,11 @@ def run_trace(
         # Again, in case an interrupt cut the interleaver's own removal short
         # (or landed between its enter and the model's ``with``): a no-op otherwise.
         try:
-            unwrap_forwards(interleaver._wrapped)
+            if interleaver._wrapped:
+                unwrap_forwards(interleaver._wrapped)
         finally:
-            remove_hooks(interleaver._installed)
+            if interleaver._installed:
+                remove_hooks(interleaver._installed)
     results, exported = run.finish(stopped, graph)
     if keep_result:
         results = attrs.evolve(results, returned=returned)
