@@ -297,3 +297,38 @@ def test_a_straight_replay_keeps_nothing_alive_by_itself() -> None:
         assert ref() is None
     finally:
         gc.enable()
+
+
+def test_gpt2_saves_and_an_edit_go_straight_and_match(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPT-2-shaped model: block outputs saved, one block's hidden state
+    zeroed in place; the straight run and the general fold agree, and the
+    zeroed logits are those of plain torch with the same edit by hook."""
+    from tests.helpers import tiny_gpt2
+
+    net = tiny_gpt2()
+    model = nnsight.NNsight(net)
+    ids = torch.tensor([[1, 5, 7, 9]])
+
+    def fn(m: Any) -> Any:
+        first = m.transformer.h[0].output
+        first[0][:] = 0
+        saved = [first, m.transformer.h[1].output]
+        return {"blocks": saved, "logits": m.lm_head.output}
+
+    graph = nnsight.trace(model, fn)
+    assert plan_for(graph).straight is not None
+    fast = _plain(nnsight.run(model, graph, ids).outputs)
+    monkeypatch.setattr(run_module, "straight_run", lambda *args: None)
+    slow = _plain(nnsight.run(model, graph, ids).outputs)
+    assert fast == slow
+
+    def zero(module: torch.nn.Module, args: Any, output: Any) -> Any:
+        output[0][:] = 0
+        return output
+
+    handle = net.transformer.h[0].register_forward_hook(zero)
+    try:
+        expected = net(ids).logits
+    finally:
+        handle.remove()
+    assert fast["logits"] == _plain(expected)
