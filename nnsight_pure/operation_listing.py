@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import difflib
 import linecache
-import weakref
 import os
+import weakref
 from typing import Any, Callable, Mapping, Sequence
 
 import attrs
