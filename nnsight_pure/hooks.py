@@ -9,7 +9,8 @@ Hooks go only on the modules a plan names and are prepended, so they see the
 module's own value before any hook of the user's. The caller removes them
 with `remove_hooks` in a ``finally``, whatever happened, an interrupt
 included (each hook is recorded before it is registered, and removed by
-identity). The user's own hooks are never touched.
+its id, or, for hooks registered through torch's API, by identity). The
+user's own hooks are never touched.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import threading
 from typing import Any, Callable, Sequence
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from .events import Site
 
@@ -48,10 +50,13 @@ def _post_hook(path: str, on_event: OnEvent) -> Callable[..., Any]:
     return hook
 
 
-Installed = list[tuple[torch.nn.Module, Callable[..., Any]]]
-"""The hooks `install_hooks` put on modules: ``(module, hook function)`` each,
-recorded *before* each registration, so that a hook is removable whatever
-moment an interrupt (Ctrl-C) lands at, even before its handle exists."""
+Installed = list[tuple[torch.nn.Module, "Callable[..., Any] | int"]]
+"""The hooks put on modules for a run, each recorded *before* it is
+registered, so that it is removable whatever moment an interrupt (Ctrl-C)
+lands at: ``(module, hook id)`` for `install_hooks`' own (put straight into
+the module's hook tables under an id of torch's counter), ``(module, hook
+function)`` for hooks registered through torch's API (activation_cache.py),
+found by identity."""
 
 
 def install_hooks(
@@ -60,21 +65,30 @@ def install_hooks(
     on_event: OnEvent,
     installed: Installed,
 ) -> None:
-    """Hook every ``(path, site)`` of ``root``, recording each in ``installed``
-    (the caller's list, for `remove_hooks`). If anything fails or is
-    interrupted here, the hooks made so far are removed first."""
+    """Hook every ``(path, site)`` of ``root``, prepended, recording each in
+    ``installed`` (the caller's list, for `remove_hooks`). If anything fails
+    or is interrupted here, the hooks made so far are removed first.
+
+    What ``register_forward_hook(..., prepend=True)`` does, without the
+    `RemovableHandle` (two weak references per hook, on every run): the hook
+    takes the next id of torch's own counter (no clash with the user's
+    hooks) and is removed by that id. A pre-hook is flagged ``with_kwargs``
+    before it goes in, so no forward in another thread sees it unflagged."""
     modules = [(submodule(root, path), path, site) for path, site in sites]
     try:
         with _REGISTRY_LOCK:
             for module, path, site in modules:
+                hook_id = RemovableHandle.next_id
+                RemovableHandle.next_id = hook_id + 1
+                installed.append((module, hook_id))
                 if site == "pre":
-                    pre = _pre_hook(path, on_event)
-                    installed.append((module, pre))
-                    module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True)
+                    module._forward_pre_hooks_with_kwargs[hook_id] = True
+                    table = module._forward_pre_hooks
+                    table[hook_id] = _pre_hook(path, on_event)
                 else:
-                    post = _post_hook(path, on_event)
-                    installed.append((module, post))
-                    module.register_forward_hook(post, prepend=True)
+                    table = module._forward_hooks
+                    table[hook_id] = _post_hook(path, on_event)
+                table.move_to_end(hook_id, last=False)  # type: ignore[attr-defined]  # an OrderedDict
     except BaseException:
         remove_hooks(installed)
         raise
@@ -86,9 +100,13 @@ _HOOK_TABLES = (
 )
 
 
-def _remove_one(module: torch.nn.Module, hook: Callable[..., Any]) -> None:
-    """Take ``hook`` off ``module`` (by identity: no handle needed); a no-op
-    when it is not there, so that it can be done again after an interrupt."""
+def _remove_one(module: torch.nn.Module, hook: Callable[..., Any] | int) -> None:
+    """Take ``hook`` (an id, or a function found by identity) off ``module``;
+    a no-op when it is not there, so that it can be done again after an interrupt."""
+    if type(hook) is int:
+        for table in _HOOK_TABLES:
+            getattr(module, table, {}).pop(hook, None)
+        return
     for table in ("_forward_hooks", "_forward_pre_hooks"):
         hooks = getattr(module, table)
         for hook_id, found in list(hooks.items()):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import linecache
 import os
+import weakref
 from typing import Any, Callable, Mapping, Sequence
 
 import attrs
@@ -106,7 +107,8 @@ def discover(
     Cached (see the module docstring)."""
     key = (id(root), type(root).__qualname__, path, method_name, _signature((tuple(args), dict(kwargs))))
     found = LISTINGS.get(key)
-    if found is not None and found[0] == _structure(root):
+    # (the model itself, not only its id: a freed model's id may be reused by another)
+    if found is not None and found[2]() is root and found[0] == _structure(root):
         listed: Listing = found[1]
         return listed
     mode = new_mode()
@@ -126,7 +128,7 @@ def discover(
     module.forward = forward  # (the fake copy's, thrown away after)
     scan(fake_root, method_of(fake_root), args, kwargs, mode)
     listing = Listing(shown, tuple(calls))
-    LISTINGS.put(key, (_structure(root), listing))
+    LISTINGS.put(key, (_structure(root), listing, weakref.ref(root)))
     return listing
 
 

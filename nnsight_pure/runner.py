@@ -118,19 +118,21 @@ def run_invokes(
             if invoke is not None:
                 batched = adapter.batch(batched, *invoke.args, **invoke.kwargs)
         args, batch_kwargs = batched if batched is not None else ((), {})
-        clash = sorted(set(batch_kwargs) & set(method_kwargs))
-        if clash:
-            raise TypeError(
-                f"keyword argument(s) {clash} were given both to the invokes and to trace(...); "
-                "give each once"
-            )
+        if method_kwargs:
+            clash = sorted(set(batch_kwargs) & set(method_kwargs))
+            if clash:
+                raise TypeError(
+                    f"keyword argument(s) {clash} were given both to the invokes and to trace(...); "
+                    "give each once"
+                )
+            batch_kwargs = {**batch_kwargs, **method_kwargs}
         return run_trace(
             graph,
             adapter.handle.module,
             adapter.interleave,
             adapter.method_fn(method),
             args,
-            {**batch_kwargs, **method_kwargs},
+            batch_kwargs,
             BatchGroups.from_sizes([None if invoke is None else invoke.size for invoke in ready]),
             where,
             captures,

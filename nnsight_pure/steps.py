@@ -309,6 +309,14 @@ class Plan:
     skipped: frozenset[str] = frozenset()
     caches: tuple[tuple[int, Cache], ...] = ()
 
+    straight: tuple[Step, ...] | None = attrs.field(init=False, repr=False)
+    """The steps of the one program, when a straight run (interpreter/straight.py)
+    can run this plan; else ``None``. Worked out once, with the plan."""
+
+    @straight.default
+    def _straight_default(self) -> tuple[Step, ...] | None:
+        return straight_program(self)
+
     @property
     def overrides_forwards(self) -> bool:
         """Whether a run must wrap some module's forward (skips, operation sites)."""
@@ -317,3 +325,25 @@ class Plan:
 
 NO_STOPS: PMap[EventKey, StopsAt] = pmap()
 """The ``stops`` of a plan without any (the run skips the lookup per event)."""
+
+
+def straight_program(plan: Plan) -> tuple[Step, ...] | None:
+    """The steps of ``plan``'s one program if it is *straight*: module reads,
+    module writes (not skips), saves and ordinary ops, each waiting for
+    nothing but its own module call; no stops, caches, loops over calls,
+    wrapped forwards. Else ``None`` (the general fold runs it)."""
+    if len(plan.programs) != 1 or plan.stops is not NO_STOPS or plan.caches or plan.overrides_forwards:
+        return None
+    if plan.dynamic_sites:
+        return None
+    steps = plan.programs[0][1]
+    for step in steps:
+        if step.foreign or step.after:
+            return None
+        if isinstance(step, (ModuleGetStep, ModuleSetStep)):
+            if step.wait.may_end or step.wait.key != step.key or (isinstance(step, ModuleSetStep)
+                                                                   and step.kind == "skip"):
+                return None
+        elif not isinstance(step, (ComputeStep, SaveStep)):
+            return None
+    return steps

@@ -33,6 +33,7 @@ from .frame import Frame
 from .messages import warn_missed_calls, warn_unexecuted_writes
 from .scheduler import Program, ProgramState, Scheduler
 from .signals import EarlyStop
+from .straight import StraightRun, straight_run
 from .world import World
 
 
@@ -60,6 +61,11 @@ class Run:
         self.scheduler = Scheduler(self.frame)
         self.world = World(plan, root, groups, self.scheduler)
         self.fold = Fold(self.world, self.scheduler, trace_runner)
+
+    @property
+    def failed(self) -> BaseException | None:
+        """The error the fold is raising (already noted with its node)."""
+        return self.fold.failed
 
     def start(self) -> None:
         """Make the programs (one per invoke, one per gradient hook) and run
@@ -125,7 +131,7 @@ class Interleaver:
     decides how its method runs with the hooks in place.
     """
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: Run | StraightRun) -> None:
         self._run = run
         self._installed: Installed = []  # filled in place: nothing to lose to an interrupt
         self._wrapped: Wrapped = []  # (the same)
@@ -147,7 +153,8 @@ class Interleaver:
 
     def __exit__(self, *exc: object) -> None:
         try:
-            unwrap_forwards(self._wrapped)
+            if self._wrapped:
+                unwrap_forwards(self._wrapped)
         finally:
             remove_hooks(self._installed)
 
@@ -178,7 +185,10 @@ def run_trace(
     Errors propagate with a note naming the user's line; no hook outlives
     the call.
     """
-    run = Run(plan_for(graph), graph, root, groups, captures, keep)
+    plan = plan_for(graph)
+    run: Run | StraightRun | None = straight_run(plan, graph, root, groups, keep)
+    if run is None:
+        run = Run(plan, graph, root, groups, captures, keep)
     interleaver = Interleaver(run)
     stopped = False
     returned = None
@@ -193,7 +203,7 @@ def run_trace(
         if run.plan.caches:
             run.world.end_after_stop()  # a cache keeps what the calls before the stop stored
     except BaseException as error:
-        if error is not run.fold.failed and where is not None:
+        if error is not run.failed and where is not None:
             add_note(error, f"nnsight_pure: raised by the model during the trace opened at\n  {describe(where)}")
         run.close()
         raise
@@ -201,9 +211,11 @@ def run_trace(
         # Again, in case an interrupt cut the interleaver's own removal short
         # (or landed between its enter and the model's ``with``): a no-op otherwise.
         try:
-            unwrap_forwards(interleaver._wrapped)
+            if interleaver._wrapped:
+                unwrap_forwards(interleaver._wrapped)
         finally:
-            remove_hooks(interleaver._installed)
+            if interleaver._installed:
+                remove_hooks(interleaver._installed)
     results, exported = run.finish(stopped, graph)
     if keep_result:
         results = attrs.evolve(results, returned=returned)
