@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, NamedTuple, Protocol, Sequence, cast
 
 import attrs
@@ -31,13 +32,16 @@ from pyrsistent import PMap, PVector, pmap, pvector
 
 from .. import open_blocks as active
 from ..arguments import ATOMS, Ref, freeze
+from ..caches import INTERNAL_CODE, LOCATIONS, NODES, SHAREABLE_BUILTINS
 from ..config import CONFIG
 from ..errors import TraceError
-from ..graph import Graph, SourceLoc, saved_refs
-from ..ops import Bridge, Call, Cond, Export, Iterate, Op, Stop, print_at_run_time
+from ..graph import _NO_KWARGS, _REFS, Graph, Node, SourceLoc, saved_refs
+from ..marks import _UNTRUSTED
+from ..ops import PLAIN_OPS, Bridge, Call, Cond, Export, Iterate, Op, Stop, print_at_run_time
 from ..printing import format_node
-from ..proxy import Proxy, Recorder
+from ..proxy import _SET_CONTEXT, _SET_FAKE, _SET_PENDING, _SET_REF, Proxy, Recorder
 from ..results import Results, missing_value_message
+from ..scan import UNKNOWN
 from ..source import short, user_location
 from . import recorded_calls
 from .recorded_calls import FactoryRecord
@@ -81,6 +85,17 @@ class Recording(NamedTuple):
 
 
 _EMPTY = Recording()  # every block starts from it (a value: sharing it is safe)
+
+# What the recording fast path (`GraphContext.record`) reads: the tables read
+# directly (each clears in place), and the C-level constructors.
+_NODE_TABLE = NODES.table
+_INTERNAL_CODE = INTERNAL_CODE.table
+_LOCATIONS = LOCATIONS.table
+_SHAREABLE_BUILTINS = SHAREABLE_BUILTINS.table
+_REF_COUNT = len(_REFS)
+_NEW = object.__new__
+_SET = object.__setattr__
+_getframe = sys._getframe
 
 
 class _Setup(Protocol):
@@ -245,16 +260,113 @@ class GraphContext:
         kwargs: Mapping[str, Any] | None = None,
         source: SourceLoc | None = None,
     ) -> Proxy:
-        """Append ``op`` applied to ``args``/``kwargs`` and return a proxy of its value."""
+        """Append ``op`` applied to ``args``/``kwargs`` and return a proxy of its value.
+
+        The usual case, a shared op (an operator, a builtin torch function, a
+        module access ...) on this block's own proxies and plain numbers,
+        without keywords, in a trace without fake tensors, at a line of user
+        code seen before, takes the fast path below: the node's intern key
+        (`graph._intern_key`'s tuple), the user's line (`source.user_location`'s
+        walk over its caches) and the new graph (`graph.grown`) and proxy are
+        all made inline, with no Python call but the op's ``__hash__`` (none
+        for a `Call`). Anything else, or any table missing an entry, takes
+        `_record`, which does the same in general (and fills the tables).
+        """
         if not self._open:
             raise TraceError(f"the block opened at {short(self._where)} is not open")
+        trace: TraceLike | None = self if self._is_trace else self._enclosing_trace  # type: ignore[assignment]
+        if kwargs or source is not None or (_UNTRUSTED and id(op) in _UNTRUSTED):
+            return self._record(op, args, kwargs, source, trace)
+        if trace is None:
+            invoke = None
+        elif trace._fake_mode is None:
+            invoke = trace._setup.open_invoke  # (trace._current_invoke(), inlined)
+        else:
+            return self._record(op, args, kwargs, source, trace)
+        kind = type(op)
+        if kind is Call:
+            op_key: object = op.fn  # type: ignore[union-attr]  # a Call
+            try:
+                if op_key not in _SHAREABLE_BUILTINS:  # (shareable(), for the builtins it remembers)
+                    return self._record(op, args, kwargs, source, trace)
+            except TypeError:  # an unhashable callable
+                return self._record(op, args, kwargs, source, trace)
+        elif kind in PLAIN_OPS:
+            op_key = op
+        else:
+            return self._record(op, args, kwargs, source, trace)
+        # The user's line: source.user_location's walk, on its caches only.
+        frame: FrameType | None = _getframe(1)
+        while True:
+            if frame is None:  # pragma: no cover - there is always a caller
+                return self._record(op, args, kwargs, source, trace)
+            code = frame.f_code
+            known = _INTERNAL_CODE.get(id(code))  # (by id, holding the code: see source.py)
+            if known is None or known[0] is not code:
+                return self._record(op, args, kwargs, source, trace)
+            if not known[1]:
+                break
+            frame = frame.f_back
+        found = _LOCATIONS.get((id(code), frame.f_lineno))
+        if found is None or found[0] is not code:
+            return self._record(op, args, kwargs, source, trace)
+        location: SourceLoc = found[1]
+        recording = self._recording
+        graph = recording.graph
+        nodes = graph.nodes
+        index = len(nodes)
+        key: list[object] = [index, kind, op_key, invoke, location]
+        frozen: list[object] = []
+        for arg in args:  # (keys.atoms_key and _frozen, inlined for the usual arguments)
+            arg_kind = type(arg)
+            if arg_kind is Proxy:
+                if arg._context is not self or arg._pending is not None:
+                    return self._record(op, args, kwargs, source, trace)
+                ref = arg._ref
+                frozen.append(ref)
+                key.append(-1 - ref.index)
+            elif arg_kind is float:
+                frozen.append(arg)
+                key.append((float, arg.hex()))  # exact: -0.0 is not 0.0, 1.0 is not 1
+            elif arg_kind is int or arg_kind is bool:
+                frozen.append(arg)
+                key.append((arg_kind, arg))
+            else:
+                return self._record(op, args, kwargs, source, trace)
+        interned = tuple(key)
+        ref = _REFS[index] if index < _REF_COUNT else Ref(index)
+        node = _NODE_TABLE.get(interned)
+        if node is None:
+            node = Node(ref, op, pvector(frozen), _NO_KWARGS, invoke, location)
+            NODES.put(interned, node)
+        new = _NEW(Graph)  # (graph.grown, inlined)
+        _SET(new, "nodes", nodes.append(node))
+        _SET(new, "outputs", graph.outputs)
+        _SET(new, "_plan", None)
+        _SET(new, "_attrs_cached_hash", None)
+        self._recording = tuple.__new__(Recording, (new,) + recording[1:])
+        proxy = _NEW(Proxy)  # (Proxy(self, ref), with the slots' own setters)
+        _SET_CONTEXT(proxy, self)
+        _SET_REF(proxy, ref)
+        _SET_PENDING(proxy, None)
+        _SET_FAKE(proxy, UNKNOWN)
+        return proxy
+
+    def _record(
+        self,
+        op: Op,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any] | None,
+        source: SourceLoc | None,
+        trace: TraceLike | None,
+    ) -> Proxy:
+        """`record` in general: any op, arguments and keywords."""
         frozen = self._frozen
         if len(args) == 2:  # the usual: a binary operator
             frozen_args: tuple[object, ...] = (frozen(args[0]), frozen(args[1]))
         else:
             frozen_args = tuple([frozen(arg) for arg in args])
         frozen_kwargs = {name: frozen(value) for name, value in kwargs.items()} if kwargs else None
-        trace: TraceLike | None = self if self._is_trace else self._enclosing_trace  # type: ignore[assignment]
         invoke = None if trace is None else trace._setup.open_invoke  # (trace._current_invoke(), inlined)
         recording = self._recording
         graph, ref = recording.graph.add(op, frozen_args, frozen_kwargs, source or user_location(), invoke)
