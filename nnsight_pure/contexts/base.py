@@ -69,13 +69,25 @@ class Recording(NamedTuple):
     to the `Export` node reading it; ``children`` are the finished child
     blocks that get results after the run; ``factory_records`` the factory
     calls (torch.zeros ...) that could be taken back (`recorded_calls`).
+
+    The graph is kept as its parts, ``nodes`` and ``outputs`` (`graph`
+    makes the `Graph` value of them): recording an operation appends to the
+    persistent vector of nodes and makes no `Graph` object, which
+    `GraphContext.graph` makes when one is asked for (and keeps while the
+    recording does not change).
     """
 
-    graph: Graph = Graph()
+    nodes: PVector[Node] = pvector()
+    outputs: object = None
     bridges: PMap[int, Bridged] = pmap()
     exports: PMap[tuple[int, int], Ref] = pmap()
     children: tuple[GraphContext, ...] = ()
     factory_records: PVector[FactoryRecord] = pvector()
+
+    @property
+    def graph(self) -> Graph:
+        """The recorded graph, as a `Graph` value (a new object: `GraphContext.graph` keeps one)."""
+        return Graph(self.nodes, self.outputs)
 
     @property
     def captures(self) -> tuple[Ref, ...]:
@@ -94,7 +106,6 @@ _LOCATIONS = LOCATIONS.table
 _SHAREABLE_BUILTINS = SHAREABLE_BUILTINS.table
 _REF_COUNT = len(_REFS)
 _NEW = object.__new__
-_SET = object.__setattr__
 _getframe = sys._getframe
 
 
@@ -136,6 +147,7 @@ class GraphContext:
 
     def __init__(self, handle: ModelHandle, where: SourceLoc | None, parent: GraphContext | None) -> None:
         self._recording = _EMPTY
+        self._graph_memo: Graph | None = None  # the Graph of ``_recording`` (see `graph`)
         self._handle = handle
         self._where = where
         self._parent = parent
@@ -148,8 +160,21 @@ class GraphContext:
 
     @property
     def graph(self) -> Graph:
-        """The graph recorded so far (an immutable value; later records do not change it)."""
-        return self._recording.graph
+        """The graph recorded so far (an immutable value; later records do not change it).
+
+        Made from the recording's nodes when first asked for, and the same
+        object while nothing more is recorded (a plan memoised on it stays)."""
+        recording = self._recording
+        memo = self._graph_memo
+        if memo is not None and memo.nodes is recording.nodes and memo.outputs is recording.outputs:
+            return memo
+        graph = self._graph_memo = recording.graph
+        return graph
+
+    def _grew(self, recording: Recording, graph: Graph, **changes: Any) -> None:
+        """Make ``recording`` with ``graph`` (and ``changes``) the block's recording."""
+        self._recording = recording._replace(nodes=graph.nodes, outputs=graph.outputs, **changes)
+        self._graph_memo = graph
 
     # --- the recording cell -----------------------------------------------------------
 
@@ -163,7 +188,7 @@ class GraphContext:
 
     def _restart_from(self, graph: Graph) -> None:
         """Start the recording from ``graph`` (a model's edits) instead of the empty graph."""
-        self._recording = self._recording._replace(graph=graph)
+        self._grew(self._recording, graph)
 
     def _note_factory(self, record: FactoryRecord) -> None:
         """Remember a factory call recorded here, to take it back if it is an input."""
@@ -312,8 +337,7 @@ class GraphContext:
             return self._record(op, args, kwargs, source, trace)
         location: SourceLoc = found[1]
         recording = self._recording
-        graph = recording.graph
-        nodes = graph.nodes
+        nodes = recording.nodes
         index = len(nodes)
         key: list[object] = [index, kind, op_key, invoke, location]
         frozen: list[object] = []
@@ -339,12 +363,8 @@ class GraphContext:
         if node is None:
             node = Node(ref, op, pvector(frozen), _NO_KWARGS, invoke, location)
             NODES.put(interned, node)
-        new = _NEW(Graph)  # (graph.grown, inlined)
-        _SET(new, "nodes", nodes.append(node))
-        _SET(new, "outputs", graph.outputs)
-        _SET(new, "_plan", None)
-        _SET(new, "_attrs_cached_hash", None)
-        self._recording = tuple.__new__(Recording, (new,) + recording[1:])
+        # (the hot path: one C-level tuple instead of _replace, and no Graph object: see `graph`)
+        self._recording = tuple.__new__(Recording, (nodes.append(node),) + recording[1:])
         proxy = _NEW(Proxy)  # (Proxy(self, ref), with the slots' own setters)
         _SET_CONTEXT(proxy, self)
         _SET_REF(proxy, ref)
@@ -369,9 +389,8 @@ class GraphContext:
         frozen_kwargs = {name: frozen(value) for name, value in kwargs.items()} if kwargs else None
         invoke = None if trace is None else trace._setup.open_invoke  # (trace._current_invoke(), inlined)
         recording = self._recording
-        graph, ref = recording.graph.add(op, frozen_args, frozen_kwargs, source or user_location(), invoke)
-        # (the hot path: one C-level tuple instead of _replace)
-        self._recording = tuple.__new__(Recording, (graph,) + recording[1:])
+        graph, ref = self.graph.add(op, frozen_args, frozen_kwargs, source or user_location(), invoke)
+        self._grew(recording, graph)
         if trace is None or trace._fake_mode is None:
             return Proxy(self, ref)
         return Proxy(self, ref, fake=trace._fake_of(op, args, kwargs or {}, invoke))
@@ -440,9 +459,8 @@ class GraphContext:
         if bridged is not None:
             return bridged.ref
         slot = len(recording.bridges)
-        graph, ref = recording.graph.add(Bridge(slot), source=user_location(), invoke=self._current_invoke())
-        bridges = recording.bridges.set(outer.index, Bridged(slot, ref))
-        self._recording = recording._replace(graph=graph, bridges=bridges)
+        graph, ref = self.graph.add(Bridge(slot), source=user_location(), invoke=self._current_invoke())
+        self._grew(recording, graph, bridges=recording.bridges.set(outer.index, Bridged(slot, ref)))
         return ref
 
     def _export(self, context_node: Ref, inner: Ref) -> Ref:
@@ -451,10 +469,10 @@ class GraphContext:
         recording = self._recording
         ref = recording.exports.get(key)
         if ref is None:
-            graph, ref = recording.graph.add(
+            graph, ref = self.graph.add(
                 Export(inner.index), (context_node,), source=user_location(), invoke=self._current_invoke()
             )
-            self._recording = recording._replace(graph=graph, exports=recording.exports.set(key, ref))
+            self._grew(recording, graph, exports=recording.exports.set(key, ref))
         return ref
 
     def _close_child(
