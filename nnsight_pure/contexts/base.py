@@ -340,27 +340,23 @@ class GraphContext:
         nodes = recording.nodes
         index = len(nodes)
         key: list[object] = [index, kind, op_key, invoke, location]
-        frozen: list[object] = []
-        for arg in args:  # (keys.atoms_key and _frozen, inlined for the usual arguments)
+        for arg in args:  # (keys.atoms_key, inlined for the usual arguments)
             arg_kind = type(arg)
             if arg_kind is Proxy:
                 if arg._context is not self or arg._pending is not None:
                     return self._record(op, args, kwargs, source, trace)
-                ref = arg._ref
-                frozen.append(ref)
-                key.append(-1 - ref.index)
+                key.append(-1 - arg._ref.index)
             elif arg_kind is float:
-                frozen.append(arg)
                 key.append((float, arg.hex()))  # exact: -0.0 is not 0.0, 1.0 is not 1
             elif arg_kind is int or arg_kind is bool:
-                frozen.append(arg)
                 key.append((arg_kind, arg))
             else:
                 return self._record(op, args, kwargs, source, trace)
         interned = tuple(key)
         ref = _REFS[index] if index < _REF_COUNT else Ref(index)
         node = _NODE_TABLE.get(interned)
-        if node is None:
+        if node is None:  # (the first time: the arguments frozen as _frozen would, own proxies to Refs)
+            frozen = [arg._ref if type(arg) is Proxy else arg for arg in args]
             node = Node(ref, op, pvector(frozen), _NO_KWARGS, invoke, location)
             NODES.put(interned, node)
         # (the hot path: one C-level tuple instead of _replace, and no Graph object: see `graph`)
