@@ -161,11 +161,11 @@ def grown(graph: Graph, node: Node) -> Graph:
     """``graph`` with ``node`` appended (its ref must be ``Ref(len(graph))``).
 
     The same value ``Graph(graph.nodes.append(node), graph.outputs)`` makes,
-    built by filling the slots directly: `Graph.add` and the recording fast
-    path (contexts/base.py, which inlines these lines) make one per recorded
-    operation, and attrs' ``__init__`` with its converter is two Python calls
-    more than a persistent vector's C-level append needs. Every slot attrs
-    gives a `Graph` is filled (`GRAPH_SLOTS`: test_graph checks the list).
+    built by filling the slots directly: `Graph.add` makes one per node, and
+    attrs' ``__init__`` with its converter is two Python calls more than a
+    persistent vector's C-level append needs. (The recording fast path,
+    contexts/base.py, makes no graph per node at all.) Every slot attrs gives
+    a `Graph` but ``__weakref__`` is filled (`GRAPH_SLOTS`).
     """
     new = _NEW(Graph)
     _SET(new, "nodes", graph.nodes.append(node))
