@@ -104,8 +104,9 @@ _ALL: list[BoundedCache[Any, Any]] = []  # every table, for clear_caches
 _PER_GRAPH: weakref.WeakSet[_Clearable] = weakref.WeakSet()
 
 NODES: BoundedCache[tuple[object, ...], Any] = BoundedCache("nodes", 50_000)  # of graph.Node
-INTERNAL_CODE: BoundedCache[object, bool] = BoundedCache("internal code", 50_000)
-LOCATIONS: BoundedCache[tuple[object, int], Any] = BoundedCache("locations", 50_000)  # of source.SourceLoc
+# (keyed by id(code); each entry holds its code object: see source.py)
+INTERNAL_CODE: BoundedCache[int, tuple[object, bool]] = BoundedCache("internal code", 50_000)
+LOCATIONS: BoundedCache[tuple[int, int], tuple[object, Any]] = BoundedCache("locations", 50_000)  # source.SourceLoc
 PLANS: BoundedCache[object, Any] = BoundedCache("plans", 256, lru=True)  # of plan.Plan
 FIELDS: BoundedCache[type, tuple[str, ...]] = BoundedCache("op fields", 64)
 GROUPS: BoundedCache[tuple[int | None, ...], Any] = BoundedCache("batch groups", 1024)  # of BatchGroups

@@ -121,7 +121,7 @@ class Graph:
             )
             if key is not None:
                 NODES.put(key, node)
-        return Graph(self.nodes.append(node), self.outputs), ref
+        return grown(self, node), ref
 
     def with_outputs(self, outputs: object) -> Graph:
         """A new graph returning ``outputs`` (a tree of `Ref`s to its nodes)."""
@@ -151,6 +151,32 @@ class Graph:
 
     def _repr_svg_(self) -> str | None:
         return _DISPLAY[0][1](self) if _DISPLAY else None
+
+
+_NEW = object.__new__
+_SET = object.__setattr__
+
+
+def grown(graph: Graph, node: Node) -> Graph:
+    """``graph`` with ``node`` appended (its ref must be ``Ref(len(graph))``).
+
+    The same value ``Graph(graph.nodes.append(node), graph.outputs)`` makes,
+    built by filling the slots directly: `Graph.add` makes one per node, and
+    attrs' ``__init__`` with its converter is two Python calls more than a
+    persistent vector's C-level append needs. (The recording fast path,
+    contexts/base.py, makes no graph per node at all.) Every slot attrs gives
+    a `Graph` but ``__weakref__`` is filled (`GRAPH_SLOTS`).
+    """
+    new = _NEW(Graph)
+    _SET(new, "nodes", graph.nodes.append(node))
+    _SET(new, "outputs", graph.outputs)
+    _SET(new, "_plan", None)
+    _SET(new, "_attrs_cached_hash", None)
+    return new
+
+
+GRAPH_SLOTS = ("nodes", "outputs", "_plan", "_attrs_cached_hash")
+"""The slots `grown` fills: every slot of `Graph` but ``__weakref__``."""
 
 
 # --- how a graph shows itself in a notebook -------------------------------------------------
@@ -189,17 +215,28 @@ def _intern_key(
     index: int, op: Op, args: Sequence[object], invoke: int | None, source: SourceLoc | None
 ) -> tuple[object, ...] | None:
     """What makes a node the same value *and* the same source line, when it
-    holds nothing large (else ``None``: the node is made afresh)."""
+    holds nothing large (else ``None``: the node is made afresh).
+
+    One flat tuple: ``(index, kind, op_key, invoke, source, *atoms_key(args))``,
+    where a `Call`'s ``op_key`` is its function (a `Call` is equal exactly
+    when its function is, and a function hashes in C where the attrs op's
+    ``__hash__`` is a Python call) and any other op's is the op. The
+    recording fast path (`contexts.base.GraphContext.record`) builds the
+    same tuple inline, so the two share nodes."""
     kind = type(op)
     if untrusted(op):
         return None  # read from a document: never shared (guard.py)
     if kind is Call:
-        if not shareable(op.fn):  # type: ignore[union-attr]  # a Call
+        fn = op.fn  # type: ignore[union-attr]  # a Call
+        if not shareable(fn):
             return None
+        op_key: object = fn
     elif kind not in PLAIN_OPS:
         return None  # (an op with a body: keyed by a whole graph)
+    else:
+        op_key = op
     key = atoms_key(args)
-    return None if key is None else (index, op, invoke, source, key)
+    return None if key is None else (index, kind, op_key, invoke, source, *key)
 
 
 def add(

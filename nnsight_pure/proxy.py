@@ -185,7 +185,10 @@ def _binary(fn: Callable[[Any, Any], Any]) -> Callable[[Proxy, Any], Any]:
     op = Call(fn)  # one op value for every use (ops are immutable)
 
     def method(self: Proxy, other: Any) -> Any:
-        return record(op, (self, other))
+        stack = _OPEN.get()  # (record(), inlined: the hottest path of all)
+        if stack:
+            return stack[-1].record(op, (self, other))
+        return _compute_now(op, (self, other), {})
 
     method.__name__ = f"__{fn.__name__.strip('_')}__"
     return method
@@ -195,7 +198,10 @@ def _reflected(fn: Callable[[Any, Any], Any]) -> Callable[[Proxy, Any], Any]:
     op = Call(fn)
 
     def method(self: Proxy, other: Any) -> Any:
-        return record(op, (other, self))
+        stack = _OPEN.get()  # (record(), inlined)
+        if stack:
+            return stack[-1].record(op, (other, self))
+        return _compute_now(op, (other, self), {})
 
     method.__name__ = f"__r{fn.__name__.strip('_')}__"
     return method
@@ -205,7 +211,10 @@ def _unary(fn: Callable[[Any], Any]) -> Callable[[Proxy], Any]:
     op = Call(fn)
 
     def method(self: Proxy) -> Any:
-        return record(op, (self,))
+        stack = _OPEN.get()  # (record(), inlined)
+        if stack:
+            return stack[-1].record(op, (self,))
+        return _compute_now(op, (self,), {})
 
     method.__name__ = f"__{fn.__name__.strip('_')}__"
     return method

@@ -50,27 +50,36 @@ def user_location() -> SourceLoc | None:
     Frames of this package and of torch (whose Python wrappers dispatch
     ``torch.sum(proxy)`` back to us) are skipped.
     """
-    frame: FrameType | None = sys._getframe(1)
+    return location_from(sys._getframe(1))
+
+
+def location_from(frame: FrameType | None) -> SourceLoc | None:
+    """`user_location`, walking out from ``frame`` (filling the tables)."""
     while frame is not None:
         code = frame.f_code
-        internal = INTERNAL_CODE.table.get(code)
-        if internal is None:
-            internal = _is_internal(code.co_filename)
-            INTERNAL_CODE.put(code, internal)
-        if not internal:
-            key = (code, frame.f_lineno)
-            location = LOCATIONS.table.get(key)
-            if location is None:
-                location = SourceLoc(code.co_filename, frame.f_lineno, code.co_name)
-                LOCATIONS.put(key, location)
-            return location  # (a SourceLoc, kept in caches.LOCATIONS)
+        entry = INTERNAL_CODE.table.get(id(code))
+        if entry is None or entry[0] is not code:
+            entry = (code, _is_internal(code.co_filename))
+            INTERNAL_CODE.put(id(code), entry)
+        if not entry[1]:
+            key = (id(code), frame.f_lineno)
+            found = LOCATIONS.table.get(key)
+            if found is None or found[0] is not code:
+                found = (code, SourceLoc(code.co_filename, frame.f_lineno, code.co_name))
+                LOCATIONS.put(key, found)
+            return found[1]  # (a SourceLoc, kept in caches.LOCATIONS)
         frame = frame.f_back
     return None  # pragma: no cover - there is always a caller
 
 
 # Every trace walks the stack for each node it records: `caches.INTERNAL_CODE`
 # remembers which code is ours, `caches.LOCATIONS` the locations already made
-# (a SourceLoc is an immutable value).
+# (a SourceLoc is an immutable value). Both are keyed by the code object's
+# ``id``, and each entry holds the code itself (so the id cannot be reused
+# while the entry lives; a lookup checks it is the same object): hashing a
+# code object hashes its constants, names and bytecode every time (over a
+# microsecond for a function of a few lines), an ``id`` costs nothing. The
+# recording fast path (contexts/base.py) reads both tables the same way.
 
 
 def describe(loc: SourceLoc | None) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, NamedTuple, Protocol, Sequence, cast
 
 import attrs
@@ -31,13 +32,16 @@ from pyrsistent import PMap, PVector, pmap, pvector
 
 from .. import open_blocks as active
 from ..arguments import ATOMS, Ref, freeze
+from ..caches import INTERNAL_CODE, LOCATIONS, NODES, SHAREABLE_BUILTINS
 from ..config import CONFIG
 from ..errors import TraceError
-from ..graph import Graph, SourceLoc, saved_refs
-from ..ops import Bridge, Call, Cond, Export, Iterate, Op, Stop, print_at_run_time
+from ..graph import _NO_KWARGS, _REFS, Graph, Node, SourceLoc, saved_refs
+from ..marks import _UNTRUSTED
+from ..ops import PLAIN_OPS, Bridge, Call, Cond, Export, Iterate, Op, Stop, print_at_run_time
 from ..printing import format_node
-from ..proxy import Proxy, Recorder
+from ..proxy import _SET_CONTEXT, _SET_FAKE, _SET_PENDING, _SET_REF, Proxy, Recorder
 from ..results import Results, missing_value_message
+from ..scan import UNKNOWN
 from ..source import short, user_location
 from . import recorded_calls
 from .recorded_calls import FactoryRecord
@@ -65,13 +69,25 @@ class Recording(NamedTuple):
     to the `Export` node reading it; ``children`` are the finished child
     blocks that get results after the run; ``factory_records`` the factory
     calls (torch.zeros ...) that could be taken back (`recorded_calls`).
+
+    The graph is kept as its parts, ``nodes`` and ``outputs`` (`graph`
+    makes the `Graph` value of them): recording an operation appends to the
+    persistent vector of nodes and makes no `Graph` object, which
+    `GraphContext.graph` makes when one is asked for (and keeps while the
+    recording does not change).
     """
 
-    graph: Graph = Graph()
+    nodes: PVector[Node] = pvector()
+    outputs: object = None
     bridges: PMap[int, Bridged] = pmap()
     exports: PMap[tuple[int, int], Ref] = pmap()
     children: tuple[GraphContext, ...] = ()
     factory_records: PVector[FactoryRecord] = pvector()
+
+    @property
+    def graph(self) -> Graph:
+        """The recorded graph, as a `Graph` value (a new object: `GraphContext.graph` keeps one)."""
+        return Graph(self.nodes, self.outputs)
 
     @property
     def captures(self) -> tuple[Ref, ...]:
@@ -81,6 +97,16 @@ class Recording(NamedTuple):
 
 
 _EMPTY = Recording()  # every block starts from it (a value: sharing it is safe)
+
+# What the recording fast path (`GraphContext.record`) reads: the tables read
+# directly (each clears in place), and the C-level constructors.
+_NODE_TABLE = NODES.table
+_INTERNAL_CODE = INTERNAL_CODE.table
+_LOCATIONS = LOCATIONS.table
+_SHAREABLE_BUILTINS = SHAREABLE_BUILTINS.table
+_REF_COUNT = len(_REFS)
+_NEW = object.__new__
+_getframe = sys._getframe
 
 
 class _Setup(Protocol):
@@ -121,6 +147,7 @@ class GraphContext:
 
     def __init__(self, handle: ModelHandle, where: SourceLoc | None, parent: GraphContext | None) -> None:
         self._recording = _EMPTY
+        self._graph_memo: Graph | None = None  # the Graph of ``_recording`` (see `graph`)
         self._handle = handle
         self._where = where
         self._parent = parent
@@ -133,8 +160,21 @@ class GraphContext:
 
     @property
     def graph(self) -> Graph:
-        """The graph recorded so far (an immutable value; later records do not change it)."""
-        return self._recording.graph
+        """The graph recorded so far (an immutable value; later records do not change it).
+
+        Made from the recording's nodes when first asked for, and the same
+        object while nothing more is recorded (a plan memoised on it stays)."""
+        recording = self._recording
+        memo = self._graph_memo
+        if memo is not None and memo.nodes is recording.nodes and memo.outputs is recording.outputs:
+            return memo
+        graph = self._graph_memo = recording.graph
+        return graph
+
+    def _grew(self, recording: Recording, graph: Graph, **changes: Any) -> None:
+        """Make ``recording`` with ``graph`` (and ``changes``) the block's recording."""
+        self._recording = recording._replace(nodes=graph.nodes, outputs=graph.outputs, **changes)
+        self._graph_memo = graph
 
     # --- the recording cell -----------------------------------------------------------
 
@@ -148,7 +188,7 @@ class GraphContext:
 
     def _restart_from(self, graph: Graph) -> None:
         """Start the recording from ``graph`` (a model's edits) instead of the empty graph."""
-        self._recording = self._recording._replace(graph=graph)
+        self._grew(self._recording, graph)
 
     def _note_factory(self, record: FactoryRecord) -> None:
         """Remember a factory call recorded here, to take it back if it is an input."""
@@ -245,21 +285,108 @@ class GraphContext:
         kwargs: Mapping[str, Any] | None = None,
         source: SourceLoc | None = None,
     ) -> Proxy:
-        """Append ``op`` applied to ``args``/``kwargs`` and return a proxy of its value."""
+        """Append ``op`` applied to ``args``/``kwargs`` and return a proxy of its value.
+
+        The usual case, a shared op (an operator, a builtin torch function, a
+        module access ...) on this block's own proxies and plain numbers,
+        without keywords, in a trace without fake tensors, at a line of user
+        code seen before, takes the fast path below: the node's intern key
+        (`graph._intern_key`'s tuple), the user's line (`source.user_location`'s
+        walk over its caches) and the new graph (`graph.grown`) and proxy are
+        all made inline, with no Python call but the op's ``__hash__`` (none
+        for a `Call`). Anything else, or any table missing an entry, takes
+        `_record`, which does the same in general (and fills the tables).
+        """
         if not self._open:
             raise TraceError(f"the block opened at {short(self._where)} is not open")
+        trace: TraceLike | None = self if self._is_trace else self._enclosing_trace  # type: ignore[assignment]
+        if kwargs or source is not None or (_UNTRUSTED and id(op) in _UNTRUSTED):
+            return self._record(op, args, kwargs, source, trace)
+        if trace is None:
+            invoke = None
+        elif trace._fake_mode is None:
+            invoke = trace._setup.open_invoke  # (trace._current_invoke(), inlined)
+        else:
+            return self._record(op, args, kwargs, source, trace)
+        kind = type(op)
+        if kind is Call:
+            op_key: object = op.fn  # type: ignore[union-attr]  # a Call
+            try:
+                if op_key not in _SHAREABLE_BUILTINS:  # (shareable(), for the builtins it remembers)
+                    return self._record(op, args, kwargs, source, trace)
+            except TypeError:  # an unhashable callable
+                return self._record(op, args, kwargs, source, trace)
+        elif kind in PLAIN_OPS:
+            op_key = op
+        else:
+            return self._record(op, args, kwargs, source, trace)
+        # The user's line: source.user_location's walk, on its caches only.
+        frame: FrameType | None = _getframe(1)
+        while True:
+            if frame is None:  # pragma: no cover - there is always a caller
+                return self._record(op, args, kwargs, source, trace)
+            code = frame.f_code
+            known = _INTERNAL_CODE.get(id(code))  # (by id, holding the code: see source.py)
+            if known is None or known[0] is not code:
+                return self._record(op, args, kwargs, source, trace)
+            if not known[1]:
+                break
+            frame = frame.f_back
+        found = _LOCATIONS.get((id(code), frame.f_lineno))
+        if found is None or found[0] is not code:
+            return self._record(op, args, kwargs, source, trace)
+        location: SourceLoc = found[1]
+        recording = self._recording
+        nodes = recording.nodes
+        index = len(nodes)
+        key: list[object] = [index, kind, op_key, invoke, location]
+        for arg in args:  # (keys.atoms_key, inlined for the usual arguments)
+            arg_kind = type(arg)
+            if arg_kind is Proxy:
+                if arg._context is not self or arg._pending is not None:
+                    return self._record(op, args, kwargs, source, trace)
+                key.append(-1 - arg._ref.index)
+            elif arg_kind is float:
+                key.append((float, arg.hex()))  # exact: -0.0 is not 0.0, 1.0 is not 1
+            elif arg_kind is int or arg_kind is bool:
+                key.append((arg_kind, arg))
+            else:
+                return self._record(op, args, kwargs, source, trace)
+        interned = tuple(key)
+        ref = _REFS[index] if index < _REF_COUNT else Ref(index)
+        node = _NODE_TABLE.get(interned)
+        if node is None:  # (the first time: the arguments frozen as _frozen would, own proxies to Refs)
+            frozen = [arg._ref if type(arg) is Proxy else arg for arg in args]
+            node = Node(ref, op, pvector(frozen), _NO_KWARGS, invoke, location)
+            NODES.put(interned, node)
+        # (the hot path: one C-level tuple instead of _replace, and no Graph object: see `graph`)
+        self._recording = tuple.__new__(Recording, (nodes.append(node),) + recording[1:])
+        proxy = _NEW(Proxy)  # (Proxy(self, ref), with the slots' own setters)
+        _SET_CONTEXT(proxy, self)
+        _SET_REF(proxy, ref)
+        _SET_PENDING(proxy, None)
+        _SET_FAKE(proxy, UNKNOWN)
+        return proxy
+
+    def _record(
+        self,
+        op: Op,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any] | None,
+        source: SourceLoc | None,
+        trace: TraceLike | None,
+    ) -> Proxy:
+        """`record` in general: any op, arguments and keywords."""
         frozen = self._frozen
         if len(args) == 2:  # the usual: a binary operator
             frozen_args: tuple[object, ...] = (frozen(args[0]), frozen(args[1]))
         else:
             frozen_args = tuple([frozen(arg) for arg in args])
         frozen_kwargs = {name: frozen(value) for name, value in kwargs.items()} if kwargs else None
-        trace: TraceLike | None = self if self._is_trace else self._enclosing_trace  # type: ignore[assignment]
         invoke = None if trace is None else trace._setup.open_invoke  # (trace._current_invoke(), inlined)
         recording = self._recording
-        graph, ref = recording.graph.add(op, frozen_args, frozen_kwargs, source or user_location(), invoke)
-        # (the hot path: one C-level tuple instead of _replace)
-        self._recording = tuple.__new__(Recording, (graph,) + recording[1:])
+        graph, ref = self.graph.add(op, frozen_args, frozen_kwargs, source or user_location(), invoke)
+        self._grew(recording, graph)
         if trace is None or trace._fake_mode is None:
             return Proxy(self, ref)
         return Proxy(self, ref, fake=trace._fake_of(op, args, kwargs or {}, invoke))
@@ -328,9 +455,8 @@ class GraphContext:
         if bridged is not None:
             return bridged.ref
         slot = len(recording.bridges)
-        graph, ref = recording.graph.add(Bridge(slot), source=user_location(), invoke=self._current_invoke())
-        bridges = recording.bridges.set(outer.index, Bridged(slot, ref))
-        self._recording = recording._replace(graph=graph, bridges=bridges)
+        graph, ref = self.graph.add(Bridge(slot), source=user_location(), invoke=self._current_invoke())
+        self._grew(recording, graph, bridges=recording.bridges.set(outer.index, Bridged(slot, ref)))
         return ref
 
     def _export(self, context_node: Ref, inner: Ref) -> Ref:
@@ -339,10 +465,10 @@ class GraphContext:
         recording = self._recording
         ref = recording.exports.get(key)
         if ref is None:
-            graph, ref = recording.graph.add(
+            graph, ref = self.graph.add(
                 Export(inner.index), (context_node,), source=user_location(), invoke=self._current_invoke()
             )
-            self._recording = recording._replace(graph=graph, exports=recording.exports.set(key, ref))
+            self._grew(recording, graph, exports=recording.exports.set(key, ref))
         return ref
 
     def _close_child(
