@@ -85,7 +85,8 @@ def generation_groups() -> list[Group]:
         return [_block_output(value) for value in seen.value]
 
     def steer(module: torch.nn.Module, args: Any, output: Any) -> None:
-        _block_output(output).add_(vector)
+        hidden = _block_output(output)
+        hidden[:] += vector  # the same work as the traces' `output[:] += vector` (an add and a copy)
 
     def hooks_steer() -> Any:
         handle = blocks[5].register_forward_hook(steer)

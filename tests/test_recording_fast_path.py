@@ -23,10 +23,10 @@ def _model() -> nnsight.NNsight:
 
 def _record(model: nnsight.NNsight, x: torch.Tensor) -> tuple[Any, list[Any]]:
     with model.trace(x) as tracer:
-        h = model[0].output
+        h: Any = model[0].output
         saved = [
             (h * 2.0).save(), (h * 2).save(), (h * -0.0).save(), (h * 0.0).save(), (h * True).save(),
-            (h + h).save(), torch.relu(h).save(), (h * 1.0001 - 3).save(),
+            (h + h).save(), nnsight.save(torch.relu(h)), (h * 1.0001 - 3).save(),
         ]
     return tracer.graph, saved
 
@@ -38,7 +38,8 @@ def test_the_fast_path_makes_the_general_paths_nodes() -> None:
     second, second_values = _record(model, x)  # fast path
     assert first == second and hash(first) == hash(second)
     assert all(a is b for a, b in zip(first.nodes, second.nodes))  # shared, not merely equal
-    h = model._model[0](x)
+    wrapped: Any = model._model
+    h = wrapped[0](x)
     expected = [h * 2.0, h * 2, h * -0.0, h * 0.0, h * True, h + h, torch.relu(h), h * 1.0001 - 3]
     for values in (first_values, second_values):
         for got, want in zip(values, expected):
