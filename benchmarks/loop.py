@@ -15,9 +15,8 @@ from typing import Any, Callable
 import attrs
 import torch
 
-import nnsight_pure
-from benchmarks.device import on, sync
-from benchmarks.scenarios import HookDict, _their_value, nnsight_available, tiny
+from benchmarks.device import sync
+from benchmarks.scenarios import tiny_cases
 
 TRACES = 10_000
 CHUNK = 1_000
@@ -56,32 +55,9 @@ def _loop(one: Callable[[], Any], traces: int, chunk: int) -> LoopResult:
 
 
 def cases() -> dict[str, Callable[[], Any]]:
-    net = tiny()
-    model = nnsight_pure.NNsight(net)
-    x = on(torch.rand(1, 5))
-
-    def hooks() -> Any:
-        with HookDict({"layer1": net.layer1}) as seen:
-            net(x)
-        return seen["layer1"]
-
-    def trace() -> Any:
-        with model.trace(x):
-            hidden = model.layer1.output.save()
-        return hidden.value
-
-    found: dict[str, Callable[[], Any]] = {"hand-written hooks": hooks, "nnsight_pure trace": trace}
-    if nnsight_available():
-        import nnsight
-
-        theirs = nnsight.NNsight(tiny())
-
-        def their_trace() -> Any:
-            with theirs.trace(x):
-                hidden = theirs.layer1.output.save()
-            return _their_value(hidden)
-
-        found["nnsight trace"] = their_trace
+    """Scenario 1's fresh traces (and the hooks they are checked against); no replay."""
+    found = tiny_cases()
+    del found["nnsight_pure replay"]
     return found
 
 

@@ -132,7 +132,10 @@ def _same(a: Any, b: Any) -> bool:
 # --- groups -----------------------------------------------------------------------------
 
 
-def tiny_group() -> Group:
+def tiny_cases() -> dict[str, Case]:
+    """The tiny model saving layer1.output: hand-written hooks, a fresh trace,
+    a replay, and nnsight's trace when it is importable (scenario 1 and the
+    loop of 10,000 traces, benchmarks/loop.py)."""
     net = tiny()
     model = nnsight_pure.NNsight(net)
     x = on(torch.rand(1, 5))
@@ -164,8 +167,12 @@ def tiny_group() -> Group:
             return _their_value(hidden)
 
         cases["nnsight trace"] = their_trace
-    return Group("tiny", "1. tiny model (Linear(5,10) → Linear(10,2)), one trace saving layer1.output", cases,
-                 "hand-written hooks", _same)
+    return cases
+
+
+def tiny_group() -> Group:
+    return Group("tiny", "1. tiny model (Linear(5,10) → Linear(10,2)), one trace saving layer1.output",
+                 tiny_cases(), "hand-written hooks", _same)
 
 
 def tiny_loop_group() -> Group:
